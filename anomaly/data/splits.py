@@ -1,0 +1,137 @@
+"""One-class splits: normal training data, a normal validation hold-out, and the labelled test set.
+
+The test split is used for evaluation only. Model selection (early stopping) and threshold
+calibration see only the training split: its normal images minus a hold-out, the hold-out itself,
+and, on request, a few anomalies drawn from the training split's other classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from anomaly.errors import ConfigError, expected
+
+
+def parse_classes(value, class_names: tuple[str, ...] | None = None,
+                  n_classes: int | None = None) -> tuple[int, ...]:
+    """Parse ``--normal-class``: ``0``, ``"0,6"``, ``"0-2"``, ``[0, 6]`` or class names.
+
+    Returns:
+        Sorted tuple of distinct class indices.
+    """
+    if n_classes is None and class_names is not None:
+        n_classes = len(class_names)
+    if isinstance(value, int | np.integer):
+        items: list = [int(value)]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:
+        items = [s.strip() for s in str(value).split(",") if s.strip()]
+    out: set[int] = set()
+    valid = f"0..{n_classes - 1}" if n_classes else "non-negative integers"
+    names = {n.lower(): i for i, n in enumerate(class_names or ())}
+    for item in items:
+        if isinstance(item, str) and item.lower() in names:
+            out.add(names[item.lower()])
+            continue
+        if isinstance(item, str) and "-" in item.strip("-"):
+            lo, _, hi = item.partition("-")
+            try:
+                rng = range(int(lo), int(hi) + 1)
+            except ValueError:
+                raise expected(f"class indices in {valid} (e.g. 0 or 0,6 or 0-2)", repr(value),
+                               cls=ConfigError) from None
+            items.extend(rng)
+            continue
+        try:
+            idx = int(item)
+            if isinstance(item, float) and item != idx:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise expected(f"class indices in {valid} (e.g. 0 or 0,6)", repr(value),
+                           cls=ConfigError) from None
+        if idx < 0 or (n_classes is not None and idx >= n_classes):
+            raise expected(f"class indices in {valid}", idx, cls=ConfigError)
+        out.add(idx)
+    if not out:
+        raise expected("at least one normal class (e.g. --normal-class 0)", repr(value),
+                       cls=ConfigError)
+    if n_classes is not None and len(out) == n_classes:
+        raise expected(f"at most {n_classes - 1} normal classes so that some are anomalies",
+                       sorted(out), cls=ConfigError)
+    return tuple(sorted(out))
+
+
+@dataclass
+class OneClassSplit:
+    """Arrays for one-class training and evaluation.
+
+    Attributes:
+        x_train: normal training images, ``(n_train, 28, 28)`` float32 in [0, 1].
+        x_val: normal hold-out images for early stopping and calibration, ``(n_val, 28, 28)``.
+        x_test: test images, ``(n_test, 28, 28)``; ``y_test`` (``(n_test,)``) is 1 for anomalies.
+        test_classes: original class label of each test image, ``(n_test,)``.
+        x_cal_anomalies: optional labelled anomalies from the training split, ``(n_cal, 28, 28)``.
+    """
+
+    x_train: np.ndarray
+    x_val: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    test_classes: np.ndarray | None
+    x_cal_anomalies: np.ndarray | None = None
+
+
+def _as_unit(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32) / np.float32(255.0) if x.dtype == np.uint8 else x
+
+
+def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.ndarray | None,
+                    y_test: np.ndarray | None, normal_classes: tuple[int, ...], *,
+                    val_fraction: float = 0.1, calibration_anomalies: int = 0,
+                    seed: int = 0) -> OneClassSplit:
+    """Select the normal classes, hold out a validation part and label the test set.
+
+    Args:
+        x_train: training images ``(n, 28, 28)``, uint8 or float in [0, 1].
+        y_train: class labels ``(n,)``, or ``None`` when every training image is normal.
+        x_test, y_test: test images and class labels, or ``None`` for no evaluation.
+        normal_classes: class indices that are normal; all others are anomalies.
+        val_fraction: fraction of the normal training images held out, in (0, 0.5].
+        calibration_anomalies: how many training-split anomalies to draw for calibration.
+        seed: seed of the hold-out shuffle.
+    """
+    if not 0.0 < val_fraction <= 0.5:
+        raise expected("val_fraction in (0, 0.5]", val_fraction, cls=ConfigError)
+    rng = np.random.default_rng(seed)
+    normal = np.ones(len(x_train), bool) if y_train is None else np.isin(y_train, normal_classes)
+    idx = rng.permutation(np.flatnonzero(normal))
+    n_val = max(1, round(len(idx) * val_fraction))
+    if len(idx) - n_val < 2:
+        raise expected("at least 3 normal training images", len(idx), cls=ConfigError)
+    x_cal = None
+    if calibration_anomalies:
+        if y_train is None:
+            raise expected("labelled training data for --calibration-anomalies",
+                           "unlabelled images", cls=ConfigError)
+        anomalies = np.flatnonzero(~normal)
+        if len(anomalies) == 0:
+            raise expected("anomalies in the training split for --calibration-anomalies",
+                           "none", cls=ConfigError)
+        pick = rng.choice(anomalies, size=min(calibration_anomalies, len(anomalies)),
+                          replace=False)
+        x_cal = _as_unit(x_train[np.sort(pick)])
+    y_bin = classes = None
+    if x_test is not None and y_test is not None:
+        classes = np.asarray(y_test)
+        y_bin = (~np.isin(classes, normal_classes)).astype(np.int64)
+    return OneClassSplit(
+        x_train=_as_unit(x_train[np.sort(idx[n_val:])]),
+        x_val=_as_unit(x_train[np.sort(idx[:n_val])]),
+        x_test=_as_unit(x_test) if x_test is not None else None,
+        y_test=y_bin,
+        test_classes=classes,
+        x_cal_anomalies=x_cal,
+    )

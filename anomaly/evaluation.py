@@ -1,0 +1,106 @@
+"""Evaluation on a labelled test set: AUROC, average precision, and each operating point.
+
+Labels: 1 = anomaly (positive class), 0 = normal. Scores: higher = more anomalous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+
+from anomaly.calibration import Calibration
+
+
+@dataclass
+class Evaluation:
+    """Test-set metrics.
+
+    Attributes:
+        metrics: JSON-ready dict: ``auroc``, ``average_precision``, counts, and per operating
+            point ``threshold``, ``precision``, ``recall``, ``f1``, ``fpr`` and the confusion
+            matrix counts ``tn``, ``fp``, ``fn``, ``tp``.
+        per_class: one row per original class: ``class``, ``name``, ``role`` (normal/anomaly),
+            ``n``, and per operating point the fraction flagged (detection rate for anomaly
+            classes, false-alarm rate for normal ones) and the mean score.
+    """
+
+    metrics: dict
+    per_class: pd.DataFrame
+
+
+def point_metrics(y_true: np.ndarray, flagged: np.ndarray) -> dict:
+    """Precision, recall, F1, FPR and confusion counts for binary decisions ``(N,)``."""
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y_true, flagged, labels=[0, 1]).ravel())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    fpr = fp / (fp + tn) if fp + tn else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "fpr": fpr,
+            "tn": tn, "fp": fp, "fn": fn, "tp": tp}
+
+
+def evaluate(scores: np.ndarray, y_true: np.ndarray, calibration: Calibration,
+             classes: np.ndarray | None = None,
+             class_names: tuple[str, ...] | None = None) -> Evaluation:
+    """Evaluate scores ``(N,)`` against binary labels ``(N,)`` (1 = anomaly).
+
+    ``classes`` ``(N,)`` holds the original class of each image for the per-class table.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    y_true = np.asarray(y_true).astype(int)
+    both = 0 < y_true.sum() < len(y_true)
+    metrics: dict = {
+        "n_test": len(y_true),
+        "n_anomalies": int(y_true.sum()),
+        "auroc": float(roc_auc_score(y_true, scores)) if both else None,
+        "average_precision": float(average_precision_score(y_true, scores)) if both else None,
+        "default_operating_point": calibration.default,
+        "operating_points": {},
+    }
+    for name, op in calibration.operating_points.items():
+        pm = point_metrics(y_true, scores > op.threshold)
+        metrics["operating_points"][name] = {"threshold": op.threshold,
+                                             "expected_fpr": op.expected_fpr, **pm}
+    rows = []
+    if classes is None:
+        classes = y_true
+        class_names = ("normal", "anomaly")
+    classes = np.asarray(classes)
+    for c in np.unique(classes):
+        mask = classes == c
+        role = "anomaly" if y_true[mask].mean() > 0.5 else "normal"
+        name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
+        row = {"class": int(c), "name": name, "role": role, "n": int(mask.sum()),
+               "mean_score": float(scores[mask].mean())}
+        for op_name, op in calibration.operating_points.items():
+            row[f"flagged@{op_name}"] = float(np.mean(scores[mask] > op.threshold))
+        rows.append(row)
+    return Evaluation(metrics, pd.DataFrame(rows))
+
+
+def format_report(ev: Evaluation) -> str:
+    """A readable text table of an evaluation, for the end of ``anomaly fit``."""
+    m = ev.metrics
+    lines = []
+    if m["auroc"] is not None:
+        lines.append(f"AUROC {m['auroc']:.4f}   average precision {m['average_precision']:.4f}"
+                     f"   ({m['n_test']} test images, {m['n_anomalies']} anomalies)")
+    header = f"{'operating point':<16}{'threshold':>12}{'precision':>11}{'recall':>9}{'F1':>8}" \
+             f"{'FPR':>8}{'exp. FPR':>10}   tn/fp/fn/tp"
+    lines += ["", header, "-" * len(header)]
+    for name, p in m["operating_points"].items():
+        star = "*" if name == m["default_operating_point"] else " "
+        lines.append(f"{name + star:<16}{p['threshold']:>12.5g}{p['precision']:>11.3f}"
+                     f"{p['recall']:>9.3f}{p['f1']:>8.3f}{p['fpr']:>8.3f}{p['expected_fpr']:>10.3f}"
+                     f"   {p['tn']}/{p['fp']}/{p['fn']}/{p['tp']}")
+    lines.append("(* default operating point; anomalous when score > threshold)")
+    df = ev.per_class.copy()
+    default_col = f"flagged@{m['default_operating_point']}"
+    table = df[["class", "name", "role", "n", "mean_score", default_col]].rename(
+        columns={default_col: f"flagged ({m['default_operating_point']})"})
+    lines += ["", "Per class (detection rate for anomalies, false alarms for normal):",
+              table.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""The autoencoder model: one ``keras.Model`` for the whole family, with its own training step.
+
+Following keras-io's ``examples/generative/vae.py``: a :class:`~anomaly.models.layers.Sampling`
+layer, ``train_step``/``test_step`` that compute the loss explicitly, and loss trackers, so
+``fit`` reports ``loss``, ``reconstruction_loss`` and ``kl_loss`` (zero for plain autoencoders).
+The architecture is rebuilt from ``get_config`` on load, so ``.keras`` files load in safe mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from anomaly.errors import ConfigError, expected
+from anomaly.models import networks
+from anomaly.models.layers import PACKAGE, Sampling
+
+RECON_LOSSES = ("bce", "mse")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``--model NAME`` builds.
+
+    Attributes:
+        name: registry name.
+        description: one line for ``anomaly models --available`` and the README.
+        variational: Gaussian latent with KL term (and an ELBO score).
+        hidden: default widths: dense units, or conv filters.
+        latent_dim: default code size (content units for ``affine-vae``).
+        score: default anomaly score.
+    """
+
+    name: str
+    description: str
+    variational: bool
+    hidden: tuple[int, ...]
+    latent_dim: int
+    score: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec("dense-ae", "Dense autoencoder 784-512-128-code", False, (512, 128), 32, "mse"),
+        ModelSpec("conv-ae", "Convolutional autoencoder (Conv2D encoder, Conv2DTranspose "
+                  "decoder)", False, (32, 64), 32, "mse"),
+        ModelSpec("vae", "Dense variational autoencoder (Gaussian latent, BCE + beta*KL)", True,
+                  (512, 256), 16, "elbo"),
+        ModelSpec("conv-vae", "Convolutional variational autoencoder", True, (32, 64), 16,
+                  "elbo"),
+        ModelSpec("affine-vae", "VAE with a coordinate-network decoder and 6 affine latent "
+                  "units (rotation/shear/scale/shift removed in the normalized reconstruction)",
+                  True, (32, 64), 10, "elbo"),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise expected(f"a model in {sorted(MODELS)}", repr(name),
+                       hint="Run 'anomaly models --available' to list them.", cls=ConfigError)
+    return MODELS[name]
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Autoencoder(keras.Model):
+    """Encoder + decoder + loss for one architecture of the family.
+
+    Args:
+        architecture: a name in :data:`MODELS`.
+        latent_dim: code size (for ``affine-vae``: content units; 6 affine units are added).
+        hidden: dense widths or conv filters; ``None`` for the architecture's default.
+        beta: weight of the KL term (variational models only).
+        recon_loss: ``"bce"`` (Bernoulli likelihood) or ``"mse"`` (summed squared error).
+        denoise: standard deviation of Gaussian noise added to training inputs (0 = off).
+        seed: seed of the sampling and noise generators.
+
+    Inputs are images ``(batch, 28, 28)`` in [0, 1]; ``call`` returns reconstructions of the
+    same shape (the posterior mean is decoded unless ``training=True``).
+    """
+
+    def __init__(self, architecture: str = "conv-ae", latent_dim: int | None = None,
+                 hidden: list[int] | tuple[int, ...] | None = None, beta: float = 1.0,
+                 recon_loss: str = "bce", denoise: float = 0.0, seed: int | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        spec = get_spec(architecture)
+        if recon_loss not in RECON_LOSSES:
+            raise expected(f"a reconstruction loss in {RECON_LOSSES}", repr(recon_loss),
+                           cls=ConfigError)
+        self.architecture = architecture
+        self.variational = spec.variational
+        self.latent_dim = int(latent_dim or spec.latent_dim)
+        self.hidden = tuple(int(h) for h in (hidden or spec.hidden))
+        self.beta, self.recon_loss, self.denoise, self.seed = float(beta), recon_loss, float(
+            denoise), seed
+        if self.latent_dim < 1 or not self.hidden or min(self.hidden) < 1:
+            raise expected("a positive latent_dim and positive hidden sizes",
+                           f"latent_dim={latent_dim}, hidden={hidden}", cls=ConfigError)
+        code = self.latent_dim + (6 if architecture == "affine-vae" else 0)
+        if architecture in ("dense-ae", "vae"):
+            self.encoder = networks.dense_encoder(code, self.hidden, self.variational)
+            self.decoder = networks.dense_decoder(code, self.hidden)
+        elif architecture in ("conv-ae", "conv-vae"):
+            self.encoder = networks.conv_encoder(code, self.hidden, self.variational)
+            self.decoder = networks.conv_decoder(code, self.hidden)
+        else:
+            self.encoder = networks.conv_encoder(code, self.hidden, True, dense_units=256)
+            self.decoder = networks.affine_decoder(code, units=128, depth=3)
+        self.code_dim = code
+        self.sampler = Sampling(seed=seed, name="sampling")
+        self.noise_gen = keras.random.SeedGenerator(None if seed is None else seed + 1)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.recon_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.kl_tracker = keras.metrics.Mean(name="kl_loss")
+        self.built = True  # encoder and decoder are functional models, built above
+
+    def build(self, input_shape=None):
+        self.built = True
+
+    # -- the network ------------------------------------------------------------------------
+
+    def encode(self, x, training: bool = False):
+        """Images ``(batch, 28, 28)`` -> ``(z_mean, z_log_var)``, each ``(batch, code_dim)``.
+
+        ``z_log_var`` is ``None`` for plain autoencoders.
+        """
+        out = self.encoder(x, training=training)
+        return (out[0], out[1]) if self.variational else (out, None)
+
+    def decode_logits(self, z, normalize: bool = False):
+        """Codes ``(batch, code_dim)`` -> pixel logits ``(batch, 28, 28)``.
+
+        ``normalize=True`` (``affine-vae`` only) decodes with the identity transform.
+        """
+        if normalize:
+            if self.architecture != "affine-vae":
+                raise expected("the affine-vae model for a normalized reconstruction",
+                               self.architecture, cls=ConfigError)
+            return self.decoder.get_layer("coord_net")(z, normalize=True)
+        return self.decoder(z)
+
+    def call(self, x, training: bool = False):
+        z_mean, z_log_var = self.encode(x, training=training)
+        z = self.sampler([z_mean, z_log_var]) if training and self.variational else z_mean
+        return ops.sigmoid(self.decode_logits(z))
+
+    # -- the loss -----------------------------------------------------------------------------
+
+    def pixel_losses(self, x, logits):
+        """Per-pixel reconstruction loss ``(batch, 28, 28)`` for targets ``x`` in [0, 1]."""
+        if self.recon_loss == "bce":
+            # Numerically stable binary cross-entropy from logits.
+            return ops.relu(logits) - logits * x + ops.log1p(ops.exp(-ops.abs(logits)))
+        return ops.square(x - ops.sigmoid(logits))
+
+    @staticmethod
+    def kl_divergence(z_mean, z_log_var):
+        """KL(q(z|x) || N(0, I)) per image, ``(batch,)``."""
+        return -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=-1)
+
+    def compute_losses(self, x, training: bool):
+        x = ops.cast(x, "float32")
+        x_in = x
+        if training and self.denoise > 0:
+            noise = keras.random.normal(ops.shape(x), stddev=self.denoise, seed=self.noise_gen)
+            x_in = ops.clip(x + noise, 0.0, 1.0)
+        z_mean, z_log_var = self.encode(x_in, training=training)
+        if self.variational:
+            z = self.sampler([z_mean, z_log_var]) if training else z_mean
+            kl = self.kl_divergence(z_mean, z_log_var)
+        else:
+            z, kl = z_mean, ops.zeros((ops.shape(x)[0],))
+        recon = ops.sum(self.pixel_losses(x, self.decode_logits(z)), axis=(1, 2))
+        recon, kl = ops.mean(recon), ops.mean(kl)
+        return recon + self.beta * kl, recon, kl
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.recon_tracker, self.kl_tracker]
+
+    def _track(self, loss, recon, kl):
+        self.loss_tracker.update_state(loss)
+        self.recon_tracker.update_state(recon)
+        self.kl_tracker.update_state(kl)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            loss, recon, kl = self.compute_losses(x, training=True)
+        grads = tape.gradient(loss, self.trainable_weights)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
+        return self._track(loss, recon, kl)
+
+    def test_step(self, data):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return self._track(*self.compute_losses(x, training=False))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "architecture": self.architecture,
+            "latent_dim": self.latent_dim,
+            "hidden": list(self.hidden),
+            "beta": self.beta,
+            "recon_loss": self.recon_loss,
+            "denoise": self.denoise,
+            "seed": self.seed,
+        }

@@ -1,0 +1,84 @@
+"""Training glue: seeding, the optimizer, early stopping and resumable ``fit``.
+
+The network and its loss live in :mod:`anomaly.models`; this module only runs Keras ``fit`` on
+normal images with early stopping on the normal validation loss. A run given a ``backup_dir``
+saves its state at the end of every epoch (``keras.callbacks.BackupAndRestore``): a run killed
+part-way and started again with the same ``backup_dir`` resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from anomaly.models.autoencoder import Autoencoder
+
+
+def set_seed(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and TensorFlow; make TF ops deterministic where they can be."""
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def distribution_strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy over several local GPUs, else the default (one device) strategy."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """One short line per epoch on stderr when stderr is not a terminal (logs, CI)."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        parts = [f"{k} {v:.4g}" for k, v in logs.items() if k in ("loss", "val_loss", "kl_loss")]
+        print(f"epoch {epoch + 1}/{self.epochs}: " + ", ".join(parts), file=sys.stderr,
+              flush=True)
+
+
+def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs: int,
+          batch_size: int, learning_rate: float, patience: int,
+          backup_dir: str | Path | None = None, verbose: int = 1,
+          callbacks: list[keras.callbacks.Callback] | tuple = ()) -> dict[str, list[float]]:
+    """Fit ``model`` on normal images with early stopping on the validation loss.
+
+    Args:
+        model: an un-trained :class:`Autoencoder`.
+        x_train: normal training images ``(n_train, 28, 28)`` float32 in [0, 1].
+        x_val: normal validation images ``(n_val, 28, 28)``.
+        backup_dir: folder for per-epoch state; an existing state there is resumed.
+        verbose: 0 silent, 1 progress (a bar on a terminal, a line per epoch otherwise).
+
+    Returns:
+        The Keras history: per-epoch lists for ``loss``, ``val_loss``, ``reconstruction_loss``,
+        ``kl_loss`` and their ``val_`` twins. The model holds the best (lowest ``val_loss``)
+        weights on return.
+    """
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    cbs: list = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                               restore_best_weights=True)]
+    if backup_dir is not None:
+        os.makedirs(backup_dir, exist_ok=True)
+        cbs.append(keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True))
+    keras_verbose = 0
+    if verbose:
+        if sys.stderr.isatty():
+            keras_verbose = 1
+        else:
+            cbs.append(_EpochLog(epochs))
+    cbs.extend(callbacks)
+    hist = model.fit(x_train, epochs=epochs, batch_size=batch_size, shuffle=True,
+                     validation_data=(x_val,), callbacks=cbs, verbose=keras_verbose)
+    return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
