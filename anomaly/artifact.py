@@ -124,8 +124,8 @@ def save_detector(detector, path: str | Path, *, metadata: dict | None = None,
         history = getattr(detector, "history_", None)
         if history:
             n = max(len(v) for v in history.values())
-            pd.DataFrame({k: v + [None] * (n - len(v)) for k, v in history.items()}).rename_axis(
-                "epoch").to_csv(tmp / "history.csv")
+            pd.DataFrame({k: v + [None] * (n - len(v)) for k, v in history.items()}).to_csv(
+                tmp / "history.csv", index=False)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         _json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "algorithm": "sha256",
                                "files": files})
@@ -173,7 +173,7 @@ def verify(path: str | Path) -> dict:
                            hint="The artifact is incomplete.", cls=ArtifactError)
         got = sha256_file(fpath)
         if got != digest:
-            raise expected(f"{fname} with SHA-256 {digest[:16]}...", f"{got[:16]}... in {path}",
+            raise expected(f"{fname} with SHA-256 {digest}", f"{got} in {path}",
                            hint="The artifact was modified or damaged; do not serve it.",
                            cls=ArtifactError)
     return manifest

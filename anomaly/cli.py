@@ -135,7 +135,7 @@ def _resolve_config(args: argparse.Namespace, extra: dict | None = None):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from anomaly.pipeline import run_fit
+    from anomaly.pipeline import epochs_run, run_fit
 
     cfg = _resolve_config(args, {"output": args.output, "name": args.name})
     result = run_fit(cfg, verbose=0 if args.quiet else 1)
@@ -145,7 +145,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     t = result.timings
     print(f"Time: {t['total_s']:.1f} s (data {t['data_s']:.1f}, fit {t['fit_s']:.1f}, "
           f"evaluate {t.get('evaluate_s', 0):.1f}, save {t['save_s']:.1f}); "
-          f"{len(result.detector.history_.get('loss', []))} epochs")
+          f"{epochs_run(result.detector.history_)} epochs")
     if result.evaluation is not None:
         print(format_report(result.evaluation))
     return 0
@@ -236,6 +236,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.cli import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="anomaly", description="Autoencoder anomaly detection: train, "
                      "calibrate, evaluate, score. Scores: higher = more anomalous.")
@@ -286,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run PCA (32 components) and IsolationForest")
     p.add_argument("--output", default="bench/results", help="folder for the CSV/markdown")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("serve", help="serve a models directory over HTTP (REST, V2, metrics)")
+    p.add_argument("--models", metavar="DIR", help="models directory of NAME/VERSION "
+                   "artifacts (default $ANOMALY_MODELS_DIR or ./models)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=_nonneg_int, help="port (default 8000)")
+    p.add_argument("--workers", type=_positive_int, help="must be 1: one worker per process, "
+                   "scale by replicas")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

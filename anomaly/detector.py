@@ -105,7 +105,8 @@ class Detector:
     def resolved_score(self) -> str:
         return self.score_name or get_spec(self.model).score
 
-    def _check_params(self) -> None:
+    def check_params(self) -> None:
+        """Raise ConfigError for a hyper-parameter that is out of range or of the wrong type."""
         get_spec(self.model)
         for name, lo in (("epochs", 1), ("batch_size", 1), ("patience", 0)):
             v = getattr(self, name)
@@ -143,7 +144,7 @@ class Detector:
         """
         from anomaly.training import set_seed, train
 
-        self._check_params()
+        self.check_params()
         x = to_unit_float(x, what="training images")
         if x_val is None:
             rng = np.random.default_rng(self.seed)
@@ -231,14 +232,16 @@ class Detector:
         out = []
         for start in range(0, len(x), 1024):
             z, _ = self.model_.encode(x[start : start + 1024])
-            out.append(np.asarray(ops.sigmoid(self.model_.decode_logits(z, normalize))))
+            out.append(ops.convert_to_numpy(ops.sigmoid(self.model_.decode_logits(z, normalize))))
         return np.concatenate(out)
 
     def encode(self, images) -> np.ndarray:
         """Latent codes ``(N, code_dim)`` (posterior means for VAEs)."""
         self._check_fitted()
+        from keras import ops
+
         x = to_unit_float(images)
-        return np.concatenate([np.asarray(self.model_.encode(x[i : i + 1024])[0])
+        return np.concatenate([ops.convert_to_numpy(self.model_.encode(x[i : i + 1024])[0])
                                for i in range(0, len(x), 1024)])
 
     # -- persistence --------------------------------------------------------------------------

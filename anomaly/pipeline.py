@@ -89,6 +89,11 @@ def default_name(data_name: str, normal_classes: tuple[int, ...], model: str) ->
     return f"{slug or 'data'}-{'_'.join(map(str, normal_classes))}-{model}"
 
 
+def epochs_run(history: dict) -> int:
+    """Epochs trained in all, counting those restored by a resumed run."""
+    return int(history["epoch"][-1]) if history.get("epoch") else len(history.get("loss", []))
+
+
 @dataclass
 class FitResult:
     path: Path
@@ -127,13 +132,14 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    detector = Detector(**cfg.detector_params())
+    detector.check_params()  # a bad --model or value fails before the data is loaded
     data, normal, split = prepare(cfg)
     name = check_name(cfg.name or default_name(data.name, normal, cfg.model))
     root = Path(cfg.output)
     timings["data_s"] = time.perf_counter() - t0
     log(f"Training {cfg.model} on {len(split.x_train)} normal images of {data.name} "
         f"(classes {list(normal)}), validating on {len(split.x_val)}.")
-    detector = Detector(**cfg.detector_params())
     # A killed run resumes from the state saved for the same configuration.
     run_key = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
     backup_dir = root / name / f".resume-{run_key}"
@@ -165,7 +171,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         "class_names": list(data.class_names) if data.class_names else None,
         "n_train": len(split.x_train),
         "n_val": len(split.x_val),
-        "epochs_run": len(detector.history_.get("loss", [])),
+        "epochs_run": epochs_run(detector.history_),
     }
     detector.save(path, metadata=metadata, metrics=ev.metrics if ev else None,
                   per_class=ev.per_class if ev else None, config_yaml=cfg.to_yaml())

@@ -63,7 +63,7 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
 
     Returns:
         The Keras history: per-epoch lists for ``loss``, ``val_loss``, ``reconstruction_loss``,
-        ``kl_loss`` and their ``val_`` twins. The model holds the best (lowest ``val_loss``)
+        ``kl_loss``, their ``val_`` twins, and ``epoch`` (1-based, counting resumed epochs). The model holds the best (lowest ``val_loss``)
         weights on return.
     """
     model.compile(optimizer=keras.optimizers.Adam(learning_rate))
@@ -79,6 +79,16 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
         else:
             cbs.append(_EpochLog(epochs))
     cbs.extend(callbacks)
-    hist = model.fit(x_train, epochs=epochs, batch_size=batch_size, shuffle=True,
-                     validation_data=(x_val,), callbacks=cbs, verbose=keras_verbose)
-    return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    # Our own tf.data pipeline: a seeded shuffle, and no map stage (Keras' array adapter adds
+    # one whose op attributes make TF 2.21 log a spurious error line).
+    seed = int(model.seed or 0)
+    train_ds = (tf.data.Dataset.from_tensor_slices(np.asarray(x_train, np.float32))
+                .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
+                .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    val_ds = tf.data.Dataset.from_tensor_slices(np.asarray(x_val, np.float32)).batch(batch_size)
+    hist = model.fit(train_ds, epochs=epochs, validation_data=val_ds, callbacks=cbs,
+                     verbose=keras_verbose, shuffle=False)
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    # Absolute epoch numbers: a resumed run starts after the epochs restored from backup_dir.
+    history["epoch"] = [float(e + 1) for e in hist.epoch]
+    return history

@@ -197,9 +197,11 @@ def _int_labels(y: np.ndarray, path: Path) -> np.ndarray:
 def _load_array(path: Path) -> ImageSet:
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise expected("a .npy/.npz file of numeric arrays (no pickled objects)",
-                       f"{path} ({exc})", cls=DataError) from None
+    except (ValueError, OSError, EOFError) as exc:
+        reason = ("pickled objects, which are refused" if "allow_pickle" in str(exc)
+                  else "not a NumPy array file")
+        raise expected("a .npy/.npz file of numeric arrays", f"{path} ({reason})",
+                       cls=DataError) from None
     labels = None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:

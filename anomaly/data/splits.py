@@ -15,8 +15,12 @@ from anomaly.errors import ConfigError, expected
 
 
 def parse_classes(value, class_names: tuple[str, ...] | None = None,
-                  n_classes: int | None = None) -> tuple[int, ...]:
+                  n_classes: int | None = None, *, leave_anomalies: bool = True
+                  ) -> tuple[int, ...]:
     """Parse ``--normal-class``: ``0``, ``"0,6"``, ``"0-2"``, ``[0, 6]`` or class names.
+
+    Args:
+        leave_anomalies: refuse a selection of every class (nothing would be anomalous).
 
     Returns:
         Sorted tuple of distinct class indices.
@@ -58,7 +62,7 @@ def parse_classes(value, class_names: tuple[str, ...] | None = None,
     if not out:
         raise expected("at least one normal class (e.g. --normal-class 0)", repr(value),
                        cls=ConfigError)
-    if n_classes is not None and len(out) == n_classes:
+    if leave_anomalies and n_classes is not None and len(out) == n_classes:
         raise expected(f"at most {n_classes - 1} normal classes so that some are anomalies",
                        sorted(out), cls=ConfigError)
     return tuple(sorted(out))

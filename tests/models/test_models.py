@@ -1,0 +1,122 @@
+"""The model registry: every architecture fits, scores, saves, loads and scores identically."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from anomaly.detector import Detector
+from anomaly.errors import ConfigError
+from anomaly.models import MODELS, AffineCoordinateDecoder, Autoencoder, get_spec
+from tests.conftest import TINY
+
+
+def test_registry_holds_the_seed_family():
+    assert set(MODELS) == {"dense-ae", "conv-ae", "vae", "conv-vae", "affine-vae"}
+    assert set(TINY) == set(MODELS)  # the parametrized test below covers every model
+    for name, spec in MODELS.items():
+        assert spec.name == name
+        assert spec.variational == (name in ("vae", "conv-vae", "affine-vae"))
+        assert spec.score == ("elbo" if spec.variational else "mse")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fit_score_save_load_identical(name, fitted, normal_images, anomaly_images, tmp_path):
+    det = fitted(name)
+    x = np.concatenate([normal_images[:32], anomaly_images[:32]])
+    scores = det.score(x)
+    assert scores.shape == (64,) and scores.dtype == np.float64
+    assert np.isfinite(scores).all()
+    assert set(det.history_) >= {"loss", "val_loss", "reconstruction_loss", "kl_loss"}
+    assert len(det.history_["loss"]) == 2
+    if not MODELS[name].variational:
+        assert det.history_["kl_loss"] == [0.0, 0.0]
+
+    path = det.save(tmp_path / name / "1", metadata={"dataset": "blobs"})
+    loaded = Detector.load(path)
+    np.testing.assert_array_equal(loaded.score(x), scores)
+    assert loaded.get_params() == det.get_params()
+    assert loaded.calibration_.to_dict() == det.calibration_.to_dict()
+    assert loaded.metadata_["model_type"] == name and loaded.metadata_["dataset"] == "blobs"
+    assert isinstance(loaded.model_, Autoencoder)
+    assert loaded.model_.get_config()["architecture"] == name
+
+    # Reconstructions and codes: right shapes, reconstructions in [0, 1], same after loading.
+    recon = loaded.reconstruct(x[:5])
+    assert recon.shape == (5, 28, 28) and recon.min() >= 0.0 and recon.max() <= 1.0
+    np.testing.assert_allclose(recon, det.reconstruct(x[:5]), atol=1e-6)
+    code_dim = TINY[name]["latent_dim"] + (6 if name == "affine-vae" else 0)
+    assert loaded.model_.code_dim == code_dim
+    codes = loaded.encode(x[:5])
+    assert codes.shape == (5, code_dim)
+    np.testing.assert_allclose(codes, det.encode(x[:5]), atol=1e-6)
+
+    out = loaded.detect(x[:5], reconstruction=True, error_map=True)
+    assert out.reconstruction.shape == out.error_map.shape == (5, 28, 28)
+    np.testing.assert_allclose(out.reconstruction, recon, atol=1e-6)
+    assert (out.error_map >= 0).all()
+
+    if name == "affine-vae":
+        normalized = loaded.reconstruct(x[:5], normalize=True)
+        assert normalized.shape == (5, 28, 28)
+        assert normalized.min() >= 0.0 and normalized.max() <= 1.0
+        assert not np.allclose(normalized, recon)  # the affine units do move the grid
+    else:
+        with pytest.raises(ConfigError, match="affine-vae model for a normalized"):
+            loaded.reconstruct(x[:5], normalize=True)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_keras_file_loads_in_safe_mode_without_lambda(name, fitted, tmp_path):
+    det = fitted(name)
+    det.model_.save(tmp_path / "m.keras")
+    model = keras.models.load_model(tmp_path / "m.keras", safe_mode=True, compile=False)
+    assert isinstance(model, Autoencoder)
+
+    def layers(layer):
+        yield layer
+        for sub in getattr(layer, "layers", []):
+            yield from layers(sub)
+
+    kinds = {type(layer).__name__ for layer in layers(model)}
+    assert "Lambda" not in kinds
+    config = json.dumps(model.get_config())
+    assert '"architecture"' in config
+
+
+def test_model_defaults_follow_the_spec():
+    for name, spec in MODELS.items():
+        model = Autoencoder(name)
+        assert model.latent_dim == spec.latent_dim and model.hidden == spec.hidden
+        assert model.code_dim == spec.latent_dim + (6 if name == "affine-vae" else 0)
+        out = model(np.zeros((2, 28, 28), np.float32))
+        assert tuple(out.shape) == (2, 28, 28)
+
+
+def test_bad_model_settings():
+    with pytest.raises(ConfigError, match=r"Expected a model in \[.*'vae'\]. Received: 'gan'"):
+        get_spec("gan")
+    with pytest.raises(ConfigError, match="reconstruction loss"):
+        Autoencoder("dense-ae", recon_loss="l1")
+    with pytest.raises(ConfigError, match="positive latent_dim"):
+        Autoencoder("dense-ae", hidden=[0])
+
+
+def test_affine_decoder_identity_transform_matches_normalize():
+    """Affine units of 0 give the identity transform: decoding with and without ``normalize``
+    must then agree, and must differ once an affine unit moves the grid."""
+    layer = AffineCoordinateDecoder(units=16, depth=2)
+    z = np.concatenate([np.random.default_rng(0).normal(size=(3, 4)), np.zeros((3, 6))],
+                       axis=1).astype(np.float32)
+    a = np.asarray(layer(z))
+    b = np.asarray(layer(z, normalize=True))
+    assert a.shape == (3, 28, 28)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    shifted = z.copy()
+    shifted[:, -4] = 2.0  # a shift unit: the transform is no longer the identity
+    assert not np.allclose(np.asarray(layer(shifted)), b, atol=1e-3)
+    with pytest.raises(ValueError, match="at least 7"):
+        AffineCoordinateDecoder()(np.zeros((1, 6), np.float32))

@@ -1,0 +1,278 @@
+"""The ``anomaly`` CLI in-process: every bad input is one ``error:`` line and exit status 2.
+
+The happy paths run here on tiny synthetic data; tests/test_e2e.py runs the real command on
+real MNIST.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from anomaly.cli import main
+from anomaly.detector import Detector
+from tests.conftest import error_line, make_bars, make_blobs
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_error(capsys, argv, *fragments: str) -> str:
+    """Run ``argv``; expect exit 2 and one ``error:`` line holding every fragment."""
+    try:
+        rc, _, err = run(capsys, *argv)
+    except SystemExit as exc:  # argparse's usage errors exit from the parser
+        rc, err = exc.code, capsys.readouterr().err
+    assert rc == 2, err
+    line = error_line(err)
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Bad and good input files for ``anomaly score``."""
+    d = tmp_path / "in"
+    d.mkdir()
+    np.save(d / "good.npy", make_blobs(6, seed=3))
+    nan = make_blobs(3, seed=3)
+    nan[1, 2, 3] = np.nan
+    np.save(d / "nan.npy", nan)
+    np.save(d / "shape.npy", np.zeros((3, 5), np.float32))
+    (d / "garbage.npy").write_bytes(b"this is not an array")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    pd.DataFrame(np.zeros((2, 100))).to_csv(d / "short.csv", index=False)
+    return d
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ten_classes(tmp_path):
+    """A labelled .npz with classes 0..9, like MNIST (tests/test_e2e.py uses MNIST itself)."""
+    path = tmp_path / "ten.npz"
+    np.savez(path, x=make_blobs(40, seed=2), y=np.arange(40) % 10)
+    return path
+
+
+def test_unknown_class(capsys, tmp_path, ten_classes):
+    out = tmp_path / "models"
+    assert_error(capsys, ["fit", "--dataset", ten_classes, "--normal-class", "10", "--output",
+                          out], "Expected class indices in 0..9", "Received: 10")
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_all_classes_normal(capsys, tmp_path, ten_classes):
+    assert_error(capsys, ["fit", "--dataset", ten_classes, "--normal-class", "0-9", "--output",
+                          tmp_path / "models"],
+                 "Expected at most 9 normal classes", "Received: [0, 1,")
+
+
+def test_unknown_dataset(capsys, tmp_path):
+    assert_error(capsys, ["fit", "--dataset", "mnits", "--output", tmp_path],
+                 "Expected a built-in data set in ['fashion-mnist', 'mnist'] or a path",
+                 "Received: 'mnits'")
+    assert_error(capsys, ["data", "fetch", "--dataset", "cifar"],
+                 "Expected a data set in ['fashion-mnist', 'mnist'] or 'all'",
+                 "Received: 'cifar'")
+
+
+def test_unknown_model_fails_before_loading_data(capsys, tmp_path):
+    rc, out, err = run(capsys, "fit", "--model", "gan", "--output", tmp_path)
+    assert rc == 2
+    line = error_line(err)
+    assert "Expected a model in ['affine-vae', 'conv-ae', 'conv-vae', 'dense-ae', 'vae']" in line
+    assert "Received: 'gan'" in line and "anomaly models --available" in line
+    assert err.strip() == line  # no "Training gan on ..." line before it
+    assert out == ""
+
+
+@pytest.mark.parametrize(("argv", "fragments"), [
+    (["--epochs", "0"], ["argument --epochs", "expected a positive integer. Received: 0"]),
+    (["--epochs", "many"], ["expected a positive integer. Received: 'many'"]),
+    (["--target-fpr", "lots"], ["expected FPRs like 0.01,0.05 or 1%,5%. Received: 'lots'"]),
+    (["--beta", "nan"], ["expected a finite number. Received: 'nan'"]),
+    (["--hidden", "32,x"], ["comma-separated integers like 32,64. Received: '32,x'"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+])
+def test_bad_flags(capsys, argv, fragments):
+    line = assert_error(capsys, ["fit", *argv], *fragments)
+    assert "--help" in line  # and where to read about the flags
+
+
+def test_bad_config_file(capsys, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epoch: 3\n")
+    assert_error(capsys, ["fit", "--config", cfg], "Received: 'epoch'", "Did you mean 'epochs'?")
+    cfg.write_text("epochs: three\n")
+    assert_error(capsys, ["fit", "--config", cfg], "Expected 'epochs' as int",
+                 "Received: 'three' (str)")
+    assert_error(capsys, ["fit", "--config", tmp_path / "none.yaml"],
+                 "Expected an existing config file", "(not found)")
+
+
+@pytest.mark.parametrize(("name", "fragments"), [
+    ("garbage.npy", ["Expected a .npy/.npz file of numeric arrays", "garbage.npy"]),
+    ("shape.npy", ["of shape (N, 28, 28), (N, 784)", "Received: shape (3, 5)"]),
+    ("nan.npy", ["Expected finite pixel values", "Received: NaN or Inf in image 1"]),
+    ("corrupt.png", ["to be a PNG, JPEG or other image file", "Received: undecodable bytes"]),
+    ("short.csv", ["784 pixel columns", "Received: 100 pixel columns"]),
+    ("missing.npy", ["Expected an existing file or folder of images", "(not found)"]),
+])
+def test_bad_score_input(capsys, saved_artifact, files, tmp_path, name, fragments):
+    out = tmp_path / "scores.csv"
+    assert_error(capsys, ["score", saved_artifact, "--input", files / name, "--output", out],
+                 *fragments)
+    assert not out.exists()
+
+
+def test_nan_in_training_data(capsys, files, tmp_path):
+    assert_error(capsys, ["fit", "--dataset", files / "nan.npy", "--output", tmp_path / "m"],
+                 "Expected finite pixel values", "Received: NaN or Inf in image 1")
+
+
+def test_missing_artifact(capsys, files, tmp_path):
+    for argv in (["score", tmp_path / "nope", "--input", files / "good.npy", "--output",
+                  tmp_path / "s.csv"], ["evaluate", tmp_path / "nope"]):
+        assert_error(capsys, argv, "Expected an artifact directory", "(not found)")
+    assert_error(capsys, ["models", tmp_path / "nope"], "Expected a models directory")
+
+
+def test_tampered_artifact(capsys, artifact_copy, files, tmp_path):
+    data = bytearray((artifact_copy / "model.keras").read_bytes())
+    data[100] ^= 0xFF
+    (artifact_copy / "model.keras").write_bytes(bytes(data))
+    line = assert_error(capsys, ["score", artifact_copy, "--input", files / "good.npy",
+                                 "--output", tmp_path / "s.csv"],
+                        "Expected model.keras with SHA-256", "Received:", "modified or damaged")
+    assert str(artifact_copy) in line
+
+
+def test_incomplete_artifact(capsys, artifact_copy, files, tmp_path):
+    (artifact_copy / "manifest.json").unlink()
+    assert_error(capsys, ["score", artifact_copy, "--input", files / "good.npy", "--output",
+                          tmp_path / "s.csv"],
+                 "Expected manifest.json in the artifact", "Received: no manifest")
+
+
+def test_unknown_operating_point_and_bad_output(capsys, saved_artifact, files, tmp_path):
+    assert_error(capsys, ["score", saved_artifact, "--input", files / "good.npy", "--output",
+                          tmp_path / "s.csv", "--operating-point", "f1-max"],
+                 "Expected an operating point in ['fpr@1%']", "Received: 'f1-max'")
+    assert_error(capsys, ["score", saved_artifact, "--input", files / "good.npy", "--output",
+                          tmp_path / "s.json"], "an --output path ending in .csv")
+
+
+# -- happy paths on synthetic data ------------------------------------------------------------
+
+
+def test_score_npy(capsys, saved_artifact, files, tmp_path):
+    out = tmp_path / "scores.csv"
+    rc, stdout, _ = run(capsys, "score", saved_artifact, "--input", files / "good.npy",
+                        "--output", out)
+    assert rc == 0 and "Scored 6 images" in stdout and "fpr@1%" in stdout
+    df = pd.read_csv(out)
+    assert df.columns.tolist() == ["id", "score", "normalized_score", "is_anomaly"]
+    det = Detector.load(saved_artifact)
+    d = det.detect(np.load(files / "good.npy"))
+    np.testing.assert_allclose(df["score"], d.scores, rtol=1e-12)
+    np.testing.assert_array_equal(df["normalized_score"], d.normalized)
+    np.testing.assert_array_equal(df["is_anomaly"], d.is_anomaly)
+    assert df["id"].tolist() == list(range(6))
+
+
+def test_score_folder_with_labels(capsys, saved_artifact, tmp_path):
+    folder = tmp_path / "pngs"
+    for cls, imgs in (("blob", make_blobs(3, seed=4)), ("bar", make_bars(2, seed=4))):
+        (folder / cls).mkdir(parents=True)
+        for i, img in enumerate(imgs):
+            Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(folder / cls / f"{i}.png")
+    out = tmp_path / "scores.csv"
+    assert run(capsys, "score", saved_artifact, "--input", folder, "--output", out)[0] == 0
+    df = pd.read_csv(out)
+    assert df["id"].tolist() == ["bar/0.png", "bar/1.png", "blob/0.png", "blob/1.png",
+                                 "blob/2.png"]
+    assert df["label"].tolist() == [0, 0, 1, 1, 1]  # sorted folder names: bar=0, blob=1
+    assert df["is_anomaly"].tolist()[:2] == [True, True]
+    assert df["normalized_score"].between(0, 1).all()
+
+
+def test_fit_and_evaluate_user_data(capsys, tmp_path):
+    """fit/evaluate on a labelled .npz: blobs are class 0 (normal), bars class 1."""
+    x = np.concatenate([make_blobs(200, seed=5), make_bars(50, seed=5)])
+    y = np.r_[np.zeros(200, int), np.ones(50, int)]
+    np.savez(tmp_path / "shapes.npz", x=x, y=y)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("model: dense-ae\nhidden: [16]\nlatent_dim: 2\nepochs: 3\nbatch_size: 32\n")
+    rc, out, err = run(capsys, "fit", "--dataset", tmp_path / "shapes.npz", "--normal-class", "0",
+                       "--config", cfg, "--epochs", "1", "--output", tmp_path / "models",
+                       "--name", "shapes", "--calibration-anomalies", "10")
+    assert rc == 0, err
+    assert "Training dense-ae on" in err
+    path = next((tmp_path / "models" / "shapes").iterdir())
+    assert f"Artifact: {path}" in out and "AUROC" in out and "1 epochs" in out
+    metrics = json.loads((path / "metrics.json").read_text())
+    # 80/20 split of the labelled file: 50 test images, about a fifth of them bars.
+    assert metrics["n_test"] == 50 and 0 < metrics["n_anomalies"] < 50
+    assert metrics["auroc"] > 0.9
+    # Labelled calibration anomalies (from the training part) add the f1-max and youden points.
+    assert set(metrics["operating_points"]) == {"fpr@1%", "f1-max", "youden"}
+    calibration = json.loads((path / "calibration.json").read_text())
+    assert calibration["default"] == "fpr@1%"
+    assert calibration["operating_points"]["f1-max"]["expected_tpr"] is not None
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["dataset"] == "shapes.npz" and meta["normal_classes"] == [0]
+    assert meta["epochs_run"] == 1
+    assert "epochs: 1" in (path / "config.yaml").read_text()  # the flag overrode the YAML
+    assert pd.read_csv(path / "per_class.csv")["role"].tolist() == ["normal", "anomaly"]
+    assert not [p for p in (tmp_path / "models" / "shapes").iterdir() if p.name.startswith(".")]
+
+    rc, out, _ = run(capsys, "evaluate", path, "--output", tmp_path / "m.json")
+    assert rc == 0 and "AUROC" in out
+    again = json.loads((tmp_path / "m.json").read_text())
+    assert again["auroc"] == pytest.approx(metrics["auroc"], abs=1e-9)
+
+    rc, out, _ = run(capsys, "models", tmp_path / "models")
+    assert rc == 0 and "shapes" in out and "dense-ae" in out and f"{metrics['auroc']:.4f}" in out
+
+
+def test_models_lists_available_types(capsys, tmp_path):
+    rc, out, _ = run(capsys, "models", "--available")
+    assert rc == 0
+    for name in ("dense-ae", "conv-ae", "vae", "conv-vae", "affine-vae"):
+        assert name in out
+    rc, out, _ = run(capsys, "models", tmp_path)
+    assert rc == 0 and "No artifacts" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert "anomaly 0.1.0" in capsys.readouterr().out
+
+
+def test_benchmark_on_user_data(capsys, tmp_path):
+    x = np.concatenate([make_blobs(100, seed=6), make_bars(100, seed=6)])
+    y = np.arange(200) % 10
+    np.savez(tmp_path / "ten.npz", x=x, y=y)
+    rc, out, err = run(capsys, "benchmark", "--dataset", tmp_path / "ten.npz", "--classes", "0,3",
+                       "--model", "dense-ae", "--hidden", "16", "--latent-dim", "2", "--epochs",
+                       "1", "--baselines", "--output", tmp_path / "bench")
+    assert rc == 0, err
+    table = pd.read_csv(tmp_path / "bench" / "ten.npz-dense-ae.csv")
+    assert table["class"].tolist() == [0, 3]
+    for col in ("auroc", "ap", "pca_auroc", "iforest_auroc"):
+        assert table[col].between(0, 1).all(), col
+    assert (table["epochs"] == 1).all()
+    md = (tmp_path / "bench" / "ten.npz-dense-ae.md").read_text()
+    assert "| **mean** |" in md and md in out

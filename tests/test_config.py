@@ -1,0 +1,122 @@
+"""Run configuration: YAML files, flag overrides, unknown keys and wrong types."""
+
+from __future__ import annotations
+
+import pytest
+
+from anomaly.cli import _resolve_config, build_parser
+from anomaly.config import DETECTOR_KEYS, RunConfig, load_yaml, resolve
+from anomaly.detector import Detector
+from anomaly.errors import ConfigError
+
+
+def _write(tmp_path, text: str, name: str = "run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file_or_flags():
+    cfg = resolve()
+    assert cfg == RunConfig()
+    assert cfg.model == "conv-ae" and cfg.normal_classes == [0] and cfg.target_fprs == [0.01]
+
+
+def test_yaml_values_are_loaded_with_dashes_or_underscores(tmp_path):
+    path = _write(tmp_path, "model: vae\nlatent-dim: 8\nhidden: [16, 8]\nbatch_size: 64\n"
+                            "learning-rate: 0.002\nnormal_classes: '0,6'\ntarget_fprs: 0.05\n")
+    cfg = resolve(path)
+    assert cfg.model == "vae"
+    assert cfg.latent_dim == 8
+    assert cfg.hidden == [16, 8]
+    assert cfg.batch_size == 64
+    assert cfg.learning_rate == 0.002
+    assert cfg.normal_classes == "0,6"  # parsed against the data set's classes later
+    assert cfg.target_fprs == [0.05]  # a single FPR becomes a list
+    assert cfg.epochs == RunConfig().epochs  # untouched keys keep their defaults
+
+
+def test_int_for_float_key_is_accepted_as_float(tmp_path):
+    cfg = resolve(_write(tmp_path, "beta: 2\n"))
+    assert cfg.beta == 2.0 and isinstance(cfg.beta, float)
+
+
+def test_flags_override_yaml_and_none_flags_are_ignored(tmp_path):
+    path = _write(tmp_path, "epochs: 3\nmodel: vae\nseed: 7\n")
+    cfg = resolve(path, {"epochs": 5, "model": None, "batch-size": 16})
+    assert cfg.epochs == 5  # the flag wins
+    assert cfg.model == "vae"  # a flag that was not given (None) leaves the YAML value
+    assert cfg.seed == 7
+    assert cfg.batch_size == 16
+
+
+def test_cli_flags_override_yaml(tmp_path):
+    path = _write(tmp_path, "epochs: 3\nmodel: vae\nhidden: [64]\nnormal_classes: 1\n")
+    args = build_parser().parse_args(["fit", "--config", str(path), "--epochs", "5",
+                                      "--hidden", "8,16", "--normal-class", "0,6"])
+    cfg = _resolve_config(args)
+    assert cfg.epochs == 5
+    assert cfg.hidden == [8, 16]
+    assert cfg.normal_classes == "0,6"
+    assert cfg.model == "vae"
+
+
+def test_to_yaml_round_trip(tmp_path):
+    cfg = resolve(None, {"model": "dense-ae", "hidden": [32], "epochs": 2, "target_fprs": [0.01,
+                                                                                           0.05]})
+    back = resolve(_write(tmp_path, cfg.to_yaml()))
+    assert back == cfg
+
+
+def test_detector_params_are_detector_arguments():
+    cfg = resolve(None, {"model": "vae", "latent_dim": 3, "epochs": 2})
+    params = cfg.detector_params()
+    assert set(params) == set(DETECTOR_KEYS)
+    det = Detector(**params)
+    assert det.model == "vae" and det.latent_dim == 3 and det.epochs == 2
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"Received: 'epoch'.*Did you mean 'epochs'\?"):
+        resolve(_write(tmp_path, "epoch: 3\n"))
+    with pytest.raises(ConfigError, match="Did you mean 'latent_dim'"):
+        resolve(None, {"latent-dimm": 3})
+
+
+def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        resolve(_write(tmp_path, "zzzzzz: 1\n"))
+    assert "Did you mean" not in str(info.value)
+    assert "a configuration key in" in str(info.value) and "'epochs'" in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "key", "received"), [
+    ("epochs: ten\n", "epochs", "'ten' (str)"),
+    ("epochs: 2.5\n", "epochs", "2.5 (float)"),
+    ("epochs: true\n", "epochs", "True (bool)"),
+    ("hidden: 32\n", "hidden", "32 (int)"),
+    ("learning_rate: fast\n", "learning_rate", "'fast' (str)"),
+    ("model: [conv-ae]\n", "model", "['conv-ae'] (list)"),
+])
+def test_wrong_types_name_key_expected_and_received(tmp_path, text, key, received):
+    with pytest.raises(ConfigError) as info:
+        resolve(_write(tmp_path, text))
+    msg = str(info.value)
+    assert f"Expected '{key}' as" in msg
+    assert f"Received: {received}" in msg
+
+
+def test_null_for_a_required_key_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"Expected a value for 'epochs'\. Received: null"):
+        resolve(_write(tmp_path, "epochs: null\n"))
+    assert resolve(_write(tmp_path, "latent_dim: null\n", "ok.yaml")).latent_dim is None
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="an existing config file"):
+        load_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="a valid YAML config file"):
+        load_yaml(_write(tmp_path, "epochs: [1, 2\n", "broken.yaml"))
+    with pytest.raises(ConfigError, match=r"a YAML mapping of key: value\. Received: a list"):
+        load_yaml(_write(tmp_path, "- epochs\n- 3\n", "list.yaml"))
+    assert load_yaml(_write(tmp_path, "", "empty.yaml")) == {}

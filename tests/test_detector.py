@@ -1,0 +1,125 @@
+"""The Detector API: parameters, fitting, calibration, decisions, input handling, seeding."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from anomaly.detector import Detector
+from anomaly.errors import ConfigError, DataError, NotFoundError
+from tests.conftest import tiny_detector
+
+
+def test_unfitted_detector_refuses_to_score():
+    det = Detector("dense-ae")
+    with pytest.raises(ConfigError, match="a fitted Detector"):
+        det.score(np.zeros((1, 28, 28)))
+    with pytest.raises(ConfigError, match="a fitted Detector"):
+        det.save("/nonexistent/never")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"model": "gan"}, "Expected a model in"),
+    ({"epochs": 0}, "epochs as an integer >= 1. Received: 0"),
+    ({"epochs": 2.0}, "epochs as an integer >= 1. Received: 2.0"),
+    ({"batch_size": True}, "batch_size as an integer >= 1"),
+    ({"patience": -1}, "patience as an integer >= 0"),
+    ({"learning_rate": 1.5}, r"learning_rate in \(0, 1\)"),
+    ({"beta": -1.0}, "beta >= 0"),
+    ({"denoise": 2.0}, r"denoise \(noise std\) in \[0, 1\]"),
+    ({"score": "elbo"}, "a variational model"),
+    ({"aggregation": "median"}, "an aggregation in"),
+])
+def test_bad_hyperparameters_fail_before_training(kwargs, match, normal_images):
+    params = {"model": "dense-ae", "hidden": [8], "latent_dim": 2, "epochs": 1, **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        Detector(**params).fit(normal_images[:16])
+
+
+def test_fit_rejects_bad_images(normal_images):
+    bad = normal_images[:16].copy()
+    bad[3, 1, 1] = np.nan
+    with pytest.raises(DataError, match="NaN or Inf in image 3"):
+        tiny_detector().fit(bad)
+    with pytest.raises(DataError, match="validation images"):
+        tiny_detector().fit(normal_images[:16], np.full((4, 28, 28), -1.0))
+
+
+def test_get_params_round_trip(dense_detector):
+    params = dense_detector.get_params()
+    assert params["model"] == "dense-ae" and params["score"] == "mse"
+    assert Detector(**params).get_params() == params
+
+
+def test_default_hold_out_is_the_calibration_reference(dense_detector, normal_images):
+    # fit() held out round(256 * 0.1) = 26 normal images for early stopping and calibration.
+    assert dense_detector.calibration_.reference_scores.shape == (26,)
+    assert dense_detector.calibration_.default == "fpr@1%"
+    rng = np.random.default_rng(dense_detector.seed)
+    val = normal_images[rng.permutation(256)[:26]]
+    np.testing.assert_allclose(dense_detector.calibration_.reference_scores,
+                               np.sort(dense_detector.score(val)), rtol=1e-6)
+
+
+def test_detect_is_consistent(dense_detector, normal_test_images, anomaly_images):
+    x = np.concatenate([normal_test_images[:10], anomaly_images[:10]])
+    out = dense_detector.detect(x)
+    thr = dense_detector.calibration_.get().threshold
+    assert out.operating_point == "fpr@1%" and out.threshold == thr
+    np.testing.assert_array_equal(out.scores, dense_detector.score(x))
+    np.testing.assert_array_equal(out.is_anomaly, out.scores > thr)
+    np.testing.assert_array_equal(out.normalized,
+                                  dense_detector.calibration_.normalize(out.scores))
+    np.testing.assert_array_equal(dense_detector.normalized_score(out.scores), out.normalized)
+    np.testing.assert_array_equal(dense_detector.predict(x), out.is_anomaly)
+    assert out.is_anomaly[10:].all()  # bars are far from every blob
+    assert out.reconstruction is None and out.error_map is None
+    with pytest.raises(NotFoundError, match="Received: 'f1-max'"):
+        dense_detector.detect(x, operating_point="f1-max")
+
+
+def test_calibration_anomalies_add_f1_max_and_youden(dense_detector, normal_test_images,
+                                                     anomaly_images):
+    det = copy.copy(dense_detector)  # the session detector stays as it is
+    det.calibrate(normal_test_images, anomaly_images[:20])
+    assert set(det.calibration_.operating_points) == {"fpr@1%", "f1-max", "youden"}
+    f1 = det.calibration_.get("f1-max")
+    assert f1.expected_tpr == pytest.approx(np.mean(det.score(anomaly_images[:20]) > f1.threshold))
+    out = det.detect(anomaly_images[20:], operating_point="youden")
+    assert out.operating_point == "youden"
+    np.testing.assert_array_equal(out.is_anomaly,
+                                  out.scores > det.calibration_.get("youden").threshold)
+    assert dense_detector.calibration_.operating_points.keys() == {"fpr@1%"}
+
+
+def test_input_formats_give_the_same_scores(dense_detector, normal_test_images):
+    x = normal_test_images[:8]
+    as_uint8 = np.rint(x * 255).astype(np.uint8)
+    ref = dense_detector.score(as_uint8 / np.float32(255))
+    np.testing.assert_array_equal(dense_detector.score(as_uint8), ref)
+    np.testing.assert_array_equal(dense_detector.score(as_uint8.astype(np.float32)), ref)
+    np.testing.assert_array_equal(dense_detector.score(x.reshape(8, 784)),
+                                  dense_detector.score(x))
+    np.testing.assert_array_equal(dense_detector.score(x[..., None]), dense_detector.score(x))
+    with pytest.raises(DataError, match="NaN or Inf"):
+        dense_detector.score(np.full((1, 28, 28), np.nan))
+
+
+def test_explicit_validation_set_and_denoising(normal_images, normal_test_images):
+    det = tiny_detector("dense-ae", epochs=1, denoise=0.2, target_fprs=(0.05, 0.1))
+    det.fit(normal_images[:128], normal_test_images)
+    assert det.calibration_.reference_scores.shape == (64,)
+    assert det.calibration_.default == "fpr@5%"
+    assert set(det.calibration_.operating_points) == {"fpr@5%", "fpr@10%"}
+    assert len(det.history_["val_loss"]) == 1
+
+
+def test_same_seed_same_scores(normal_images, normal_test_images):
+    """Two fits with the same seed are identical; a different seed gives a different model."""
+    a = tiny_detector("conv-vae", seed=3).fit(normal_images[:128]).score(normal_test_images)
+    b = tiny_detector("conv-vae", seed=3).fit(normal_images[:128]).score(normal_test_images)
+    c = tiny_detector("conv-vae", seed=4).fit(normal_images[:128]).score(normal_test_images)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)

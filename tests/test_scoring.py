@@ -1,0 +1,102 @@
+"""Anomaly scores against NumPy re-computations; higher = more anomalous."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from anomaly.errors import ConfigError
+from anomaly.scoring import AGGREGATIONS, Scorer
+
+
+def _bce(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    return -(x * np.log(p) + (1 - x) * np.log(1 - p))
+
+
+def _aggregate(err: np.ndarray, how: str) -> np.ndarray:
+    flat = err.reshape(len(err), -1)
+    if how == "mean":
+        return flat.mean(1)
+    if how == "sum":
+        return flat.sum(1)
+    if how == "max":
+        return flat.max(1)
+    return np.sort(flat, axis=1)[:, -78:].mean(1)  # top10: the largest 10% of 784 pixels
+
+
+@pytest.fixture(scope="module")
+def x(normal_test_images, anomaly_images):
+    return np.concatenate([normal_test_images[:20], anomaly_images[:20]])
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_mse_matches_numpy(dense_detector, x, aggregation):
+    recon = dense_detector.reconstruct(x)
+    out = Scorer(dense_detector.model_, "mse", aggregation)(x, reconstruction=True,
+                                                           error_map=True)
+    err = (x.astype(np.float64) - recon) ** 2
+    np.testing.assert_allclose(out.scores, _aggregate(err, aggregation), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(out.reconstruction, recon, atol=1e-6)
+    np.testing.assert_allclose(out.error_map, err, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum"])
+def test_bce_matches_numpy(dense_detector, x, aggregation):
+    recon = dense_detector.reconstruct(x)
+    scores = Scorer(dense_detector.model_, "bce", aggregation)(x).scores
+    np.testing.assert_allclose(scores, _aggregate(_bce(x, recon), aggregation), rtol=1e-3)
+
+
+def test_elbo_is_deterministic_negative_elbo_at_posterior_mean(fitted, x):
+    det = fitted("vae")
+    assert det.resolved_score == "elbo"
+    model = det.model_
+    z_mean, z_log_var = (np.asarray(t, np.float64) for t in model.encode(x))
+    recon = det.reconstruct(x)
+    kl = -0.5 * np.sum(1 + z_log_var - z_mean**2 - np.exp(z_log_var), axis=1)
+    want = _bce(x, recon).sum(axis=(1, 2)) + model.beta * kl
+    scores = det.score(x)
+    np.testing.assert_allclose(scores, want, rtol=1e-3)
+    np.testing.assert_array_equal(det.score(x), scores)  # no sampling by default
+
+
+def test_elbo_monte_carlo_on_request(fitted, x):
+    model = fitted("vae").model_
+    deterministic = Scorer(model, "elbo")(x).scores
+    mc = Scorer(model, "elbo", mc_samples=4)(x).scores
+    assert mc.shape == deterministic.shape and np.isfinite(mc).all()
+    assert not np.array_equal(mc, deterministic)  # samples z ~ q(z|x)
+    # Same order of magnitude: the samples are close to the posterior mean.
+    np.testing.assert_allclose(mc, deterministic, rtol=0.5)
+
+
+def test_scores_do_not_depend_on_batch_size(dense_detector, x):
+    a = Scorer(dense_detector.model_, "mse", batch_size=1024)(x).scores
+    b = Scorer(dense_detector.model_, "mse", batch_size=7)(x).scores
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_empty_input_gives_empty_scores(dense_detector):
+    out = Scorer(dense_detector.model_, "mse")(np.zeros((0, 28, 28), np.float32))
+    assert out.scores.shape == (0,)
+
+
+def test_higher_score_means_more_anomalous(dense_detector, normal_test_images, anomaly_images):
+    normal = dense_detector.score(normal_test_images)
+    anomalous = dense_detector.score(anomaly_images)
+    y = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    assert roc_auc_score(y, np.r_[normal, anomalous]) > 0.9
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"score": "l1"}, r"Expected a score in \('mse', 'bce', 'elbo'\). Received: 'l1'"),
+    ({"score": "elbo"}, "a variational model .* for the 'elbo' score. Received: dense-ae"),
+    ({"aggregation": "median"}, "Expected an aggregation in"),
+    ({"mc_samples": -1}, "mc_samples as an integer >= 0"),
+    ({"mc_samples": 1.5}, "mc_samples as an integer >= 0"),
+])
+def test_bad_score_settings(dense_detector, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        Scorer(dense_detector.model_, **kwargs)
