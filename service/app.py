@@ -1,0 +1,80 @@
+"""The FastAPI application: ``create_app(settings)`` and the module-level ``app``.
+
+``uvicorn service.app:app`` (settings from ``ANOMALY_*`` variables), ``uvicorn --factory
+service.app:create_app`` and ``anomaly serve --models DIR`` all run the same app. Creating the
+app loads nothing: models load in the background once the server starts (``lifespan``), so
+``/healthz`` answers at once and ``/readyz`` turns 200 when every model is warmed up.
+
+One worker per process: the model registry, the micro-batcher and the Prometheus metrics live
+in the process. Scale by running more replicas behind a load balancer (each one a scrape
+target), not with ``--workers``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from anomaly import __version__
+from service import errors, metrics
+from service.deps import key_digests
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.registry import Registry
+from service.routers import admin, health, models, v2
+from service.routers import metrics as metrics_router
+from service.settings import Settings, load_settings
+
+DESCRIPTION = """Scores 28x28 grayscale images with the autoencoder anomaly detectors that
+`anomaly fit` writes. **Scores: higher = more anomalous**; `is_anomaly` is `score > threshold`
+at the chosen operating point.
+
+Errors are `{"error": {"code": ..., "message": "Expected X. Received: Y"}}` (under `/v2`:
+`{"error": "..."}`, the KServe V2 format).
+"""
+
+
+def _configure_logging(level: str) -> None:
+    # python-multipart logs every malformed upload it sees; a client's bad body is answered
+    # with a 400 and is not worth a server log line.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    log = logging.getLogger("anomaly.service")
+    log.setLevel(level.upper())
+    if not log.handlers:  # uvicorn configures only its own loggers
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. ``settings`` defaults to the ``ANOMALY_*`` environment."""
+    settings = settings or load_settings()
+    _configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        registry = Registry(settings)
+        app.state.registry = registry
+        metrics.set_build_info()
+        registry.start()
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(title="anomaly scoring service", version=__version__,
+                  description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.scoring_key_digests = key_digests(settings.api_keys)
+    app.state.admin_key_digests = key_digests(settings.admin_api_keys)
+    errors.install(app)
+    for r in (health.router, metrics_router.router, admin.router, models.router, v2.router):
+        app.include_router(r)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, router=app.router)  # outermost: sees 413s too
+    return app
+
+
+app = create_app()

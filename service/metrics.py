@@ -1,0 +1,326 @@
+"""Every Prometheus metric of the service, defined here and nowhere else.
+
+Conventions: prefix ``anomaly_``, base units (seconds), counters end in ``_total``, latency and
+size distributions are histograms (aggregatable across replicas, unlike summaries). Label values
+come from fixed sets only: route templates (``/v1/models/{name}/score``, never the raw path),
+model names and versions the registry has loaded, operating point names from the artifacts,
+status codes and the rejection reasons of :data:`service.errors.INPUT_ERROR_CODES`. A request
+naming an unknown model is counted under ``model="_other"``.
+
+Processes: the service runs **one worker per process** and scales by replicas, so this module
+uses plain in-process metrics (no ``PROMETHEUS_MULTIPROC_DIR``). Each replica is one scrape
+target; aggregate across replicas in PromQL (``sum by (model) (rate(...))``).
+
+ML monitoring (for the alert rules and dashboard of the monitoring issue):
+
+- ``anomaly_score`` is a histogram per model and version whose buckets are placed from that
+  version's calibration: quantiles of its normal reference scores, every operating point's
+  threshold (so "flagged" = ``_count`` minus the ``le=threshold`` bucket), and points above the
+  reference maximum where anomalies land.
+- ``anomaly_score_drift_ks`` / ``anomaly_score_drift_psi`` compare the last
+  ``ANOMALY_DRIFT_WINDOW`` live scores with the calibration reference scores (two-sample
+  Kolmogorov-Smirnov statistic in [0, 1]; population stability index over the reference
+  deciles, where > 0.2 is the usual "shifted" rule). ``anomaly_score_drift_window_images`` says
+  how many live scores the statistics are based on; the statistics appear once it is > 0.
+- ``anomaly_expected_anomaly_ratio`` is the operating point's ``expected_fpr`` (the fraction of
+  normal validation images it flags), to compare with
+  ``rate(anomaly_anomalies_total[..]) / rate(anomaly_images_scored_total[..])``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+# The *_created series double the exposition for little use (Prometheus ignores them).
+disable_created_metrics()
+
+#: The service's own registry (not the global one), so importing other libraries that register
+#: metrics cannot change what /metrics exports. Process CPU/memory come with it.
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+#: Latency buckets in seconds: fine below 20 ms, where the single-image target lies.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+                   0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+OTHER_MODEL = "_other"
+
+# -- HTTP (RED) ------------------------------------------------------------------------------
+REQUESTS = Counter(
+    "anomaly_requests", "HTTP requests by route template, method, model, status code and outcome "
+    "(success, client_error, server_error).",
+    ["route", "method", "model", "code", "outcome"], registry=REGISTRY)
+REQUEST_DURATION = Histogram(
+    "anomaly_request_duration_seconds", "HTTP request latency from the first byte received by "
+    "the app to the response, by route template, method and model.",
+    ["route", "method", "model"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+IN_FLIGHT = Gauge("anomaly_requests_in_flight", "HTTP requests being handled now.",
+                  registry=REGISTRY)
+INPUT_REJECTIONS = Counter(
+    "anomaly_input_rejections", "Requests rejected for their content (4xx), by model and reason "
+    "(the error code: invalid_shape, non_finite, out_of_range, invalid_base64, invalid_image, "
+    "empty_batch, batch_too_large, payload_too_large, invalid_json, unsupported_media_type, ...).",
+    ["model", "reason"], registry=REGISTRY)
+
+# -- Model execution ------------------------------------------------------------------------
+STAGE_DURATION = Histogram(
+    "anomaly_stage_duration_seconds", "Time per scoring request in each stage: decode (body to "
+    "validated pixels), queue (waiting for the model), predict (the model call the request's "
+    "images ran in), encode (building the response).",
+    ["model", "stage"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
+REQUEST_BATCH_SIZE = Histogram(
+    "anomaly_request_batch_size", "Images per scoring request.", ["model"],
+    buckets=BATCH_BUCKETS, registry=REGISTRY)
+INFERENCE_BATCH_SIZE = Histogram(
+    "anomaly_inference_batch_size", "Images per model call, after micro-batching concurrent "
+    "requests.", ["model"], buckets=BATCH_BUCKETS, registry=REGISTRY)
+
+# -- ML -----------------------------------------------------------------------------------------
+IMAGES_SCORED = Counter(
+    "anomaly_images_scored", "Images scored, by model, version and operating point.",
+    ["model", "version", "operating_point"], registry=REGISTRY)
+ANOMALIES = Counter(
+    "anomaly_anomalies", "Images flagged anomalous (score > threshold), by model, version and "
+    "operating point.", ["model", "version", "operating_point"], registry=REGISTRY)
+EXPECTED_ANOMALY_RATIO = Gauge(
+    "anomaly_expected_anomaly_ratio", "Fraction of normal validation images the operating point "
+    "flags (its expected false-positive rate): the anomaly ratio to expect on normal traffic.",
+    ["model", "version", "operating_point"], registry=REGISTRY)
+
+# -- Registry ---------------------------------------------------------------------------------
+MODEL_INFO = Gauge(
+    "anomaly_model_info", "1 for each loaded model version; default='true' marks the version "
+    "served when none is named.",
+    ["model", "version", "sha256", "model_type", "dataset", "default"], registry=REGISTRY)
+MODEL_READY = Gauge("anomaly_model_ready", "1 when the model has a loaded, warmed-up version.",
+                    ["model"], registry=REGISTRY)
+MODEL_REFUSED_VERSIONS = Gauge(
+    "anomaly_model_refused_versions", "Versions in the models directory refused at the last "
+    "reload (failed verification, loading or warm-up); the previous ones keep serving.",
+    ["model"], registry=REGISTRY)
+MODEL_LOAD_FAILURES = Counter(
+    "anomaly_model_load_failures", "Version loads refused (failed verification, loading or "
+    "warm-up).", ["model"], registry=REGISTRY)
+MODEL_RELOADS = Counter(
+    "anomaly_model_reloads", "Registry reloads by outcome: success, partial (some versions "
+    "refused), error (the directory could not be read; nothing changed).",
+    ["outcome"], registry=REGISTRY)
+MODEL_LAST_RELOAD = Gauge("anomaly_model_last_reload_timestamp_seconds",
+                          "Unix time of the last registry reload.", registry=REGISTRY)
+READY = Gauge("anomaly_ready", "1 when every model in the directory is loaded and warmed up "
+              "(what /readyz reports).", registry=REGISTRY)
+BUILD_INFO = Gauge("anomaly_build_info", "1, with the service and library versions as labels.",
+                   ["version", "tensorflow", "keras"], registry=REGISTRY)
+
+
+def score_buckets(reference: np.ndarray, thresholds: list[float]) -> np.ndarray:
+    """Histogram upper bounds for one model's scores, placed from its calibration.
+
+    Args:
+        reference: the normal reference scores (calibration), any order.
+        thresholds: every operating point's threshold, kept exactly.
+
+    Returns:
+        Strictly increasing finite bounds (``+Inf`` is added on export).
+    """
+    ref = np.sort(np.asarray(reference, dtype=np.float64))
+    qs = np.quantile(ref, [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99])
+    low, top, median = float(ref[0]), float(ref[-1]), float(np.median(ref))
+    spread = max(top - median, abs(top) * 1e-3, 1e-12)
+    above = [top + spread * k for k in (0.5, 1, 2, 4, 8, 16, 32)]
+    # A few below the lowest normal score too: unusually *easy* images are a shift as well.
+    below = [low - max(median - low, 1e-12) * k for k in (1, 0.5)]
+    rounded = [float(f"{v:.4g}") for v in [*below, low, *qs, top, *above]]
+    bounds = np.unique(np.array([*rounded, *map(float, thresholds)], dtype=np.float64))
+    return bounds[np.isfinite(bounds)]
+
+
+class _ScoreSeries:
+    """Histogram counts and the drift window of one model version."""
+
+    def __init__(self, reference: np.ndarray, thresholds: list[float], window: int):
+        self.reference = np.sort(np.asarray(reference, dtype=np.float64))
+        self.bounds = score_buckets(self.reference, thresholds)
+        self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)
+        self.sum = 0.0
+        self.window = np.empty(window, dtype=np.float64)
+        self.filled = 0
+        self.pos = 0
+        # PSI bins: the reference deciles, so each bin holds ~10% of the normal scores.
+        self.psi_edges = np.unique(np.quantile(self.reference, np.linspace(0.1, 0.9, 9)))
+        self.psi_expected = self._fractions(self.reference)
+
+    def _fractions(self, values: np.ndarray) -> np.ndarray:
+        idx = np.searchsorted(self.psi_edges, values, side="right")
+        return np.bincount(idx, minlength=len(self.psi_edges) + 1) / max(len(values), 1)
+
+    def observe(self, scores: np.ndarray) -> None:
+        # le buckets count score <= bound, matching "anomalous when score > threshold".
+        self.counts += np.bincount(np.searchsorted(self.bounds, scores, side="left"),
+                                   minlength=len(self.counts))
+        self.sum += float(np.sum(scores))
+        n = len(self.window)
+        tail = scores[-n:]
+        k = len(tail)
+        end = self.pos + k
+        if end <= n:
+            self.window[self.pos:end] = tail
+        else:
+            split = n - self.pos
+            self.window[self.pos:] = tail[:split]
+            self.window[: k - split] = tail[split:]
+        self.pos = end % n
+        self.filled = min(n, self.filled + k)
+
+    def drift(self) -> tuple[float, float]:
+        live = np.sort(self.window[: self.filled])
+        both = np.concatenate([live, self.reference])
+        f_live = np.searchsorted(live, both, side="right") / len(live)
+        f_ref = np.searchsorted(self.reference, both, side="right") / len(self.reference)
+        ks = float(np.max(np.abs(f_live - f_ref)))
+        eps = 1e-4
+        actual = np.clip(self._fractions(live), eps, None)
+        expected = np.clip(self.psi_expected, eps, None)
+        psi = float(np.sum((actual - expected) * np.log(actual / expected)))
+        return ks, psi
+
+
+class ScoreMonitor:
+    """Custom collector: per-model score histograms with calibrated buckets, and drift.
+
+    prometheus_client's ``Histogram`` shares one bucket layout across all label values, and
+    each model needs its own, so this collector keeps the counts itself.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], _ScoreSeries] = {}
+        self._owners: dict[tuple[str, str], int] = {}
+        self.window = 1000
+
+    def add(self, model: str, version: str, reference: np.ndarray, thresholds: list[float],
+            *, owner: object = None) -> None:
+        """Start (or restart) the series of a model version loaded as ``owner``."""
+        with self._lock:
+            self._series[(model, version)] = _ScoreSeries(reference, thresholds, self.window)
+            self._owners[(model, version)] = id(owner)
+
+    def has(self, model: str, version: str, owner: object = None) -> bool:
+        """Whether the series exists (for this loaded ``owner``, when given)."""
+        with self._lock:
+            key = (model, version)
+            return key in self._series and (owner is None or self._owners[key] == id(owner))
+
+    def remove(self, model: str, version: str) -> None:
+        with self._lock:
+            self._series.pop((model, version), None)
+            self._owners.pop((model, version), None)
+
+    def observe(self, model: str, version: str, scores: np.ndarray) -> None:
+        with self._lock:
+            series = self._series.get((model, version))
+            if series is not None and len(scores):
+                series.observe(np.asarray(scores, dtype=np.float64))
+
+    def describe(self):
+        return [HistogramMetricFamily("anomaly_score", "", labels=["model", "version"]),
+                GaugeMetricFamily("anomaly_score_drift_ks", "", labels=["model", "version"]),
+                GaugeMetricFamily("anomaly_score_drift_psi", "", labels=["model", "version"]),
+                GaugeMetricFamily("anomaly_score_drift_window_images", "",
+                                  labels=["model", "version"])]
+
+    def collect(self):
+        hist = HistogramMetricFamily(
+            "anomaly_score", "Anomaly scores (higher = more anomalous) by model and version; "
+            "buckets placed at the version's calibration quantiles and thresholds.",
+            labels=["model", "version"])
+        ks = GaugeMetricFamily(
+            "anomaly_score_drift_ks", "Kolmogorov-Smirnov statistic between the last "
+            "ANOMALY_DRIFT_WINDOW live scores and the calibration reference scores (0 = same "
+            "distribution, 1 = disjoint).", labels=["model", "version"])
+        psi = GaugeMetricFamily(
+            "anomaly_score_drift_psi", "Population stability index of the live score window "
+            "over the calibration reference deciles (> 0.2: shifted).",
+            labels=["model", "version"])
+        size = GaugeMetricFamily(
+            "anomaly_score_drift_window_images", "Live scores in the drift window.",
+            labels=["model", "version"])
+        with self._lock:
+            for (model, version), s in sorted(self._series.items()):
+                cumulative = np.cumsum(s.counts)
+                buckets = [(_le(b), float(c)) for b, c in zip(s.bounds, cumulative[:-1],
+                                                             strict=True)]
+                buckets.append(("+Inf", float(cumulative[-1])))
+                hist.add_metric([model, version], buckets, s.sum)
+                size.add_metric([model, version], float(s.filled))
+                if s.filled:
+                    d_ks, d_psi = s.drift()
+                    ks.add_metric([model, version], d_ks)
+                    psi.add_metric([model, version], d_psi)
+        yield from (hist, ks, psi, size)
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+SCORES = ScoreMonitor()
+REGISTRY.register(SCORES)
+
+
+def set_build_info() -> None:
+    """Export ``anomaly_build_info`` (called once the libraries are imported)."""
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    BUILD_INFO.clear()
+    BUILD_INFO.labels(version=version("anomaly"), tensorflow=version("tensorflow"),
+                      keras=version("keras")).set(1)
+
+
+def observe_scores(model: str, version: str, operating_point: str, scores: np.ndarray,
+                   flagged: int) -> None:
+    """Count one request's scored images and decisions, and feed the histogram and drift."""
+    n = len(scores)
+    IMAGES_SCORED.labels(model, version, operating_point).inc(n)
+    ANOMALIES.labels(model, version, operating_point).inc(flagged)
+    SCORES.observe(model, version, scores)
+
+
+def forget_version(model: str, version: str, *, owner: object = None) -> None:
+    """Drop the series of a version that ``owner`` no longer serves."""
+    if owner is not None and not SCORES.has(model, version, owner):
+        return  # another registry in this process (tests) serves it now
+    SCORES.remove(model, version)
+    labels = {"model": model, "version": version}
+    for metric in (IMAGES_SCORED, ANOMALIES):
+        remove = getattr(metric, "remove_by_labels", None)  # prometheus_client >= 0.22
+        if remove is not None:
+            remove(labels)
+
+
+def render(accept: str | None) -> tuple[bytes, str]:
+    """The exposition of :data:`REGISTRY` in the format the scraper asked for."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(REGISTRY), content_type

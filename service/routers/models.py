@@ -1,0 +1,183 @@
+"""v1 model information and scoring.
+
+``POST /v1/models/{name}/score`` takes either a JSON body (:class:`~service.schemas.ScoreRequest`)
+or a ``multipart/form-data`` upload of image files in fields named ``images`` (options as form
+fields). Options can also be given as query parameters; a value in the body wins.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service import inputs, metrics
+from service.deps import RegistryDep, ScoringAuth, SettingsDep
+from service.errors import ServiceError, describe_pydantic_error, expect, parse_json
+from service.schemas import (
+    ERROR_RESPONSES,
+    ImageFormat,
+    ModelInfo,
+    ModelList,
+    ScoreOptions,
+    ScoreRequest,
+    ScoreResponse,
+    VersionInfo,
+)
+from service.scoring import encode_v1, score_images
+
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ScoringAuth],
+                   responses=ERROR_RESPONSES)
+
+_OPTION_FIELDS = tuple(ScoreOptions.model_fields)
+_SCORE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {"schema": ScoreRequest.model_json_schema(
+            ref_template="#/components/schemas/{model}")},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["images"],
+            "properties": {
+                "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                           "description": "PNG/JPEG files (any size: converted to grayscale "
+                           "and resized to 28x28)"},
+                "operating_point": {"type": "string"},
+                "return_reconstruction": {"type": "boolean"},
+                "return_error_map": {"type": "boolean"},
+                "image_format": {"type": "string", "enum": ["array", "png", "both"]},
+            }}},
+    },
+}
+
+
+@router.get("", response_model=ModelList, summary="List models")
+async def list_models(registry: RegistryDep) -> dict:
+    """Every model in the directory: loaded versions (with data set, normal classes, model
+    type, operating points, evaluation metrics, artifact hash), available and refused ones."""
+    snap = registry.snapshot
+    return {"models": [e.describe() for _, e in sorted(snap.models.items())],
+            "problems": list(snap.problems)}
+
+
+@router.get("/{name}", response_model=ModelInfo, summary="Describe a model")
+async def get_model(name: str, registry: RegistryDep) -> dict:
+    """One model, as in the list."""
+    return registry.entry(name).describe()
+
+
+@router.get("/{name}/versions/{version}", response_model=VersionInfo,
+            summary="Describe a model version")
+async def get_version(name: str, version: str, registry: RegistryDep) -> dict:
+    """One loaded version of a model."""
+    entry = registry.entry(name)
+    return registry.get(name, version).describe(default=version == entry.default)
+
+
+Opt = Annotated[str | None, Query(description="Operating point, e.g. fpr@1%")]
+Flag = Annotated[bool | None, Query()]
+Fmt = Annotated[ImageFormat | None, Query()]
+
+
+@router.post("/{name}/score", response_model=ScoreResponse, summary="Score images",
+             openapi_extra={"requestBody": _SCORE_BODY})
+async def score(name: str, request: Request, registry: RegistryDep, settings: SettingsDep,
+                operating_point: Opt = None, return_reconstruction: Flag = None,
+                return_error_map: Flag = None, image_format: Fmt = None) -> Response:
+    """Score images with the model's default version (newest, or pinned)."""
+    query = {"operating_point": operating_point, "return_reconstruction": return_reconstruction,
+             "return_error_map": return_error_map, "image_format": image_format}
+    return await _score(request, registry.get(name), settings, query)
+
+
+@router.post("/{name}/versions/{version}/score", response_model=ScoreResponse,
+             summary="Score images with a version", openapi_extra={"requestBody": _SCORE_BODY})
+async def score_version(name: str, version: str, request: Request, registry: RegistryDep,
+                        settings: SettingsDep, operating_point: Opt = None,
+                        return_reconstruction: Flag = None, return_error_map: Flag = None,
+                        image_format: Fmt = None) -> Response:
+    """Score images with a named loaded version."""
+    query = {"operating_point": operating_point, "return_reconstruction": return_reconstruction,
+             "return_error_map": return_error_map, "image_format": image_format}
+    return await _score(request, registry.get(name, version), settings, query)
+
+
+async def _score(request: Request, model, settings, query: dict) -> Response:
+    start = time.perf_counter()
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "application/json" or media_type.endswith("+json"):
+        x, options = _parse_json(await request.body(), settings, query)
+    elif media_type == "multipart/form-data":
+        x, options = await _parse_form(request, settings, query)
+    else:
+        raise expect("Content-Type application/json or multipart/form-data",
+                     repr(media_type) if media_type else "no Content-Type",
+                     code="unsupported_media_type", status_code=415)
+    decoded = time.perf_counter()
+    full = options.return_reconstruction or options.return_error_map
+    scored = await score_images(model, x, options.operating_point, full=full,
+                                decode_s=decoded - start)
+    encode_start = time.perf_counter()
+    body = encode_v1(scored, reconstruction=options.return_reconstruction,
+                     error_map=options.return_error_map, image_format=options.image_format)
+    metrics.STAGE_DURATION.labels(model.name, "encode").observe(
+        time.perf_counter() - encode_start)
+    return Response(body, media_type="application/json")
+
+
+def _options(query: dict, given: dict) -> ScoreOptions:
+    merged = {k: v for k, v in query.items() if v is not None}
+    merged.update(given)
+    try:
+        return ScoreOptions.model_validate(merged)
+    except ValidationError as exc:
+        raise ServiceError(422, "validation_error",
+                           describe_pydantic_error(exc.errors()[0])) from None
+
+
+def _parse_json(body: bytes, settings, query: dict):
+    obj = parse_json(body)
+    if not isinstance(obj, dict):
+        raise expect('a JSON object like {"images": [...]}', f"a JSON {type(obj).__name__}",
+                     code="validation_error")
+    try:
+        req = ScoreRequest.model_validate(obj)
+    except ValidationError as exc:
+        raise ServiceError(422, "validation_error",
+                           describe_pydantic_error(exc.errors()[0])) from None
+    options = _options(query, {k: getattr(req, k) for k in req.model_fields_set
+                               if k in _OPTION_FIELDS})
+    x = inputs.decode_json_images(req.images, max_images=settings.max_batch_images,
+                                  max_pixels=settings.max_image_pixels)
+    return x, options
+
+
+async def _parse_form(request: Request, settings, query: dict):
+    try:
+        form = await request.form(max_files=settings.max_batch_images * 4, max_fields=32)
+    except Exception as exc:  # malformed multipart of any kind is the client's
+        detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        raise expect("a valid multipart/form-data body", detail, code="invalid_multipart",
+                     status_code=400) from None
+    try:
+        files: list[tuple[str, bytes]] = []
+        fields: dict[str, str] = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key != "images":
+                    raise expect("image files in fields named 'images'",
+                                 f"a file in the field {key!r}", code="validation_error")
+                files.append((value.filename or "upload", await value.read()))
+            elif key in _OPTION_FIELDS:
+                fields[key] = value
+            else:
+                raise expect(f"form fields 'images' (files) and {list(_OPTION_FIELDS)}",
+                             f"the field {key!r}", code="validation_error")
+    finally:
+        await form.close()
+    options = _options(query, fields)
+    x = inputs.decode_files(files, max_images=settings.max_batch_images,
+                            max_pixels=settings.max_image_pixels)
+    return x, options

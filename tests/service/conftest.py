@@ -1,0 +1,186 @@
+"""Fixtures of the service tests: one tiny artifact per session, apps, a real server process.
+
+The artifact is a dense autoencoder (32 hidden units, 4 latent) fitted for one epoch on 200
+synthetic blob images: seconds on 2 CPU cores, and enough to exercise every route. Tests that
+change a models directory get their own copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+METADATA = {"dataset": "blobs", "normal_classes": [0], "class_names": ["blob"]}
+
+
+def blobs(n: int, seed: int = 0) -> np.ndarray:
+    """Normal images: one soft Gaussian blob near the centre, float32 ``(n, 28, 28)``."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28].astype(np.float32)
+    cy, cx = 13.5 + rng.uniform(-3, 3, (2, n))
+    s = rng.uniform(2.5, 4.0, n)
+    d2 = (yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2
+    return np.exp(-d2 / (2 * s[:, None, None] ** 2)).astype(np.float32)
+
+
+def bars(n: int, seed: int = 1) -> np.ndarray:
+    """Anomalies: a bright bar across the image, float32 ``(n, 28, 28)``."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((n, 28, 28), np.float32)
+    for i in range(n):
+        pos = rng.integers(4, 22)
+        img[i, pos : pos + 3, 2:26] = 1.0
+    return img
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """The session's tiny fitted Detector (read-only)."""
+    from anomaly.detector import Detector
+
+    det = Detector("dense-ae", epochs=1, batch_size=32, hidden=[32], latent_dim=4,
+                   target_fprs=(0.01, 0.1))
+    return det.fit(blobs(200))
+
+
+def save_version(detector, root: Path, name: str, version: str) -> Path:
+    """Write ``detector`` as the artifact ``root/name/version``."""
+    return detector.save(root / name / version,
+                         metadata={**METADATA, "name": name, "version": version})
+
+
+@pytest.fixture(scope="session")
+def models_root(detector, tmp_path_factory) -> Path:
+    """A models directory with ``blobs/v1`` and ``blobs/v2`` (read-only)."""
+    root = tmp_path_factory.mktemp("models")
+    save_version(detector, root, "blobs", "v1")
+    save_version(detector, root, "blobs", "v2")
+    return root
+
+
+@pytest.fixture
+def models_copy(models_root, tmp_path) -> Path:
+    """A private copy of the session models directory that a test may change."""
+    dest = tmp_path / "models"
+    shutil.copytree(models_root, dest)
+    return dest
+
+
+def wait_ready(client, timeout: float = 60.0) -> None:
+    """Poll /readyz until 200 (models load in the background after start-up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not ready after {timeout}s: {client.get('/readyz').text}")
+
+
+@contextlib.contextmanager
+def running_app(models_dir: Path, *, ready: bool = True, **settings):
+    """A TestClient of a fresh app on ``models_dir`` (lifespan run), optionally ready."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(models_dir=models_dir, **settings))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        if ready:
+            wait_ready(client)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(models_root) -> Iterator:
+    """A ready TestClient on the session models directory (shared by a test module)."""
+    with running_app(models_root, max_batch_images=8, max_body_bytes=256 * 1024,
+                     max_image_pixels=256 * 256) as c:
+        yield c
+
+
+@pytest.fixture
+def app_factory() -> Callable:
+    """``app_factory(models_dir, **settings)``: a context manager of a fresh TestClient."""
+    return running_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real ``anomaly serve`` process on 127.0.0.1."""
+
+    def __init__(self, models_dir: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = models_dir.parent / f"server-{self.port}.log"
+        environ = {**os.environ, "ANOMALY_LOG_LEVEL": "warning", "ANOMALY_ACCESS_LOG": "false",
+                   "PYTHONPATH": str(REPO), **env}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "anomaly.cli", "serve", "--models", str(models_dir),
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environ)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> int:
+        """SIGTERM (graceful shutdown), then the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(detector, tmp_path_factory) -> Iterator[Server]:
+    """A real server process on its own models directory: ``blobs/v1`` and ``hot/v1``.
+
+    Only the hot-reload test changes ``hot``; the others use ``blobs``.
+    """
+    root = tmp_path_factory.mktemp("served") / "models"
+    save_version(detector, root, "blobs", "v1")
+    save_version(detector, root, "hot", "v1")
+    srv = Server(root)
+    srv.root = root
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        rc = srv.stop()
+        # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean exit too.
+        assert rc in (0, -signal.SIGTERM), f"server exit status {rc}:\n{srv.output()}"
+        assert "Traceback" not in srv.output(), srv.output()
