@@ -6,6 +6,7 @@ Layout (``FORMAT_VERSION`` 1)::
     detector.json      format version, hyper-parameters, score definition
     calibration.json   operating points and the normal reference scores
     metadata.json      name, version, creation time, data set, normal classes, library versions
+    latent_memory.npy  normal training codes, for the mse+knn score only
     config.yaml        the resolved configuration of the run that made it (when given)
     metrics.json       test-set evaluation (when evaluated)
     per_class.csv      per-class detection table (when evaluated)
@@ -110,9 +111,14 @@ def save_detector(detector, path: str | Path, *, metadata: dict | None = None,
     }
     with atomic_dir(path, replace=overwrite) as tmp:
         detector.model_.save(tmp / "model.keras")
+        knn = getattr(detector, "knn_", None)
         _json(tmp / "detector.json", {"format_version": FORMAT_VERSION,
                                       "hyperparameters": detector.get_params(),
-                                      "code_dim": int(detector.model_.code_dim)})
+                                      "code_dim": int(detector.model_.code_dim),
+                                      "knn": None if knn is None else {"k": knn.k,
+                                                                       "stats": knn.stats}})
+        if knn is not None:
+            np.save(tmp / "latent_memory.npy", knn.memory)
         _json(tmp / "calibration.json", detector.calibration_.to_dict())
         _json(tmp / "metadata.json", meta)
         if config_yaml is not None:
@@ -215,6 +221,7 @@ def load_detector(path: str | Path, *, verify: bool = True):
 
     from anomaly.detector import Detector
     from anomaly.models.autoencoder import Autoencoder
+    from anomaly.scoring import LatentKNN
 
     path = Path(path)
     info = read_info(path, verify_files=verify)
@@ -226,6 +233,10 @@ def load_detector(path: str | Path, *, verify: bool = True):
         det.calibration_ = Calibration.from_dict(
             json.loads((path / "calibration.json").read_text()))
         model = keras.models.load_model(path / "model.keras", safe_mode=True, compile=False)
+        det.knn_ = None
+        if spec.get("knn"):
+            memory = np.load(path / "latent_memory.npy", allow_pickle=False)
+            det.knn_ = LatentKNN(memory, k=int(spec["knn"]["k"]), stats=spec["knn"]["stats"])
     except (KeyError, TypeError, ValueError, OSError) as exc:
         raise expected("a loadable artifact", f"{exc.__class__.__name__}: {exc} in {path}",
                        cls=ArtifactError) from None

@@ -107,6 +107,9 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--aggregation", help="mean, sum, max or top10 (per-pixel errors)")
     g.add_argument("--mc-samples", type=_nonneg_int,
                    help="Monte Carlo samples for the VAE score (0 = posterior mean)")
+    g.add_argument("--knn-k", type=_positive_int, help="neighbours of the mse+knn score")
+    g.add_argument("--knn-memory", type=_positive_int, metavar="N",
+                   help="normal training codes kept for mse+knn (default 10000)")
     g.add_argument("--target-fpr", dest="target_fprs", type=_fpr_list,
                    help="FPR targets of the fpr@P%% points, e.g. 1%%,5%%")
     g.add_argument("--default-operating-point", help="e.g. fpr@1%% (default) or f1-max")
@@ -121,7 +124,7 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
 
 _FIT_KEYS = ("dataset", "normal_classes", "test_data", "calibration_anomalies", "val_fraction",
              "train_limit", "test_limit", "cache_dir", "model", "latent_dim", "hidden", "beta",
-             "recon_loss", "denoise", "score", "aggregation", "mc_samples", "target_fprs",
+             "recon_loss", "denoise", "score", "aggregation", "mc_samples", "knn_k", "knn_memory", "target_fprs",
              "default_operating_point", "epochs", "batch_size", "learning_rate", "patience",
              "seed")
 

@@ -18,8 +18,9 @@ from anomaly.errors import ConfigError, expected
 
 #: The keys of RunConfig that are Detector hyper-parameters (Detector.__init__'s arguments).
 DETECTOR_KEYS = ("model", "latent_dim", "hidden", "beta", "recon_loss", "denoise", "score",
-                 "aggregation", "mc_samples", "target_fprs", "default_operating_point", "epochs",
-                 "batch_size", "learning_rate", "patience", "seed")
+                 "aggregation", "mc_samples", "knn_k", "knn_memory", "target_fprs",
+                 "default_operating_point", "epochs", "batch_size", "learning_rate", "patience",
+                 "seed")
 
 
 @dataclass
@@ -46,6 +47,8 @@ class RunConfig:
     score: str | None = None
     aggregation: str = "mean"
     mc_samples: int = 0
+    knn_k: int = 5
+    knn_memory: int = 10000
     target_fprs: list = field(default_factory=lambda: [0.01])
     default_operating_point: str | None = None
     epochs: int = 30

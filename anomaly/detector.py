@@ -20,7 +20,7 @@ from anomaly.calibration import Calibration, calibrate, fpr_name
 from anomaly.data.images import to_unit_float
 from anomaly.errors import ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder, get_spec
-from anomaly.scoring import Scorer, check_score_settings
+from anomaly.scoring import LatentKNN, Scorer, check_score_settings
 
 
 @dataclass
@@ -52,9 +52,12 @@ class Detector:
             ``affine-vae``).
         latent_dim, hidden, beta, recon_loss, denoise: network and loss, see
             :class:`~anomaly.models.Autoencoder`.
-        score: ``mse``, ``bce`` or ``elbo`` (VAEs); ``None`` for the model's default.
+        score: ``mse``, ``bce``, ``elbo`` (VAEs) or ``mse+knn``; ``None`` for the model's
+            default (see :mod:`anomaly.scoring`).
         aggregation: per-pixel error aggregation for ``mse``/``bce``.
         mc_samples: 0 = deterministic score at the posterior mean; > 0 = Monte Carlo.
+        knn_k: neighbours of the ``mse+knn`` score.
+        knn_memory: at most this many normal training codes kept for ``mse+knn``.
         target_fprs: false-positive rates of the ``fpr@P%`` operating points.
         default_operating_point: name of the default operating point (``fpr@1%`` if ``None``).
         epochs, batch_size, learning_rate, patience, seed: training.
@@ -65,7 +68,8 @@ class Detector:
     def __init__(self, model: str = "conv-ae", *, latent_dim: int | None = None,
                  hidden: list[int] | None = None, beta: float = 1.0, recon_loss: str = "bce",
                  denoise: float = 0.0, score: str | None = None, aggregation: str = "mean",
-                 mc_samples: int = 0, target_fprs: tuple[float, ...] = (0.01,),
+                 mc_samples: int = 0, knn_k: int = 5, knn_memory: int = 10000,
+                 target_fprs: tuple[float, ...] = (0.01,),
                  default_operating_point: str | None = None, epochs: int = 30,
                  batch_size: int = 128, learning_rate: float = 1e-3, patience: int = 5,
                  seed: int = 0):
@@ -78,6 +82,8 @@ class Detector:
         self.score_name = score
         self.aggregation = aggregation
         self.mc_samples = mc_samples
+        self.knn_k = knn_k
+        self.knn_memory = knn_memory
         self.target_fprs = tuple(target_fprs)
         self.default_operating_point = default_operating_point
         self.epochs = epochs
@@ -95,6 +101,7 @@ class Detector:
             "hidden": list(self.hidden) if self.hidden else None, "beta": self.beta,
             "recon_loss": self.recon_loss, "denoise": self.denoise, "score": self.resolved_score,
             "aggregation": self.aggregation, "mc_samples": self.mc_samples,
+            "knn_k": self.knn_k, "knn_memory": self.knn_memory,
             "target_fprs": list(self.target_fprs),
             "default_operating_point": self.default_operating_point, "epochs": self.epochs,
             "batch_size": self.batch_size, "learning_rate": self.learning_rate,
@@ -108,7 +115,8 @@ class Detector:
     def check_params(self) -> None:
         """Raise ConfigError for a hyper-parameter that is out of range or of the wrong type."""
         get_spec(self.model)
-        for name, lo in (("epochs", 1), ("batch_size", 1), ("patience", 0)):
+        for name, lo in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("knn_k", 1),
+                         ("knn_memory", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise expected(f"{name} as an integer >= {lo}", repr(v), cls=ConfigError)
@@ -162,8 +170,21 @@ class Detector:
                               backup_dir=backup_dir, verbose=verbose, callbacks=list(callbacks))
         self.model_ = model
         self._scorer = None
+        self.knn_ = None
+        if self.resolved_score == "mse+knn":
+            self.knn_ = self._fit_knn(x, x_val)
         self.calibrate(x_val, calibration_anomalies)
         return self
+
+    def _fit_knn(self, x: np.ndarray, x_val: np.ndarray) -> LatentKNN:
+        """Keep normal training codes and standardize both score parts on ``x_val``."""
+        if len(x) > self.knn_memory:
+            x = x[np.sort(np.random.default_rng(self.seed).permutation(len(x))[: self.knn_memory])]
+        knn = LatentKNN(self.encode(x).astype(np.float32), k=self.knn_k)
+        parts = Scorer(self.model_, "mse+knn", self.aggregation, knn=knn).knn_components(x_val)
+        mean, std = parts.mean(axis=0), np.maximum(parts.std(axis=0), 1e-6)
+        knn.stats = [float(mean[0]), float(std[0]), float(mean[1]), float(std[1])]
+        return knn
 
     def calibrate(self, x_normal: np.ndarray, x_anomalies: np.ndarray | None = None) -> Detector:
         """(Re)calibrate thresholds on normal images ``(n, 28, 28)`` and optional anomalies."""
@@ -186,7 +207,7 @@ class Detector:
         self._check_fitted()
         if getattr(self, "_scorer", None) is None:
             self._scorer = Scorer(self.model_, self.resolved_score, self.aggregation,
-                                  self.mc_samples)
+                                  self.mc_samples, knn=getattr(self, "knn_", None))
         return self._scorer
 
     def score(self, images) -> np.ndarray:

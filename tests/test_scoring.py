@@ -11,8 +11,22 @@ from anomaly.scoring import AGGREGATIONS, Scorer
 
 
 def _bce(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Binary KL per pixel: cross-entropy minus the pixel's own entropy (0 when p == x)."""
     p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-    return -(x * np.log(p) + (1 - x) * np.log(1 - p))
+    xc = np.clip(x.astype(np.float64), 1e-7, 1 - 1e-7)
+    cross = -(x * np.log(p) + (1 - x) * np.log(1 - p))
+    entropy = -(xc * np.log(xc) + (1 - xc) * np.log(1 - xc))
+    return np.maximum(cross - entropy, 0.0)
+
+
+def test_bce_is_zero_for_a_perfect_reconstruction():
+    from anomaly.scoring import _bernoulli_kl
+
+    x = np.random.default_rng(0).random((3, 28, 28)).astype(np.float32)
+    logits = np.log(x / (1 - x))
+    err = np.asarray(_bernoulli_kl(x, logits))
+    assert err.max() < 1e-4
+    assert np.asarray(_bernoulli_kl(x, logits + 1.0)).min() > 0
 
 
 def _aggregate(err: np.ndarray, how: str) -> np.ndarray:
@@ -91,7 +105,7 @@ def test_higher_score_means_more_anomalous(dense_detector, normal_test_images, a
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"score": "l1"}, r"Expected a score in \('mse', 'bce', 'elbo'\). Received: 'l1'"),
+    ({"score": "l1"}, r"Expected a score in \('mse', 'bce', 'elbo', 'mse\+knn'\). Received: 'l1'"),
     ({"score": "elbo"}, "a variational model .* for the 'elbo' score. Received: dense-ae"),
     ({"aggregation": "median"}, "Expected an aggregation in"),
     ({"mc_samples": -1}, "mc_samples as an integer >= 0"),
@@ -100,3 +114,40 @@ def test_higher_score_means_more_anomalous(dense_detector, normal_test_images, a
 def test_bad_score_settings(dense_detector, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         Scorer(dense_detector.model_, **kwargs)
+
+
+def test_mse_knn_is_standardized_sum_of_log_parts(normal_images, normal_test_images,
+                                                   anomaly_images):
+    """mse+knn = z(log mse) + z(log kNN distance), both standardized on normal validation."""
+    from anomaly import Detector
+
+    det = Detector("dense-ae", hidden=[32], latent_dim=4, epochs=2, batch_size=32,
+                   score="mse+knn", knn_k=3, seed=0)
+    det.fit(normal_images[:160], normal_images[160:220])
+    knn = det.knn_
+    assert knn.memory.shape == (160, 4) and knn.k == 3 and len(knn.stats) == 4
+    x = np.concatenate([normal_test_images[:30], anomaly_images[:30]])
+    z = det.encode(x).astype(np.float64)
+    d2 = ((z[:, None, :] - knn.memory[None].astype(np.float64)) ** 2).sum(-1)
+    knn_d = np.sort(d2, axis=1)[:, :3].mean(1)
+    mse = ((x - det.reconstruct(x)) ** 2).reshape(len(x), -1).mean(1)
+    m1, s1, m2, s2 = knn.stats
+    want = (np.log(mse + 1e-12) - m1) / s1 + (np.log(knn_d + 1e-12) - m2) / s2
+    np.testing.assert_allclose(det.score(x), want, rtol=1e-3, atol=1e-3)
+    # Standardized on normal validation images: their scores centre near 0.
+    val = det.score(normal_images[160:220])
+    assert abs(val.mean()) < 0.5
+    assert det.score(anomaly_images).mean() > det.score(normal_test_images).mean()
+
+
+def test_mse_knn_survives_save_and_load(tmp_path, normal_images, normal_test_images):
+    from anomaly import Detector
+
+    det = Detector("dense-ae", hidden=[32], latent_dim=4, epochs=1, batch_size=32,
+                   score="mse+knn", knn_memory=50, seed=0).fit(normal_images[:160],
+                                                                 normal_images[160:220])
+    assert det.knn_.memory.shape == (50, 4)
+    path = det.save(tmp_path / "m" / "1")
+    assert (path / "latent_memory.npy").is_file()
+    loaded = Detector.load(path)
+    np.testing.assert_array_equal(loaded.score(normal_test_images), det.score(normal_test_images))
