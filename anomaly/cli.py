@@ -119,14 +119,18 @@ def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--learning-rate", type=_float)
     g.add_argument("--patience", type=_nonneg_int, help="early-stopping patience in epochs")
     g.add_argument("--seed", type=_nonneg_int)
+    g.add_argument("--distribute", help="tf.distribute strategy: auto (default: multi-worker "
+                   "from TF_CONFIG, mirrored on several GPUs, else none), none, mirrored, "
+                   "multi-worker")
     p.add_argument("--config", help="YAML file of the same keys; flags override it")
 
 
 _FIT_KEYS = ("dataset", "normal_classes", "test_data", "calibration_anomalies", "val_fraction",
              "train_limit", "test_limit", "cache_dir", "model", "latent_dim", "hidden", "beta",
-             "recon_loss", "denoise", "score", "aggregation", "mc_samples", "knn_k", "knn_memory", "target_fprs",
+             "recon_loss", "denoise", "score", "aggregation", "mc_samples", "knn_k",
+             "knn_memory", "target_fprs",
              "default_operating_point", "epochs", "batch_size", "learning_rate", "patience",
-             "seed")
+             "seed", "distribute")
 
 
 def _resolve_config(args: argparse.Namespace, extra: dict | None = None):
@@ -144,7 +148,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = run_fit(cfg, verbose=0 if args.quiet else 1)
     from anomaly.evaluation import format_report
 
-    print(f"Artifact: {result.path}")
+    print(f"Artifact: {result.path}" if result.path else
+          "Artifact: none (a non-chief worker of a multi-worker fit; the chief writes it)")
     t = result.timings
     print(f"Time: {t['total_s']:.1f} s (data {t['data_s']:.1f}, fit {t['fit_s']:.1f}, "
           f"evaluate {t.get('evaluate_s', 0):.1f}, save {t['save_s']:.1f}); "

@@ -36,6 +36,7 @@ class RunConfig:
     test_limit: int | None = None
     cache_dir: str | None = None
     output: str = "models"
+    distribute: str = "auto"
     name: str | None = None
     # Detector hyper-parameters (DETECTOR_KEYS).
     model: str = "conv-ae"

@@ -136,7 +136,8 @@ class Detector:
 
     def fit(self, x: np.ndarray, x_val: np.ndarray | None = None, *,
             calibration_anomalies: np.ndarray | None = None, val_fraction: float = 0.1,
-            backup_dir: str | Path | None = None, verbose: int = 0, callbacks=()) -> Detector:
+            backup_dir: str | Path | None = None, verbose: int = 0, callbacks=(),
+            distribute: str = "auto") -> Detector:
         """Train on normal images and calibrate the thresholds.
 
         Args:
@@ -146,11 +147,13 @@ class Detector:
             calibration_anomalies: labelled anomalies ``(n_cal, 28, 28)`` that add the
                 ``f1-max`` and ``youden`` operating points. Never test data.
             backup_dir: per-epoch state for resuming an interrupted fit.
+            distribute: ``auto``, ``none``, ``mirrored`` or ``multi-worker``; see
+                :func:`anomaly.training.choose_strategy`.
 
         Returns:
             self
         """
-        from anomaly.training import set_seed, train
+        from anomaly.training import choose_strategy, make_strategy, set_seed, train
 
         self.check_params()
         x = to_unit_float(x, what="training images")
@@ -161,13 +164,16 @@ class Detector:
             x, x_val = x[idx[n_val:]], x[idx[:n_val]]
         else:
             x_val = to_unit_float(x_val, what="validation images")
+        self.strategy_ = choose_strategy(distribute)
+        strategy = make_strategy(self.strategy_)
         set_seed(self.seed)
-        model = self._build()
-        scorer_check = (self.resolved_score, self.aggregation, self.mc_samples)
-        check_score_settings(model, *scorer_check)
-        self.history_ = train(model, x, x_val, epochs=self.epochs, batch_size=self.batch_size,
-                              learning_rate=self.learning_rate, patience=self.patience,
-                              backup_dir=backup_dir, verbose=verbose, callbacks=list(callbacks))
+        with strategy.scope():
+            model = self._build()
+            check_score_settings(model, self.resolved_score, self.aggregation, self.mc_samples)
+            self.history_ = train(model, x, x_val, epochs=self.epochs,
+                                  batch_size=self.batch_size, learning_rate=self.learning_rate,
+                                  patience=self.patience, backup_dir=backup_dir,
+                                  verbose=verbose, callbacks=list(callbacks))
         self.model_ = model
         self._scorer = None
         self.knn_ = None

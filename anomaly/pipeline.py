@@ -147,7 +147,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         log(f"Resuming from the state in {backup_dir}")
     t = time.perf_counter()
     detector.fit(split.x_train, split.x_val, calibration_anomalies=split.x_cal_anomalies,
-                 backup_dir=backup_dir, verbose=verbose)
+                 backup_dir=backup_dir, verbose=verbose, distribute=cfg.distribute)
     timings["fit_s"] = time.perf_counter() - t
     ev = None
     if split.x_test is not None:
@@ -155,6 +155,11 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         ev = evaluate(detector.score(split.x_test), split.y_test, detector.calibration_,
                       split.test_classes, data.class_names)
         timings["evaluate_s"] = time.perf_counter() - t
+    from anomaly.training import is_chief
+
+    if not is_chief():
+        log("Not the chief worker of the TF_CONFIG cluster: the chief writes the artifact.")
+        return FitResult(None, detector, ev, timings)
     version = new_version()
     path = root / name / version
     n = 1
@@ -172,6 +177,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         "n_train": len(split.x_train),
         "n_val": len(split.x_val),
         "epochs_run": epochs_run(detector.history_),
+        "distribute": detector.strategy_,
     }
     detector.save(path, metadata=metadata, metrics=ev.metrics if ev else None,
                   per_class=ev.per_class if ev else None, config_yaml=cfg.to_yaml())

@@ -1,13 +1,16 @@
 """Training glue: seeding, the optimizer, early stopping and resumable ``fit``.
 
 The network and its loss live in :mod:`anomaly.models`; this module only runs Keras ``fit`` on
-normal images with early stopping on the normal validation loss. A run given a ``backup_dir``
+normal images with early stopping on the normal validation loss, under a ``tf.distribute``
+strategy: one device by default, ``MirroredStrategy`` over the GPUs of one machine, or
+``MultiWorkerMirroredStrategy`` across machines described by ``TF_CONFIG``. A run given a ``backup_dir``
 saves its state at the end of every epoch (``keras.callbacks.BackupAndRestore``): a run killed
 part-way and started again with the same ``backup_dir`` resumes from its last finished epoch.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from anomaly.errors import ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder
 
 
@@ -26,11 +30,59 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy over several local GPUs, else the default (one device) strategy."""
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
+STRATEGIES = ("auto", "none", "mirrored", "multi-worker")
+
+
+def choose_strategy(requested: str = "auto", *, env: dict | None = None,
+                    n_gpus: int | None = None) -> str:
+    """Which ``tf.distribute`` strategy a fit uses.
+
+    ``auto``: ``multi-worker`` when ``TF_CONFIG`` names a cluster of more than one task,
+    ``mirrored`` with more than one local GPU, else ``none`` (the default one-device strategy).
+    """
+    if requested not in STRATEGIES:
+        raise expected(f"a strategy in {STRATEGIES}", repr(requested), cls=ConfigError)
+    if requested != "auto":
+        return requested
+    env = os.environ if env is None else env
+    raw = env.get("TF_CONFIG")
+    if raw:
+        try:
+            cluster = json.loads(raw).get("cluster", {})
+        except (json.JSONDecodeError, AttributeError):
+            raise expected("TF_CONFIG as JSON with a 'cluster' and a 'task'", raw[:80],
+                           cls=ConfigError) from None
+        if sum(len(v) for v in cluster.values() if isinstance(v, list)) > 1:
+            return "multi-worker"
+    if n_gpus is None:
+        n_gpus = len(tf.config.list_logical_devices("GPU"))
+    return "mirrored" if n_gpus > 1 else "none"
+
+
+def is_chief(env: dict | None = None) -> bool:
+    """True unless ``TF_CONFIG`` makes this process a non-chief worker of a cluster.
+
+    The chief is the ``chief`` task, or worker 0 when the cluster has no ``chief``; only it
+    writes the artifact, as ``MultiWorkerMirroredStrategy`` expects.
+    """
+    env = os.environ if env is None else env
+    try:
+        tf_config = json.loads(env.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError:
+        return True
+    task = tf_config.get("task") or {}
+    kind, index = task.get("type"), int(task.get("index", 0))
+    if kind in (None, "chief"):
+        return True
+    return kind == "worker" and index == 0 and "chief" not in tf_config.get("cluster", {})
+
+
+def make_strategy(kind: str, devices: list[str] | None = None) -> tf.distribute.Strategy:
+    """The strategy object for a :func:`choose_strategy` result."""
+    if kind == "multi-worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=devices)
     return tf.distribute.get_strategy()
 
 
