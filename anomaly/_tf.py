@@ -23,6 +23,8 @@ def import_quietly() -> None:
         import tensorflow as tf
 
         tf.config.list_logical_devices()
+        # Retracing notices are expected: each Scorer compiles its own graph once.
+        tf.get_logger().setLevel("ERROR")
     finally:
         os.dup2(saved, 2)
         os.close(saved)

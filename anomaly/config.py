@@ -39,18 +39,19 @@ class RunConfig:
     distribute: str = "auto"
     name: str | None = None
     # Detector hyper-parameters (DETECTOR_KEYS).
-    model: str = "conv-ae"
+    # The defaults are the recommended detector (configs/mnist.yaml; README "Benchmarks").
+    model: str = "conv-vae"
     latent_dim: int | None = None
     hidden: list | None = None
     beta: float = 1.0
     recon_loss: str = "bce"
     denoise: float = 0.0
-    score: str | None = None
-    aggregation: str = "mean"
+    score: str | None = "mse+knn"
+    aggregation: str = "top10"
     mc_samples: int = 0
     knn_k: int = 5
     knn_memory: int = 10000
-    target_fprs: list = field(default_factory=lambda: [0.01])
+    target_fprs: list = field(default_factory=lambda: [0.01, 0.05])
     default_operating_point: str | None = None
     epochs: int = 30
     batch_size: int = 128

@@ -65,7 +65,7 @@ class Detector:
     Fitted attributes: ``model_`` (the Keras model), ``calibration_``, ``history_``.
     """
 
-    def __init__(self, model: str = "conv-ae", *, latent_dim: int | None = None,
+    def __init__(self, model: str = "conv-vae", *, latent_dim: int | None = None,
                  hidden: list[int] | None = None, beta: float = 1.0, recon_loss: str = "bce",
                  denoise: float = 0.0, score: str | None = None, aggregation: str = "mean",
                  mc_samples: int = 0, knn_k: int = 5, knn_memory: int = 10000,

@@ -212,7 +212,8 @@ def test_fit_and_evaluate_user_data(capsys, tmp_path):
     y = np.r_[np.zeros(200, int), np.ones(50, int)]
     np.savez(tmp_path / "shapes.npz", x=x, y=y)
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text("model: dense-ae\nhidden: [16]\nlatent_dim: 2\nepochs: 3\nbatch_size: 32\n")
+    cfg.write_text("model: dense-ae\nhidden: [16]\nlatent_dim: 2\nepochs: 3\nbatch_size: 32\n"
+                   "score: mse\naggregation: mean\ntarget_fprs: [0.01]\n")
     rc, out, err = run(capsys, "fit", "--dataset", tmp_path / "shapes.npz", "--normal-class", "0",
                        "--config", cfg, "--epochs", "1", "--output", tmp_path / "models",
                        "--name", "shapes", "--calibration-anomalies", "10")

@@ -19,7 +19,9 @@ def _write(tmp_path, text: str, name: str = "run.yaml"):
 def test_defaults_without_file_or_flags():
     cfg = resolve()
     assert cfg == RunConfig()
-    assert cfg.model == "conv-ae" and cfg.normal_classes == [0] and cfg.target_fprs == [0.01]
+    assert cfg.model == "conv-vae" and cfg.normal_classes == [0]
+    assert cfg.score == "mse+knn" and cfg.aggregation == "top10"
+    assert cfg.target_fprs == [0.01, 0.05]
 
 
 def test_yaml_values_are_loaded_with_dashes_or_underscores(tmp_path):

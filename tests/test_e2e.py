@@ -34,7 +34,7 @@ def fit_run(mnist, tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifact(fit_run):
     _, out = fit_run
-    versions = list((out / "mnist-0-conv-ae").iterdir())
+    versions = list((out / "mnist-0-conv-vae").iterdir())
     assert len(versions) == 1, versions  # one artifact, no temporary or resume folders left
     return versions[0]
 
@@ -47,7 +47,7 @@ def test_fit_writes_a_verified_artifact(fit_run, artifact, mnist):
             "config.yaml", "history.csv"} <= set(files)
     assert f"Artifact: {artifact}" in proc.stdout
     assert "AUROC" in proc.stdout and "fpr@1%*" in proc.stdout
-    assert "Training conv-ae on" in proc.stderr and "epoch 2/2" in proc.stderr
+    assert "Training conv-vae on" in proc.stderr and "epoch 2/2" in proc.stderr
     assert "Traceback" not in proc.stderr
     meta = json.loads((artifact / "metadata.json").read_text())
     assert meta["dataset"] == "mnist" and meta["normal_classes"] == [0]
@@ -67,8 +67,8 @@ def test_models_lists_the_artifact(fit_run, artifact):
     _, out = fit_run
     proc = run_cli("models", out)
     assert proc.returncode == 0, proc.stderr
-    line = next(ln for ln in proc.stdout.splitlines() if "mnist-0-conv-ae" in ln)
-    assert artifact.name in line and "conv-ae" in line and str(artifact) in line
+    line = next(ln for ln in proc.stdout.splitlines() if "mnist-0-conv-vae" in ln)
+    assert artifact.name in line and "conv-vae" in line and str(artifact) in line
 
 
 def test_evaluate(artifact, tmp_path):
@@ -78,7 +78,7 @@ def test_evaluate(artifact, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n_test"] == 500
     assert 0.6 < metrics["auroc"] <= 1.0
-    assert set(metrics["operating_points"]) == {"fpr@1%"}
+    assert set(metrics["operating_points"]) == {"fpr@1%", "fpr@5%"}  # the default targets
 
 
 def test_score_matches_the_python_api(artifact, mnist, tmp_path):
@@ -176,7 +176,7 @@ def test_interrupted_cli_fit_resumes(mnist, tmp_path, capsys, monkeypatch):
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted: nothing was written" in err and "epoch 1/2" not in err
-    folder = out / "mnist-0-conv-ae"
+    folder = out / "mnist-0-conv-vae"
     assert [p.name[:8] for p in folder.iterdir()] == [".resume-"]  # no artifact, only state
     monkeypatch.undo()
 
