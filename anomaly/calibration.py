@@ -15,9 +15,9 @@ normal reference images that scored at or below the image, a p-value-like number
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -25,6 +25,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from anomaly.errors import ConfigError, NotFoundError, expected
 
+_log = logging.getLogger(__name__)
 _FPR_NAME = re.compile(r"^fpr@(\d+(?:\.\d+)?)%$")
 
 
@@ -128,8 +129,8 @@ def calibrate(normal_scores: np.ndarray, anomaly_scores: np.ndarray | None = Non
             raise expected("target FPRs in (0, 1), e.g. 0.01", fpr, cls=ConfigError)
         if fpr * normal.size < 1:
             # With fewer than 1/fpr normal images the quantile is the maximum: say so, not guess.
-            print(f"note: {normal.size} normal validation images cannot resolve a "
-                  f"{fpr:.2%} FPR; the threshold is their maximum score.", file=sys.stderr)
+            _log.info("%d normal validation images cannot resolve a %.2f%% FPR; the threshold "
+                      "is their maximum score.", normal.size, 100 * fpr)
         thr = float(np.quantile(normal, 1.0 - fpr, method="higher"))
         points[fpr_name(fpr)] = OperatingPoint(
             fpr_name(fpr), thr, "normal-quantile", float(np.mean(normal > thr)), target_fpr=fpr)

@@ -156,6 +156,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
           f"{epochs_run(result.detector.history_)} epochs")
     if result.evaluation is not None:
         print(format_report(result.evaluation))
+    if result.path and not args.no_report:
+        from anomaly.report import report_after_fit
+
+        report_after_fit(result)
     return 0
 
 
@@ -244,6 +248,47 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from anomaly.report import build_report
+
+    rep = build_report(args.artifact, args.output, dataset=args.dataset,
+                       test_data=args.test_data, cache_dir=args.cache_dir,
+                       test_limit=args.test_limit, max_points=args.max_points,
+                       tsne_points=args.tsne)
+    print(f"Report: {rep.html} ({len(rep.figures)} figures)")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from anomaly.data.images import load_images
+    from anomaly.detector import Detector
+    from anomaly.embed import check_output, embed, write_codes
+
+    check_output(args.output, codes=True)
+    det = Detector.load(args.artifact)
+    images = load_images(args.input)
+    codes = embed(det, images.images)
+    write_codes(args.output, codes, images.ids, images.labels)
+    print(f"Wrote the latent codes ({codes.shape[1]} units) of {len(codes)} images to "
+          f"{args.output}")
+    return 0
+
+
+def cmd_denoise(args: argparse.Namespace) -> int:
+    from anomaly.data.images import load_images
+    from anomaly.detector import Detector
+    from anomaly.embed import check_output, reconstruct, write_images
+
+    check_output(args.output, codes=False)
+    det = Detector.load(args.artifact)
+    images = load_images(args.input)
+    recon = reconstruct(det, images.images, normalize=args.normalize)
+    write_images(args.output, recon, images.ids, images.labels)
+    what = "normalized reconstructions" if args.normalize else "reconstructions"
+    print(f"Wrote the {what} of {len(recon)} images to {args.output}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.cli import serve
 
@@ -261,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="models directory (default ./models)")
     p.add_argument("--name", help="artifact name (default DATASET-CLASSES-MODEL)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    p.add_argument("--no-report", action="store_true", help="do not write the HTML report "
+                   "(default: OUTPUT/_reports/NAME/VERSION/report.html)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("evaluate", help="evaluate an artifact on a labelled test set")
@@ -301,6 +348,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="bench/results", help="folder for the CSV/markdown")
     p.set_defaults(func=cmd_benchmark)
 
+    p = sub.add_parser("report", help="write an HTML report with figures for an artifact")
+    p.add_argument("artifact")
+    p.add_argument("--output", help="report folder (default: MODELS/_reports/NAME/VERSION "
+                   "for the artifact MODELS/NAME/VERSION)")
+    p.add_argument("--dataset", help="default: the artifact's own test split")
+    p.add_argument("--test-data", help="labelled test images for a user data set")
+    p.add_argument("--test-limit", type=_positive_int, metavar="N")
+    p.add_argument("--max-points", type=_positive_int, default=2000, metavar="N",
+                   help="test images in the latent scatter and k-means (default 2000)")
+    p.add_argument("--tsne", type=_nonneg_int, default=300, metavar="N",
+                   help="test images for t-SNE of codes over 2 units (default 300; 0 = none)")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("embed", help="write the latent codes of images (.csv, .npy, .npz)")
+    p.add_argument("artifact")
+    p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
+    p.add_argument("--output", required=True, help="codes.csv (id, [label,] z0..), codes.npy "
+                   "(N x code units) or codes.npz")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("denoise", aliases=["reconstruct"],
+                       help="write the reconstructions of images (denoised by a --denoise model)")
+    p.add_argument("artifact")
+    p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
+    p.add_argument("--output", required=True, help=".npy (N x 28 x 28), .npz, .csv (id, "
+                   "p0..p783) or a folder for PNG files")
+    p.add_argument("--normalize", action="store_true",
+                   help="affine-vae: decode with the affine transform removed")
+    p.set_defaults(func=cmd_denoise)
+
     p = sub.add_parser("serve", help="serve a models directory over HTTP (REST, V2, metrics)")
     p.add_argument("--models", metavar="DIR", help="models directory of NAME/VERSION "
                    "artifacts (default $ANOMALY_MODELS_DIR or ./models)")
@@ -312,7 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_notes() -> None:
+    """Print the package's INFO notes (resizing, calibration limits) as ``note: ...`` lines."""
+    import logging
+
+    logger = logging.getLogger("anomaly")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    _show_notes()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -14,13 +14,15 @@ there by one set of rules, the same for the CLI, the Python API and the service:
 from __future__ import annotations
 
 import io
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from anomaly.errors import DataError, expected
+
+_log = logging.getLogger(__name__)
 
 IMAGE_SHAPE = (28, 28)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -101,8 +103,8 @@ def _to_28x28(a: np.ndarray, what: str) -> np.ndarray:
     if min(a.shape[1:]) < 1:
         raise expected(f"{what} with a non-empty height and width", f"shape {a.shape}",
                        cls=DataError)
-    print(f"note: resizing {n} image(s) of {a.shape[1]}x{a.shape[2]} to 28x28 (Lanczos)",
-          file=sys.stderr)
+    # A note, not a warning: resizing is documented behaviour. The CLI shows it; a server logs it.
+    _log.info("resizing %d image(s) of %dx%d to 28x28 (Lanczos)", n, a.shape[1], a.shape[2])
     return np.stack([_resize(img) for img in a])
 
 

@@ -97,25 +97,28 @@ def test_ragged_input_is_rejected():
 # -- shape --------------------------------------------------------------------------------------
 
 
-def test_standard_shapes_are_equivalent(capsys):
+def test_standard_shapes_are_equivalent(caplog):
+    caplog.set_level("INFO", logger="anomaly")
     x = make_blobs(3)
     for arr in (x, x.reshape(3, 784), x[..., None]):
         out = to_unit_float(arr)
         assert out.shape == (3, 28, 28)
         np.testing.assert_array_equal(out, x)
-    assert "resizing" not in capsys.readouterr().err  # no note for the standard shapes
+    assert "resizing" not in caplog.text  # no note for the standard shapes
 
 
-def test_other_sizes_are_resized_with_a_note(capsys):
+def test_other_sizes_are_resized_with_a_note(caplog):
+    caplog.set_level("INFO", logger="anomaly")
     big = np.kron(make_blobs(2), np.ones((2, 2), np.float32))  # 56x56, the same picture
     out = to_unit_float(big)
     assert out.shape == (2, 28, 28) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
     np.testing.assert_allclose(out, make_blobs(2), atol=0.05)
-    assert "note: resizing 2 image(s) of 56x56 to 28x28" in capsys.readouterr().err
+    assert "resizing 2 image(s) of 56x56 to 28x28" in caplog.text
 
 
-def test_colour_images_are_converted_to_gray(capsys):
+def test_colour_images_are_converted_to_gray(caplog):
+    caplog.set_level("INFO", logger="anomaly")
     gray = _digits(2)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
     np.testing.assert_allclose(to_unit_float(rgb), to_unit_float(gray), atol=1e-6)
@@ -125,7 +128,7 @@ def test_colour_images_are_converted_to_gray(capsys):
     red = np.zeros((1, 32, 32, 3), np.uint8)
     red[..., 0] = 255
     assert to_unit_float(red) == pytest.approx(0.299, abs=1e-3)
-    assert "32x32" in capsys.readouterr().err
+    assert "32x32" in caplog.text
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -243,12 +246,13 @@ def test_folder_with_class_subfolders(tmp_path):
     np.testing.assert_allclose(s.images, to_unit_float(x[:3]), atol=1e-7)  # PNG is lossless
 
 
-def test_flat_folder_has_no_labels_and_mixed_sizes_are_resized(tmp_path, capsys):
+def test_flat_folder_has_no_labels_and_mixed_sizes_are_resized(tmp_path, caplog):
+    caplog.set_level("INFO", logger="anomaly")
     _save_png(tmp_path / "a.png", _digits(1)[0])
     _save_png(tmp_path / "b.png", np.zeros((40, 30), np.uint8))
     s = load_images(tmp_path)
     assert s.images.shape == (2, 28, 28) and s.labels is None
-    assert "30" in capsys.readouterr().err  # the note about the 40x30 image
+    assert "40x30" in caplog.text  # the note about the 40x30 image
 
 
 def test_single_png_rgba_transparent_is_black(tmp_path):
