@@ -22,9 +22,10 @@ from service import errors, metrics
 from service.deps import key_digests
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.registry import Registry
-from service.routers import admin, health, models, v2
+from service.routers import admin, health, models, ui, v2
 from service.routers import metrics as metrics_router
 from service.settings import Settings, load_settings
+from service.shutdown import install_drain_handler
 
 DESCRIPTION = """Scores 28x28 grayscale images with the autoencoder anomaly detectors that
 `anomaly fit` writes. **Scores: higher = more anomalous**; `is_anomaly` is `score > threshold`
@@ -59,9 +60,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         metrics.set_build_info()
         registry.start()
+        restore_sigterm = install_drain_handler(registry.drain, settings.shutdown_drain_seconds)
         try:
             yield
         finally:
+            restore_sigterm()
             await registry.close()
 
     app = FastAPI(title="anomaly scoring service", version=__version__,
@@ -70,7 +73,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.scoring_key_digests = key_digests(settings.api_keys)
     app.state.admin_key_digests = key_digests(settings.admin_api_keys)
     errors.install(app)
-    for r in (health.router, metrics_router.router, admin.router, models.router, v2.router):
+    for r in (health.router, metrics_router.router, admin.router, models.router, v2.router,
+              ui.router):
         app.include_router(r)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, router=app.router)  # outermost: sees 413s too

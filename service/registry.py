@@ -158,6 +158,7 @@ class Registry:
         self._infer_pool = ThreadPoolExecutor(settings.inference_threads,
                                               thread_name_prefix="anomaly-infer")
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="anomaly-load")
+        self.draining = False  # set on SIGTERM: not ready, still serving (service.shutdown)
         self._initial: asyncio.Task | None = None
         self._gauge_series: list[tuple] = []  # (gauge, labels) this registry has set
         metrics.SCORES.window = settings.drift_window
@@ -171,6 +172,12 @@ class Registry:
     async def wait_loaded(self) -> None:
         if self._initial is not None:
             await asyncio.shield(self._initial)
+
+    def drain(self) -> None:
+        """Report not ready from now on (SIGTERM): /readyz 503, ``anomaly_ready`` 0, while
+        requests keep being served until the server stops."""
+        self.draining = True
+        metrics.READY.set(0)
 
     async def close(self) -> None:
         """Stop loading, let running model calls finish and drop this registry's metrics."""
@@ -186,13 +193,16 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        """Every model in the directory has a loaded, warmed-up default version."""
+        """Every model in the directory has a loaded, warmed-up default version (and the
+        server is not shutting down)."""
         snap = self.snapshot
-        return (snap.loaded and snap.error is None and bool(snap.models)
+        return (not self.draining and snap.loaded and snap.error is None and bool(snap.models)
                 and all(e.ready for e in snap.models.values()))
 
     def not_ready_reason(self) -> str:
         snap = self.snapshot
+        if self.draining:
+            return "shutting down (draining in-flight requests)"
         if not snap.loaded:
             return "the models are still loading"
         if snap.error:

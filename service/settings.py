@@ -61,6 +61,10 @@ class Settings(BaseSettings):
                               "drift statistics' rolling window.")
     graceful_shutdown_seconds: float = Field(30.0, ge=0, description="How long 'anomaly serve' "
                                              "lets in-flight requests finish on SIGTERM.")
+    shutdown_drain_seconds: float = Field(0.0, ge=0, le=300, description="On SIGTERM, how "
+                                          "long to keep serving with readiness 503 before "
+                                          "the graceful shutdown starts (time for the load "
+                                          "balancer to take the instance out).")
 
     @field_validator("workers")
     @classmethod
