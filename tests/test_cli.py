@@ -97,7 +97,7 @@ def test_unknown_model_fails_before_loading_data(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "fragments"), [
-    (["--epochs", "0"], ["argument --epochs", "expected a positive integer. Received: 0"]),
+    (["--epochs", "0"], ["argument --epochs", "expected a positive integer. Received: '0'"]),
     (["--epochs", "many"], ["expected a positive integer. Received: 'many'"]),
     (["--target-fpr", "lots"], ["expected FPRs like 0.01,0.05 or 1%,5%. Received: 'lots'"]),
     (["--beta", "nan"], ["expected a finite number. Received: 'nan'"]),
