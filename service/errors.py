@@ -8,9 +8,11 @@ traceback goes to the server log only), so a client never sees internals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -86,6 +88,12 @@ def parse_json(body: bytes, what: str = "a JSON body"):
     """``json.loads`` whose every failure is a 400 ``invalid_json`` naming where it broke."""
     if not body:
         raise expect(what, "an empty body", code="invalid_json", status_code=400)
+    # orjson parses a 64-image JSON batch several times faster than json, which is most of the
+    # cost of serving batched JSON requests. It refuses NaN/Infinity literals, so a body it
+    # refuses is read again by json, which accepts them (to be refused later, naming the
+    # image) and says where a truly broken body breaks.
+    with contextlib.suppress(orjson.JSONDecodeError):
+        return orjson.loads(body)
     try:
         return json.loads(body)
     except json.JSONDecodeError as exc:
