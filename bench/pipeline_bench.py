@@ -32,16 +32,14 @@ def bench_fit(runs: int, config: str | None, normal_class: str) -> list[tuple[fl
             cmd = [str(exe), "fit", "--normal-class", normal_class, "--output", tmp, "--quiet"]
             if config:
                 cmd += ["--config", config]
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             wall = time.perf_counter() - t
             if proc.returncode != 0:
                 sys.exit(f"fit failed:\n{proc.stderr[-2000:]}")
-            # ru_maxrss of children is the max over all waited-for children, in KiB on Linux.
+            # ru_maxrss of children is the max over all waited-for children, in KiB on Linux:
+            # the peak of the largest run so far, not of this run alone.
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            if i > 0 and peak == before:
-                peak = float("nan")  # not larger than an earlier run: unknown for this one
             auroc = next((ln for ln in proc.stdout.splitlines() if ln.startswith("AUROC")), "")
             print(f"fit run {i + 1}: {wall:.1f} s, peak RSS so far {peak / 1024:.0f} MiB; "
                   f"{auroc}", flush=True)
@@ -81,7 +79,7 @@ def main() -> None:
     if not args.skip_fit:
         fits = bench_fit(args.runs, args.config, args.normal_class)
         walls = [w for w, _ in fits]
-        peaks = [p for _, p in fits if p == p]
+        peaks = [p for _, p in fits]
         rows.append(("`anomaly fit --normal-class 0` (data cached), median wall time",
                      f"{statistics.median(walls):.1f} s (runs: "
                      + ", ".join(f"{w:.1f}" for w in walls) + ")"))
