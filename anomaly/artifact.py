@@ -146,7 +146,9 @@ def verify(path: str | Path) -> dict:
     """
     path = Path(path)
     if not path.is_dir():
-        raise expected("an artifact directory", f"{path} (not found)", cls=NotFoundError)
+        raise expected("an artifact directory", f"{path} (not found)",
+                       hint="'anomaly models DIR' lists the artifacts in a models directory.",
+                       cls=NotFoundError)
     mpath = path / MANIFEST
     try:
         manifest = json.loads(mpath.read_text())

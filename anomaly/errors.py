@@ -17,7 +17,7 @@ class AnomalyError(ValueError):
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.message = message
         self.hint = hint
-        super().__init__(f"{message} {hint}" if hint else message)
+        super().__init__(f"{message.rstrip('.')}. {hint}" if hint else message)
 
 
 class DataError(AnomalyError):

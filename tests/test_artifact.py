@@ -130,7 +130,7 @@ def _edit_manifest(path, **changes):
 def test_wrong_format_version_is_refused(artifact_copy):
     _edit_manifest(artifact_copy, format_version=99)
     with pytest.raises(ArtifactError, match=f"Expected artifact format version {FORMAT_VERSION}. "
-                                            "Received: 99 Upgrade anomaly"):
+                                            "Received: 99. Upgrade anomaly"):
         Detector.load(artifact_copy)
 
 
