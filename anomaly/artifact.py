@@ -18,7 +18,8 @@ place, so an interrupted write never leaves a half-written artifact. Loading che
 manifest first and refuses a tampered, incomplete or unknown-format artifact.
 
 In a models directory, artifacts live at ``ROOT/NAME/VERSION``; versions sort by name
-(``anomaly fit`` uses UTC timestamps ``YYYYMMDDTHHMMSSZ``), and the last one is the newest.
+naturally (``v9`` before ``v10``; ``anomaly fit`` uses UTC timestamps ``YYYYMMDDTHHMMSSZ``), and
+the last one is the newest.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def library_versions() -> dict[str, str]:
 def new_version() -> str:
     """A sortable version string: the UTC time, e.g. ``20261123T154700Z``."""
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def version_key(version: str) -> tuple:
+    """Sort key that orders versions naturally: ``v9 < v10``, ``...Z < ...Z-2 < ...Z-10``."""
+    parts = re.split(r"(\d+)", version)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p)
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -256,7 +263,8 @@ def list_artifacts(root: str | Path) -> list[ArtifactInfo]:
     """Every artifact under ``root`` (``ROOT/NAME/VERSION`` or ``ROOT/VERSION``), unverified."""
     root = Path(root)
     if not root.is_dir():
-        raise expected("a models directory", f"{root} (not found)", cls=NotFoundError)
+        what = "not a folder" if root.exists() else "not found"
+        raise expected("a models directory", f"{root} ({what})", cls=NotFoundError)
     out = []
     for manifest in sorted(root.glob("**/" + MANIFEST)):
         if any(part.startswith(".") for part in manifest.relative_to(root).parts):

@@ -408,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     except AnomalyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        # A path that is a folder where a file was expected, unwritable, a full disk, ...
+        where = exc.filename or "a file"
+        print(f"error: Expected a readable/writable path. Received: {where} "
+              f"({exc.strerror or exc.__class__.__name__})", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: nothing was written (a resumable state may remain)",
               file=sys.stderr)

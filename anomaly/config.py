@@ -70,6 +70,8 @@ _FIELDS = {f.name: f for f in fields(RunConfig)}
 _DEFAULTS = asdict(RunConfig())
 
 
+# The element types of list-valued keys (normal_classes may also hold class names).
+_LIST_ITEMS = {"hidden": (int,), "target_fprs": (int, float), "normal_classes": (int, str)}
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
 
 
@@ -97,6 +99,13 @@ def _coerce(key: str, value):
     if not ok:
         raise expected(f"'{key}' as {' or '.join(declared)}",
                        f"{value!r} ({type(value).__name__})", cls=ConfigError)
+    item_type = _LIST_ITEMS.get(key)
+    if item_type and isinstance(value, list):
+        bad = [v for v in value if not isinstance(v, item_type) or isinstance(v, bool)]
+        if bad or not value:
+            names = " or ".join(t.__name__ for t in item_type)
+            raise expected(f"'{key}' as a non-empty list of {names}", repr(value),
+                           cls=ConfigError)
     return value
 
 
@@ -117,6 +126,8 @@ def load_yaml(path: str | Path) -> dict:
     except FileNotFoundError:
         raise expected("an existing config file", f"{path} (not found)",
                        cls=ConfigError) from None
+    except IsADirectoryError:
+        raise expected("a config file", f"{path} (a folder)", cls=ConfigError) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise expected("a valid YAML config file", f"{path}: {str(exc).splitlines()[0]}",
                        cls=ConfigError) from None

@@ -126,6 +126,22 @@ class Detector:
             raise expected("beta >= 0", repr(self.beta), cls=ConfigError)
         if not (isinstance(self.denoise, int | float) and 0 <= self.denoise <= 1):
             raise expected("denoise (noise std) in [0, 1]", repr(self.denoise), cls=ConfigError)
+        if self.latent_dim is not None and not (isinstance(self.latent_dim, int)
+                                                and self.latent_dim >= 1):
+            raise expected("latent_dim as an integer >= 1 (or unset for the model's default)",
+                           repr(self.latent_dim), cls=ConfigError)
+        if self.hidden is not None and not (
+                len(self.hidden) and all(isinstance(h, int) and h >= 1 for h in self.hidden)):
+            raise expected("hidden as a list of integers >= 1 (or unset for the default)",
+                           repr(self.hidden), cls=ConfigError)
+        fprs = self.target_fprs
+        if not fprs or not all(isinstance(f, int | float) and 0 < f < 1 for f in fprs):
+            raise expected("target FPRs in (0, 1), e.g. 0.01", repr(list(fprs)),
+                           cls=ConfigError)
+        names = {fpr_name(f) for f in fprs} | {"f1-max", "youden"}
+        if self.default_operating_point not in (None, *names):
+            raise expected(f"a default operating point in {sorted(names)}",
+                           repr(self.default_operating_point), cls=ConfigError)
 
     def _build(self) -> Autoencoder:
         return Autoencoder(self.model, latent_dim=self.latent_dim, hidden=self.hidden,

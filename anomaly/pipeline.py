@@ -56,8 +56,9 @@ def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | No
               seed: int = 0) -> LabelledData:
     """A built-in data set by name, or a user's images (file or folder) by path.
 
-    User data with labels and no ``test_data`` is split 80/20 (stratified by shuffling with
-    ``seed``) into training and test parts; unlabelled user data is all training data.
+    User data with labels of two or more classes and no ``test_data`` is split 80/20 (by
+    shuffling with ``seed``) into training and test parts; unlabelled or single-class user data
+    is all normal training data.
     """
     if dataset in DATASETS:
         ds = load_dataset(dataset, cache_dir)
@@ -67,6 +68,10 @@ def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | No
         raise expected(f"a built-in data set in {sorted(DATASETS)} or a path to images",
                        repr(dataset), cls=DataError)
     train = load_images(dataset)
+    if train.labels is not None and len(np.unique(train.labels)) < 2:
+        # One class only (e.g. a folder holding just good/): every image is normal, and
+        # there is nothing to evaluate on unless --test-data brings anomalies.
+        train.labels = train.class_names = None
     x_test = y_test = None
     if test_data is not None:
         test = load_images(test_data)
@@ -134,6 +139,9 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     t0 = time.perf_counter()
     detector = Detector(**cfg.detector_params())
     detector.check_params()  # a bad --model or value fails before the data is loaded
+    if cfg.default_operating_point in ("f1-max", "youden") and not cfg.calibration_anomalies:
+        raise expected(f"--calibration-anomalies N for the '{cfg.default_operating_point}' "
+                       "operating point", "none", cls=ConfigError)
     data, normal, split = prepare(cfg)
     name = check_name(cfg.name or default_name(data.name, normal, cfg.model))
     root = Path(cfg.output)
@@ -187,24 +195,80 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     return FitResult(path, detector, ev, timings)
 
 
+@dataclass
+class TestSet:
+    """Labelled test images for a report.
+
+    Attributes:
+        x: ``(N, 28, 28)`` float32 in [0, 1].
+        y: ``(N,)`` 1 = anomaly, 0 = normal.
+        classes: ``(N,)`` original class of each image.
+        class_names: names of the classes where known.
+        dataset: the data set's name; ``normal_classes`` the artifact's normal classes.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: np.ndarray
+    class_names: tuple[str, ...] | None
+    dataset: str
+    normal_classes: tuple[int, ...]
+
+
+def load_test_set(artifact: str | Path, metadata: dict, *, dataset: str | None = None,
+                  test_data: str | None = None, cache_dir: str | None = None,
+                  test_limit: int | None = None, seed: int = 0) -> TestSet:
+    """The labelled test images an artifact is evaluated on.
+
+    By default the very test split of the run that made it, rebuilt from its ``config.yaml``
+    (same data, seed, split and ``--test-data``), so no training image can be scored as a test
+    image; with ``dataset``/``test_data``, that data set's test images instead.
+    """
+    from anomaly.config import resolve
+    from anomaly.data.images import to_unit_float
+
+    artifact = Path(artifact)
+    normal = tuple(int(c) for c in metadata.get("normal_classes") or (0,))
+    source = metadata.get("data_source")
+    cfg_path = artifact / "config.yaml"
+    if dataset is None and test_data is None and cfg_path.is_file():
+        cfg = resolve(cfg_path, {"cache_dir": cache_dir, "test_limit": test_limit})
+        if cfg.dataset not in DATASETS and not Path(cfg.dataset).exists() and source:
+            cfg.dataset = source  # a relative path from another working directory
+        data, normal, split = prepare(cfg)
+        if split.x_test is None:
+            raise expected("labelled test data for the report (a built-in data set, labelled "
+                           "user images, or --test-data PATH)", "none", cls=DataError)
+        return TestSet(split.x_test, split.y_test, np.asarray(split.test_classes),
+                       data.class_names, data.name, tuple(normal))
+    name = dataset or metadata.get("dataset")
+    if dataset is None and name not in DATASETS and source:
+        name = source
+    if name is None:
+        raise expected("a data set for the report (--dataset NAME or PATH)",
+                       "none recorded in the artifact", cls=DataError)
+    data = load_data(name, test_data=test_data, cache_dir=cache_dir, seed=seed)
+    if data.x_test is None or data.y_test is None:
+        raise expected("labelled test data for the report (a built-in data set, labelled "
+                       "user images, or --test-data PATH)", "none", cls=DataError)
+    x, classes = data.x_test, np.asarray(data.y_test)
+    if test_limit is not None and test_limit < len(x):
+        idx = np.sort(np.random.default_rng(seed + 1).permutation(len(x))[:test_limit])
+        x, classes = x[idx], classes[idx]
+    y = (~np.isin(classes, normal)).astype(np.int64)
+    return TestSet(to_unit_float(x, what="test images"), y, classes, data.class_names,
+                   data.name, normal)
+
+
 def run_evaluate(artifact: str | Path, *, dataset: str | None = None,
                  test_data: str | None = None, cache_dir: str | None = None,
                  test_limit: int | None = None):
-    """Evaluate a saved artifact on the test split of its data set (or another one)."""
+    """Evaluate a saved artifact on its run's test split (or another data set's)."""
     from anomaly.detector import Detector
     from anomaly.evaluation import evaluate
 
     det = Detector.load(artifact)
-    meta = det.metadata_
-    name = dataset or meta.get("dataset")
-    if name not in DATASETS and dataset is None:
-        name = meta.get("data_source")
-    data = load_data(name, test_data=test_data, cache_dir=cache_dir)
-    if data.x_test is None:
-        raise expected("labelled test data (a built-in data set, or --test-data PATH)", "none",
-                       cls=DataError)
-    x_test, y_test = _subset(data.x_test, data.y_test, test_limit, 1)
-    normal = tuple(meta["normal_classes"])
-    y_bin = (~np.isin(y_test, normal)).astype(np.int64)
-    scores = det.score(x_test)
-    return det, evaluate(scores, y_bin, det.calibration_, y_test, data.class_names)
+    test = load_test_set(artifact, det.metadata_, dataset=dataset, test_data=test_data,
+                         cache_dir=cache_dir, test_limit=test_limit, seed=det.seed)
+    scores = det.score(test.x)
+    return det, evaluate(scores, test.y, det.calibration_, test.classes, test.class_names)

@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError, expected
+from anomaly.pipeline import load_test_set
 
 REPORTS_DIR = "_reports"
 #: File name -> section title of every figure a report can hold. Figures that do not apply
@@ -82,69 +83,6 @@ def default_report_dir(artifact: str | Path) -> Path:
 
 
 # -- data ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class TestSet:
-    """Labelled test images for a report.
-
-    Attributes:
-        x: ``(N, 28, 28)`` float32 in [0, 1].
-        y: ``(N,)`` 1 = anomaly, 0 = normal.
-        classes: ``(N,)`` original class of each image.
-        class_names: names of the classes where known.
-        dataset: the data set's name; ``normal_classes`` the artifact's normal classes.
-    """
-
-    x: np.ndarray
-    y: np.ndarray
-    classes: np.ndarray
-    class_names: tuple[str, ...] | None
-    dataset: str
-    normal_classes: tuple[int, ...]
-
-
-def load_test_set(artifact: str | Path, metadata: dict, *, dataset: str | None = None,
-                  test_data: str | None = None, cache_dir: str | None = None,
-                  test_limit: int | None = None, seed: int = 0) -> TestSet:
-    """The labelled test images of the artifact's data set (see the module docstring)."""
-    from anomaly.data.builtin import DATASETS
-    from anomaly.data.images import to_unit_float
-    from anomaly.pipeline import load_data, prepare
-
-    artifact = Path(artifact)
-    normal = tuple(int(c) for c in metadata.get("normal_classes") or (0,))
-    source = metadata.get("data_source")
-    cfg_path = artifact / "config.yaml"
-    if dataset is None and test_data is None and cfg_path.is_file():
-        from anomaly.config import resolve
-
-        cfg = resolve(cfg_path, {"cache_dir": cache_dir, "test_limit": test_limit})
-        if cfg.dataset not in DATASETS and not Path(cfg.dataset).exists() and source:
-            cfg.dataset = source  # a relative path from another working directory
-        data, normal, split = prepare(cfg)
-        if split.x_test is None:
-            raise expected("labelled test data for the report (a built-in data set, labelled "
-                           "user images, or --test-data PATH)", "none", cls=DataError)
-        return TestSet(split.x_test, split.y_test, np.asarray(split.test_classes),
-                       data.class_names, data.name, tuple(normal))
-    name = dataset or metadata.get("dataset")
-    if dataset is None and name not in DATASETS and source:
-        name = source
-    if name is None:
-        raise expected("a data set for the report (--dataset NAME or PATH)",
-                       "none recorded in the artifact", cls=DataError)
-    data = load_data(name, test_data=test_data, cache_dir=cache_dir, seed=seed)
-    if data.x_test is None or data.y_test is None:
-        raise expected("labelled test data for the report (a built-in data set, labelled "
-                       "user images, or --test-data PATH)", "none", cls=DataError)
-    x, classes = data.x_test, np.asarray(data.y_test)
-    if test_limit is not None and test_limit < len(x):
-        idx = np.sort(np.random.default_rng(seed + 1).permutation(len(x))[:test_limit])
-        x, classes = x[idx], classes[idx]
-    y = (~np.isin(classes, normal)).astype(np.int64)
-    return TestSet(to_unit_float(x, what="test images"), y, classes, data.class_names,
-                   data.name, normal)
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -537,6 +475,19 @@ def _kmeans_ari(codes, classes, k, seed):
     return float(adjusted_rand_score(classes, pred))
 
 
+def check_report_dir(out_dir: Path) -> Path:
+    """Refuse to replace anything but an earlier report (a folder holding ``summary.json`` and
+    ``report.html``): the report is written atomically by swapping the whole folder."""
+    if out_dir.exists() and (not out_dir.is_dir() or (
+            any(out_dir.iterdir()) and not ((out_dir / "summary.json").is_file()
+                                            and (out_dir / "report.html").is_file()))):
+        raise expected("an --output folder that is new, empty or an earlier report",
+                       f"{out_dir} (holds other files)",
+                       hint="Pick another folder: the report replaces its --output folder.",
+                       cls=DataError)
+    return out_dir
+
+
 def build_report(artifact: str | Path, output: str | Path | None = None, *, detector=None,
                  dataset: str | None = None, test_data: str | None = None,
                  cache_dir: str | None = None, test_limit: int | None = None,
@@ -564,7 +515,8 @@ def build_report(artifact: str | Path, output: str | Path | None = None, *, dete
     info = read_info(artifact)
     meta = info.metadata
     det = detector if detector is not None else Detector.load(artifact)
-    out_dir = Path(output) if output is not None else default_report_dir(artifact)
+    out_dir = check_report_dir(Path(output) if output is not None
+                               else default_report_dir(artifact))
     data = load_test_set(artifact, meta, dataset=dataset, test_data=test_data,
                          cache_dir=cache_dir, test_limit=test_limit, seed=det.seed)
     normal = data.normal_classes

@@ -13,11 +13,13 @@ target), not with ``--workers``.
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from anomaly import __version__
+from anomaly.errors import AnomalyError
 from service import errors, metrics
 from service.deps import key_digests
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
@@ -81,4 +83,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+def __getattr__(name: str):
+    """``service.app:app`` for uvicorn, built on first access rather than at import, so that
+    ``anomaly serve`` (which calls :func:`create_app` with its flags) never depends on the
+    environment alone, and a bad ``ANOMALY_*`` variable is one error line, not a traceback."""
+    if name != "app":
+        raise AttributeError(f"module 'service.app' has no attribute {name!r}")
+    global app
+    try:
+        app = create_app()
+    except AnomalyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return app

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anomaly.artifact import version_key
 from anomaly.errors import AnomalyError
 from service import metrics
 from service.batching import MicroBatcher
@@ -127,10 +128,13 @@ class ModelEntry:
             "default_version": self.default,
             "pinned_version": self.pinned,
             "versions": [m.describe(default=v == self.default)
-                         for v, m in sorted(self.versions.items(), reverse=True)],
+                         for v, m in sorted(self.versions.items(),
+                                            key=lambda kv: version_key(kv[0]), reverse=True)],
             "available_versions": list(self.available),
             "refused_versions": [{"version": v, "error": e}
-                                 for v, e in sorted(self.refused.items(), reverse=True)],
+                                 for v, e in sorted(self.refused.items(),
+                                                    key=lambda kv: version_key(kv[0]),
+                                                    reverse=True)],
         }
 
 
@@ -353,7 +357,7 @@ class Registry:
         if pin is not None:
             default = pin if pin in loaded else None
         else:
-            default = max(loaded) if loaded else None
+            default = max(loaded, key=version_key) if loaded else None
         return ModelEntry(name, loaded, default, list(versions), refused, pin, refused_sha)
 
     def _scan(self) -> tuple[dict[str, list[str]], list[str]]:
@@ -381,8 +385,8 @@ class Registry:
                 problems.append(f"{model_dir.name}: an artifact directly under the models "
                                 "directory; move it to NAME/VERSION")
                 continue
-            versions = sorted(p.name for p in model_dir.iterdir()
-                              if p.is_dir() and not p.name.startswith("."))
+            versions = sorted((p.name for p in model_dir.iterdir()
+                               if p.is_dir() and not p.name.startswith(".")), key=version_key)
             if versions:
                 layout[model_dir.name] = versions
         return layout, problems

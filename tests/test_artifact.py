@@ -201,3 +201,11 @@ def test_bad_artifact_names(name):
     with pytest.raises(ArtifactError, match="letters, digits"):
         artifact.check_name(name)
     assert artifact.check_name("mnist-0_6-conv-ae.v2") == "mnist-0_6-conv-ae.v2"
+
+
+def test_versions_sort_naturally():
+    from anomaly.artifact import version_key
+
+    versions = ["v10", "v9", "20261123T170545Z-10", "20261123T170545Z", "20261123T170545Z-2"]
+    assert sorted(versions, key=version_key) == [
+        "20261123T170545Z", "20261123T170545Z-2", "20261123T170545Z-10", "v9", "v10"]

@@ -277,3 +277,58 @@ def test_benchmark_on_user_data(capsys, tmp_path):
     assert (table["epochs"] == 1).all()
     md = (tmp_path / "bench" / "ten.npz-dense-ae.md").read_text()
     assert "| **mean** |" in md and md in out
+
+
+def test_evaluate_rebuilds_the_runs_own_test_split(capsys, tmp_path):
+    """evaluate scores exactly the fit's test images (same seed and split), never training ones."""
+    x = np.concatenate([make_blobs(200, seed=5), make_bars(50, seed=5)])
+    y = np.r_[np.zeros(200, int), np.ones(50, int)]
+    np.savez(tmp_path / "shapes.npz", x=x, y=y)
+    rc, _, err = run(capsys, "fit", "--dataset", tmp_path / "shapes.npz", "--model", "dense-ae",
+                     "--hidden", "16", "--latent-dim", "2", "--epochs", "1", "--seed", "3",
+                     "--output", tmp_path / "m", "--name", "s", "--no-report", "--quiet")
+    assert rc == 0, err
+    path = next((tmp_path / "m" / "s").iterdir())
+    rc, _, err = run(capsys, "evaluate", path, "--output", tmp_path / "e.json")
+    assert rc == 0, err
+    again = json.loads((tmp_path / "e.json").read_text())
+    saved = json.loads((path / "metrics.json").read_text())
+    assert again["n_test"] == saved["n_test"] == 50
+    assert again["auroc"] == pytest.approx(saved["auroc"])
+    for name, point in saved["operating_points"].items():
+        assert again["operating_points"][name] == pytest.approx(point)
+
+
+def test_single_class_folder_trains_without_evaluation(capsys, tmp_path):
+    """A folder holding only good/ images: every image is normal, nothing to evaluate on."""
+    good = tmp_path / "imgs" / "good"
+    good.mkdir(parents=True)
+    for i, img in enumerate(make_blobs(30, seed=2)):
+        Image.fromarray((img * 255).astype(np.uint8)).save(good / f"{i}.png")
+    rc, out, err = run(capsys, "fit", "--dataset", tmp_path / "imgs", "--normal-class", "good",
+                       "--model", "dense-ae", "--hidden", "16", "--latent-dim", "2",
+                       "--epochs", "1", "--output", tmp_path / "m", "--quiet")
+    assert rc == 0, err
+    assert "Artifact:" in out and "AUROC" not in out
+    path = next((tmp_path / "m").glob("imgs-0-dense-ae/*"))
+    assert not (path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(("argv", "fragments"), [
+    (["--target-fpr", "2"], ["Expected target FPRs in (0, 1)", "Received: [2.0]"]),
+    (["--default-operating-point", "f1-max"], ["--calibration-anomalies N for the 'f1-max'"]),
+    (["--default-operating-point", "fpr@3%"], ["Expected a default operating point in"]),
+])
+def test_bad_settings_fail_before_any_data_or_training(capsys, argv, fragments, tmp_path):
+    line = assert_error(capsys, ["fit", "--dataset", tmp_path / "absent.npz", *argv], *fragments)
+    assert "absent.npz" not in line  # refused before the data set was even looked at
+
+
+def test_paths_of_the_wrong_kind_are_one_error_line(capsys, tmp_path, saved_artifact):
+    np.save(tmp_path / "x.npy", make_blobs(3))
+    assert_error(capsys, ["score", saved_artifact, "--input", tmp_path / "x.npy",
+                          "--output", tmp_path], "Expected a readable/writable path",
+                 str(tmp_path))
+    assert_error(capsys, ["fit", "--config", tmp_path], "Expected a config file",
+                 "(a folder)")
+    assert_error(capsys, ["models", tmp_path / "x.npy"], "(not a folder)")

@@ -189,3 +189,21 @@ def test_report_of_a_plain_autoencoder_on_another_dataset(saved_artifact, tmp_pa
     assert "not a generative model" in rep.notes["manifold.png"]
     assert "t-SNE was turned off" in rep.notes["latent_tsne.png"]
     assert "not a generative model" in rep.html.read_text()
+
+
+def test_report_never_replaces_a_folder_of_other_files(fitted_run, tmp_path, capsys):
+    """The report swaps its whole --output folder: only an earlier report may be replaced."""
+    _, artifact, _ = fitted_run
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    rc = main(["report", str(artifact), "--output", str(precious)])
+    assert rc == 2
+    assert "Expected an --output folder that is new, empty or an earlier report" in \
+        capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "keep me"
+    # An earlier report is replaced in place.
+    out = tmp_path / "rep"
+    assert main(["report", str(artifact), "--output", str(out), "--tsne", "0"]) == 0
+    assert main(["report", str(artifact), "--output", str(out), "--tsne", "0"]) == 0
+    assert (out / "report.html").is_file()

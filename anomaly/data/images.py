@@ -4,7 +4,8 @@ Every model works on grayscale 28x28 images with float32 values in [0, 1]. Input
 there by one set of rules, the same for the CLI, the Python API and the service:
 
 - Scale: integer values are 0-255 pixel intensities. Floating-point values are intensities in
-  [0, 1] when none exceeds 1, else 0-255 intensities. Anything outside, NaN or Inf is rejected.
+  [0, 1] in an image none of whose values exceeds 1, else 0-255 (decided image by image).
+  Anything outside, NaN or Inf is rejected.
 - Shape: ``(N, 28, 28)``, ``(N, 784)`` and ``(N, 28, 28, 1)`` are taken as they are. Other
   sizes ``(N, H, W)`` (and colour ``(N, H, W, 3|4)``, converted with ITU-R 601 luma) are
   resized to 28x28 with Pillow's Lanczos filter, with a note on stderr: the models were trained
@@ -76,13 +77,19 @@ def to_unit_float(arr, *, what: str = "images") -> np.ndarray:
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if lo < 0:
         raise expected(f"pixel values >= 0 in {what}", f"minimum {lo:g}", cls=DataError)
-    if a.dtype.kind == "f" and hi <= 1.0:
+    if hi > 255:
+        raise expected(f"pixel values in 0..255 (or [0, 1] as floats) in {what}",
+                       f"maximum {hi:g}", cls=DataError)
+    if a.dtype.kind != "f":
+        unit = a.astype(np.float32) / np.float32(255.0)
+    elif hi <= 1.0:
         unit = a.astype(np.float32, copy=False)
     else:
-        if hi > 255:
-            raise expected(f"pixel values in 0..255 (or [0, 1] as floats) in {what}",
-                           f"maximum {hi:g}", cls=DataError)
-        unit = a.astype(np.float32) / np.float32(255.0)
+        # Decided image by image, as the service decides for each image of a request, so a
+        # dark 0-255 image in a batch of bright ones is scaled like the others.
+        per_image = a.reshape(a.shape[0], -1).max(axis=1) > 1.0
+        scale = np.where(per_image, np.float32(255.0), np.float32(1.0)).astype(np.float32)
+        unit = a.astype(np.float32) / scale.reshape((-1,) + (1,) * (a.ndim - 1))
     return _to_28x28(unit, what)
 
 

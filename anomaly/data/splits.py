@@ -43,11 +43,14 @@ def parse_classes(value, class_names: tuple[str, ...] | None = None,
         if isinstance(item, str) and "-" in item.strip("-"):
             lo, _, hi = item.partition("-")
             try:
-                rng = range(int(lo), int(hi) + 1)
+                lo_i, hi_i = int(lo), int(hi)
             except ValueError:
                 raise expected(f"class indices in {valid} (e.g. 0 or 0,6 or 0-2)", repr(value),
                                cls=ConfigError) from None
-            items.extend(rng)
+            limit = n_classes if n_classes is not None else 10_000
+            if not 0 <= lo_i <= hi_i < limit:
+                raise expected(f"a class range within {valid}", repr(item), cls=ConfigError)
+            items.extend(range(lo_i, hi_i + 1))
             continue
         try:
             idx = int(item)
@@ -112,9 +115,9 @@ def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.
     rng = np.random.default_rng(seed)
     normal = np.ones(len(x_train), bool) if y_train is None else np.isin(y_train, normal_classes)
     idx = rng.permutation(np.flatnonzero(normal))
-    n_val = max(1, round(len(idx) * val_fraction))
+    n_val = max(2, round(len(idx) * val_fraction))  # calibration needs two or more
     if len(idx) - n_val < 2:
-        raise expected("at least 3 normal training images", len(idx), cls=ConfigError)
+        raise expected("at least 4 normal training images", len(idx), cls=ConfigError)
     x_cal = None
     if calibration_anomalies:
         if y_train is None:

@@ -193,7 +193,10 @@ class Autoencoder(keras.Model):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             loss, recon, kl = self.compute_losses(x, training=True)
-        grads = tape.gradient(loss, self.trainable_weights)
+            # Under a multi-replica strategy the replicas' gradients are summed: divide so the
+            # step is that of the mean loss over the global batch, as Keras' own train_step does.
+            scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
+        grads = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
         return self._track(loss, recon, kl)
 

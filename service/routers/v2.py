@@ -67,6 +67,15 @@ async def ready(registry: RegistryDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 400)
 
 
+def _flag(params: dict, name: str, default: bool) -> bool:
+    """A boolean request parameter: JSON true/false only (the string "false" is not true)."""
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise _bad(f"the parameter {name} as a JSON boolean (true or false)", repr(value),
+                   code="validation_error")
+    return value
+
+
 def _metadata(model) -> dict:
     return {
         "name": model.name,
@@ -251,15 +260,14 @@ async def _infer(request: Request, model, settings) -> Response:
         raise ServiceError(400, "validation_error",
                            describe_pydantic_error(exc.errors()[0])) from None
     params = req.parameters or {}
-    binary_default = bool(params.get("binary_data_output", False))
+    binary_default = _flag(params, "binary_data_output", False)
     if req.outputs:
         wanted = []
         for o in req.outputs:
             if o.name not in OUTPUTS:
                 raise _bad(f"outputs among {list(OUTPUTS)}", repr(o.name),
                            code="unknown_output")
-            wanted.append((o.name, bool((o.parameters or {}).get("binary_data",
-                                                                binary_default))))
+            wanted.append((o.name, _flag(o.parameters or {}, "binary_data", binary_default)))
     else:
         wanted = [(name, binary_default) for name in OUTPUTS]
     op_name = params.get("operating_point")

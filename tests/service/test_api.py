@@ -223,3 +223,20 @@ def test_concurrent_requests_get_their_own_results(client, detector):
         got = list(pool.map(call, batches))
     for x, s in zip(batches, got, strict=True):
         np.testing.assert_allclose(s, detector.detect(x).scores, rtol=1e-5)
+
+
+def test_bad_environment_is_one_error_line_not_an_import_crash(tmp_path):
+    """service.app imports whatever the environment says; uvicorn's ``app`` is built lazily and
+    a bad ANOMALY_* variable ends in one error line and exit status 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ANOMALY_MAX_BATCH_IMAGES": "0", "ANOMALY_MODELS_DIR": str(tmp_path)}
+    code = "import service.app as m; print('imported'); m.app"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == "imported"
+    assert proc.returncode == 2
+    assert "error: Expected a valid --max-batch-images or ANOMALY_MAX_BATCH_IMAGES" in proc.stderr
+    assert "Traceback" not in proc.stderr

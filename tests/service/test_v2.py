@@ -156,6 +156,12 @@ BAD = {
     "binary size mismatch": ({"inputs": [{"name": "images", "datatype": "FP32",
                                           "shape": [1, 784],
                                           "parameters": {"binary_data_size": 12}}]}, 400),
+    # "false" as a string is not false: a flag must be a JSON boolean, not guessed at.
+    "flag as a string": ({"inputs": [tensor(X)], "parameters": {"binary_data_output": "false"}},
+                         400),
+    "output flag as a number": ({"inputs": [tensor(X)],
+                                 "outputs": [{"name": "anomaly_score",
+                                              "parameters": {"binary_data": 0}}]}, 400),
     "binary size not int": ({"inputs": [{"name": "images", "datatype": "FP32",
                                          "shape": [1, 784],
                                          "parameters": {"binary_data_size": "big"}}]}, 400),
