@@ -16,6 +16,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomaly.errors import AnomalyError
@@ -103,6 +104,19 @@ def parse_json(body: bytes, what: str = "a JSON body"):
     except RecursionError:
         detail = "nested too deeply"
     raise expect(what, f"invalid JSON ({detail})", code="invalid_json", status_code=400)
+
+
+def parse_body(body: bytes, model, what: str, *, status_code: int = 422):
+    """A JSON object body validated as the pydantic ``model``; every failure a ServiceError."""
+    obj = parse_json(body, f"a JSON {what}")
+    if not isinstance(obj, dict):
+        raise expect(f"a JSON object {what}", f"a JSON {type(obj).__name__}",
+                     code="validation_error", status_code=status_code)
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise ServiceError(status_code, "validation_error",
+                           describe_pydantic_error(exc.errors()[0])) from None
 
 
 def describe_pydantic_error(err: dict) -> str:

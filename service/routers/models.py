@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 
 from service import inputs, metrics
 from service.deps import RegistryDep, ScoringAuth, SettingsDep
-from service.errors import ServiceError, describe_pydantic_error, expect, parse_json
+from service.errors import ServiceError, describe_pydantic_error, expect, parse_body
 from service.schemas import (
     ERROR_RESPONSES,
     ImageFormat,
@@ -138,15 +138,7 @@ def _options(query: dict, given: dict) -> ScoreOptions:
 
 
 def _parse_json(body: bytes, settings, query: dict):
-    obj = parse_json(body)
-    if not isinstance(obj, dict):
-        raise expect('a JSON object like {"images": [...]}', f"a JSON {type(obj).__name__}",
-                     code="validation_error")
-    try:
-        req = ScoreRequest.model_validate(obj)
-    except ValidationError as exc:
-        raise ServiceError(422, "validation_error",
-                           describe_pydantic_error(exc.errors()[0])) from None
+    req = parse_body(body, ScoreRequest, 'body like {"images": [...]}')
     options = _options(query, {k: getattr(req, k) for k in req.model_fields_set
                                if k in _OPTION_FIELDS})
     x = inputs.decode_json_images(req.images, max_images=settings.max_batch_images,

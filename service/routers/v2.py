@@ -31,12 +31,11 @@ import zlib
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
 from anomaly import __version__
 from service import inputs, metrics
 from service.deps import RegistryDep, ScoringAuth, SettingsDep
-from service.errors import ServiceError, describe_pydantic_error, expect, parse_json
+from service.errors import expect, parse_body
 from service.schemas import V2_ERROR_RESPONSES, V2InferRequest, V2InferResponse
 from service.scoring import score_images
 
@@ -250,15 +249,7 @@ async def _infer(request: Request, model, settings) -> Response:
     if encoding not in ("", "identity"):
         body = _decompress(body, encoding, settings.max_body_bytes)
     header, binary = _split_body(request, body)
-    obj = parse_json(header, "a JSON inference request")
-    if not isinstance(obj, dict):
-        raise _bad("a JSON object inference request", f"a JSON {type(obj).__name__}",
-                   code="validation_error")
-    try:
-        req = V2InferRequest.model_validate(obj)
-    except ValidationError as exc:
-        raise ServiceError(400, "validation_error",
-                           describe_pydantic_error(exc.errors()[0])) from None
+    req = parse_body(header, V2InferRequest, "inference request", status_code=400)
     params = req.parameters or {}
     binary_default = _flag(params, "binary_data_output", False)
     if req.outputs:
