@@ -75,6 +75,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    "cache dir)")
 
 
+def _add_test_set_args(p: argparse.ArgumentParser) -> None:
+    """The artifact and where its labelled test images come from (evaluate, report)."""
+    p.add_argument("artifact")
+    p.add_argument("--dataset", help="default: the test split of the run that made the artifact")
+    p.add_argument("--test-data", help="labelled test images for a user data set")
+    p.add_argument("--test-limit", type=_positive_int, metavar="N")
+    _add_data_args(p)
+
+
 def _add_fit_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help="mnist, fashion-mnist, or a path: .npy/.npz, .csv of pixel "
@@ -307,12 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("evaluate", help="evaluate an artifact on a labelled test set")
-    p.add_argument("artifact")
-    p.add_argument("--dataset", help="default: the artifact's data set")
-    p.add_argument("--test-data", help="labelled test images for a user data set")
-    p.add_argument("--test-limit", type=_positive_int, metavar="N")
+    _add_test_set_args(p)
     p.add_argument("--output", help="write the metrics as JSON here")
-    _add_data_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("score", help="score images with an artifact, write a CSV")
@@ -345,17 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("report", help="write an HTML report with figures for an artifact")
-    p.add_argument("artifact")
+    _add_test_set_args(p)
     p.add_argument("--output", help="report folder (default: MODELS/_reports/NAME/VERSION "
                    "for the artifact MODELS/NAME/VERSION)")
-    p.add_argument("--dataset", help="default: the artifact's own test split")
-    p.add_argument("--test-data", help="labelled test images for a user data set")
-    p.add_argument("--test-limit", type=_positive_int, metavar="N")
     p.add_argument("--max-points", type=_positive_int, default=2000, metavar="N",
                    help="test images in the latent scatter and k-means (default 2000)")
     p.add_argument("--tsne", type=_nonneg_int, default=300, metavar="N",
                    help="test images for t-SNE of codes over 2 units (default 300; 0 = none)")
-    _add_data_args(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("embed", help="write the latent codes of images (.csv, .npy, .npz)")

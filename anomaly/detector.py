@@ -11,6 +11,7 @@ more anomalous**, and an image is anomalous at an operating point when ``score >
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,18 +96,16 @@ class Detector:
     # -- configuration ----------------------------------------------------------------------
 
     def get_params(self) -> dict:
-        """Hyper-parameters, as passed to ``__init__`` (``score`` resolved to its default)."""
-        return {
-            "model": self.model, "latent_dim": self.latent_dim,
-            "hidden": list(self.hidden) if self.hidden else None, "beta": self.beta,
-            "recon_loss": self.recon_loss, "denoise": self.denoise, "score": self.resolved_score,
-            "aggregation": self.aggregation, "mc_samples": self.mc_samples,
-            "knn_k": self.knn_k, "knn_memory": self.knn_memory,
-            "target_fprs": list(self.target_fprs),
-            "default_operating_point": self.default_operating_point, "epochs": self.epochs,
-            "batch_size": self.batch_size, "learning_rate": self.learning_rate,
-            "patience": self.patience, "seed": self.seed,
-        }
+        """Hyper-parameters, as passed to ``__init__`` (``score`` resolved to its default).
+
+        Read from ``__init__``'s signature, so a new hyper-parameter needs no second list.
+        """
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        params = {n: getattr(self, n) for n in names if n != "score"}
+        params["score"] = self.resolved_score
+        params["hidden"] = list(self.hidden) if self.hidden else None
+        params["target_fprs"] = list(self.target_fprs)
+        return params
 
     @property
     def resolved_score(self) -> str:
