@@ -1,48 +1,51 @@
-"""The model artifact: one self-contained, verified directory per trained detector.
+"""The artifact file format: one self-contained, verified directory of files plus a manifest.
 
-Layout (``FORMAT_VERSION`` 1)::
+This module knows files, not models: it imports neither TensorFlow nor the detector. What goes
+into the files is the writer's business (:meth:`anomaly.detector.Detector.save` writes
+``model.keras``, ``detector.json``, ``calibration.json``, ...); this module adds
 
-    model.keras        the Keras model (custom classes registered; loads with safe_mode=True)
-    detector.json      format version, hyper-parameters, score definition
-    calibration.json   operating points and the normal reference scores
-    metadata.json      name, version, creation time, data set, normal classes, library versions
-    latent_memory.npy  normal training codes, for the mse+knn score only
-    config.yaml        the resolved configuration of the run that made it (when given)
-    metrics.json       test-set evaluation (when evaluated)
-    per_class.csv      per-class detection table (when evaluated)
-    history.csv        per-epoch training losses
-    manifest.json      SHA-256 of every file above
+    metadata.json      format version, name, version, creation time, plus the writer's metadata
+    manifest.json      SHA-256 of every other file
 
 An artifact is written into a temporary directory next to its destination and renamed into
-place, so an interrupted write never leaves a half-written artifact. Loading checks the
-manifest first and refuses a tampered, incomplete or unknown-format artifact.
+place, so an interrupted write never leaves a half-written artifact. Reading checks the manifest
+first and refuses a tampered, incomplete or unknown-format artifact.
 
 In a models directory, artifacts live at ``ROOT/NAME/VERSION``; versions sort by name
 naturally (``v9`` before ``v10``; ``anomaly fit`` uses UTC timestamps ``YYYYMMDDTHHMMSSZ``), and
-the last one is the newest.
+the last one is the newest. Where an artifact is expected, a model folder ``ROOT/NAME`` means its
+newest version, and ``NAME@VERSION`` / ``NAME@latest`` name one inside a models directory
+(:func:`resolve`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import logging
 import platform
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
-from anomaly.calibration import Calibration
 from anomaly.errors import ArtifactError, NotFoundError, expected
 from anomaly.utils import atomic_dir, sha256_file
 
-FORMAT_VERSION = 1
+_log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-REQUIRED = ("model.keras", "detector.json", "calibration.json", "metadata.json")
+METADATA = "metadata.json"
+#: Largest JSON file of an artifact read into memory (a manifest is a few hundred bytes).
+MAX_JSON_BYTES = 64 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+#: What a file of an artifact may be given as: its bytes, its text, or a function that writes it
+#: at the path it is given (e.g. ``keras.Model.save``).
+FileContent = bytes | str | Callable[[Path], object]
 
 
 def library_versions() -> dict[str, str]:
@@ -69,35 +72,34 @@ def version_key(version: str) -> tuple:
 def check_name(name: str, what: str = "model name") -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise expected(f"a {what} of letters, digits, '_', '.', '-' (at most 128, not starting "
-                       "with '.' or '-')", repr(name), cls=ArtifactError)
+                       "with '.' or '-')", repr(name)[:140], cls=ArtifactError)
     return name
 
 
-def _json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+def _dump(data) -> str:
+    return json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n"
 
 
 def _jsonable(o):
-    if isinstance(o, np.generic):
+    if hasattr(o, "item") and callable(o.item):  # numpy scalars, without importing numpy
         return o.item()
-    if isinstance(o, np.ndarray):
+    if hasattr(o, "tolist"):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
-def save_detector(detector, path: str | Path, *, metadata: dict | None = None,
-                  metrics: dict | None = None, per_class: pd.DataFrame | None = None,
-                  config_yaml: str | None = None, overwrite: bool = False) -> Path:
-    """Write ``detector`` as an artifact directory at ``path``.
+def write_artifact(path: str | Path, files: dict[str, FileContent], *, metadata: dict,
+                   overwrite: bool = False) -> Path:
+    """Write an artifact directory at ``path``, atomically.
 
     Args:
-        detector: a fitted :class:`~anomaly.detector.Detector`.
-        path: the artifact directory to create (its parent is created if needed).
-        metadata: extra provenance (dataset, normal_classes, class_names, name, version, ...).
-        metrics, per_class: the test-set evaluation, when there is one.
-        config_yaml: the resolved run configuration as YAML text.
+        path: the artifact directory to create (its parent is created if needed); in a models
+            directory ``ROOT/NAME/VERSION``.
+        files: file name -> content (bytes, text, or a function writing the file at a path).
+        metadata: provenance for ``metadata.json`` (``name`` and ``version`` default to the
+            path's last two parts).
         overwrite: replace an existing artifact at ``path``.
 
     Returns:
@@ -107,42 +109,51 @@ def save_detector(detector, path: str | Path, *, metadata: dict | None = None,
     if path.exists() and not overwrite:
         raise expected("an artifact path that does not exist yet", f"{path} (exists)",
                        hint="Pick another --output/--name or remove it.", cls=ArtifactError)
+    for reserved in (MANIFEST, METADATA):
+        if reserved in files:
+            raise ValueError(f"{reserved} is written by write_artifact itself")
     meta = {
         "format_version": FORMAT_VERSION,
         "name": path.parent.name if path.parent.name else path.name,
         "version": path.name,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "model_type": detector.model,
-        "libraries": library_versions(),
-        **(metadata or {}),
+        **metadata,
     }
     with atomic_dir(path, replace=overwrite) as tmp:
-        detector.model_.save(tmp / "model.keras")
-        knn = getattr(detector, "knn_", None)
-        _json(tmp / "detector.json", {"format_version": FORMAT_VERSION,
-                                      "hyperparameters": detector.get_params(),
-                                      "code_dim": int(detector.model_.code_dim),
-                                      "knn": None if knn is None else {"k": knn.k,
-                                                                       "stats": knn.stats}})
-        if knn is not None:
-            np.save(tmp / "latent_memory.npy", knn.memory)
-        _json(tmp / "calibration.json", detector.calibration_.to_dict())
-        _json(tmp / "metadata.json", meta)
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        if metrics is not None:
-            _json(tmp / "metrics.json", metrics)
-        if per_class is not None:
-            per_class.to_csv(tmp / "per_class.csv", index=False)
-        history = getattr(detector, "history_", None)
-        if history:
-            n = max(len(v) for v in history.values())
-            pd.DataFrame({k: v + [None] * (n - len(v)) for k, v in history.items()}).to_csv(
-                tmp / "history.csv", index=False)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        _json(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "algorithm": "sha256",
-                               "files": files})
+        for name, content in files.items():
+            if Path(name).name != name:
+                raise ValueError(f"artifact file names are flat; got {name!r}")
+            target = tmp / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            elif isinstance(content, str):
+                target.write_text(content)
+            else:
+                content(target)
+        (tmp / METADATA).write_text(_dump(meta))
+        listed = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(_dump({"format_version": FORMAT_VERSION,
+                                           "algorithm": "sha256", "files": listed}))
     return path
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise expected(f"a {what} of at most {MAX_JSON_BYTES >> 20} MiB",
+                           f"{path.stat().st_size} bytes in {path}", cls=ArtifactError)
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        if isinstance(exc, ArtifactError):
+            raise
+        raise expected(f"a readable {what}", f"{exc.__class__.__name__} in {path}",
+                       cls=ArtifactError) from None
+    if not isinstance(data, dict):
+        raise expected(f"a JSON object in {what}", f"a {type(data).__name__} in {path}",
+                       cls=ArtifactError)
+    return data
 
 
 def verify(path: str | Path) -> dict:
@@ -158,23 +169,22 @@ def verify(path: str | Path) -> dict:
                        cls=NotFoundError)
     mpath = path / MANIFEST
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-        fmt = manifest["format_version"]
+        manifest = _read_json(mpath, MANIFEST)
     except FileNotFoundError:
         raise expected(f"{MANIFEST} in the artifact", f"no manifest in {path}",
                        hint="The artifact is incomplete; train it again.",
                        cls=ArtifactError) from None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise expected(f"a readable {MANIFEST}", f"{exc.__class__.__name__} in {mpath}",
-                       cls=ArtifactError) from None
+    files, fmt = manifest.get("files"), manifest.get("format_version")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in files.items()):
+        raise expected(f"a {MANIFEST} listing file names and their SHA-256",
+                       f"malformed 'files' in {mpath}", cls=ArtifactError)
     if fmt != FORMAT_VERSION:
-        raise expected(f"artifact format version {FORMAT_VERSION}", fmt,
-                       hint="Upgrade anomaly to read it.", cls=ArtifactError)
-    missing = [f for f in REQUIRED if f not in files]
-    if missing:
-        raise expected(f"the files {list(REQUIRED)} in the manifest", f"{missing} missing",
-                       cls=ArtifactError)
+        raise expected(f"artifact format version {FORMAT_VERSION}", repr(fmt)[:40],
+                       hint="It was written by another version of anomaly: train it again "
+                       "with this one.", cls=ArtifactError)
+    if METADATA not in files:
+        raise expected(f"{METADATA} in the manifest", "missing", cls=ArtifactError)
     present = {p.name for p in path.iterdir() if p.name != MANIFEST}
     extra = sorted(present - set(files))
     if extra:
@@ -183,7 +193,7 @@ def verify(path: str | Path) -> dict:
                        cls=ArtifactError)
     for fname, digest in files.items():
         fpath = path / fname
-        if not fpath.is_file():
+        if Path(fname).name != fname or not fpath.is_file():
             raise expected(f"{fname} in the artifact", f"missing from {path}",
                            hint="The artifact is incomplete.", cls=ArtifactError)
         got = sha256_file(fpath)
@@ -196,10 +206,108 @@ def verify(path: str | Path) -> dict:
 
 def artifact_hash(manifest: dict) -> str:
     """One SHA-256 for the whole artifact: over its manifest's sorted file hashes."""
-    import hashlib
-
     body = json.dumps(manifest["files"], sort_keys=True).encode()
     return hashlib.sha256(body).hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A read (and, unless asked otherwise, verified) artifact directory.
+
+    Attributes:
+        path: the directory; ``manifest``/``metadata`` its two JSON files; ``sha256`` the
+            whole-artifact hash (:func:`artifact_hash`).
+    """
+
+    path: Path
+    manifest: dict
+    metadata: dict
+    sha256: str
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.get("files", {})
+
+    def file(self, name: str) -> Path:
+        if not self.has(name):
+            raise expected(f"{name} in the artifact", f"not listed in {self.path}",
+                           cls=ArtifactError)
+        return self.path / name
+
+    def read_text(self, name: str) -> str:
+        return self.file(name).read_text()
+
+    def json(self, name: str) -> dict:
+        return _read_json(self.file(name), name)
+
+    @property
+    def metrics(self) -> dict | None:
+        return self.json("metrics.json") if self.has("metrics.json") else None
+
+
+def newest_version(model_dir: Path) -> Path | None:
+    """The newest ``VERSION`` folder (holding a manifest) of ``MODELS/NAME``, or ``None``."""
+    versions = [p for p in model_dir.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
+    return max(versions, key=lambda p: version_key(p.name)) if versions else None
+
+
+def resolve(ref: str | Path, models_dir: str | Path | None = None) -> Path:
+    """The artifact directory that ``ref`` names.
+
+    ``ref`` is an artifact directory, a model folder ``MODELS/NAME`` (its newest version, with a
+    note), or ``NAME``, ``NAME@VERSION`` or ``NAME@latest`` inside ``models_dir`` (default
+    ``./models``).
+    """
+    text = str(ref)
+    path = Path(text)
+    if "@" in text and not path.exists():
+        name, _, version = text.rpartition("@")
+        root = Path(models_dir or "models")
+        model_dir = root / check_name(name)
+        if not model_dir.is_dir():
+            raise expected(f"a model named {name!r} in {root}", "none",
+                           hint=f"'anomaly models {root}' lists them.", cls=NotFoundError)
+        if version == "latest":
+            found = newest_version(model_dir)
+            if found is None:
+                raise expected(f"a version of {name!r} in {root}", "none", cls=NotFoundError)
+            return found
+        target = model_dir / check_name(version, "version")
+        if not target.is_dir():
+            raise expected(f"version {version!r} of {name!r} in {root}", "none",
+                           hint=f"'anomaly models {root}' lists them.", cls=NotFoundError)
+        return target
+    if not path.exists() and models_dir is not None and (Path(models_dir) / text).is_dir():
+        path = Path(models_dir) / text
+    if path.is_dir() and not (path / MANIFEST).exists():
+        found = newest_version(path)
+        if found is not None:
+            _log.info("%s is a model folder: using its newest version %s", path, found.name)
+            return found
+    return path
+
+
+def read_artifact(ref: str | Path, *, verify_files: bool = True,
+                  models_dir: str | Path | None = None) -> Artifact:
+    """Resolve (:func:`resolve`), verify (:func:`verify`) and read an artifact's JSON files."""
+    path = resolve(ref, models_dir)
+    if verify_files:
+        manifest = verify(path)
+    else:
+        try:
+            manifest = _read_json(path / MANIFEST, MANIFEST)
+        except FileNotFoundError:
+            raise expected(f"{MANIFEST} in the artifact", f"no manifest in {path}",
+                           cls=ArtifactError) from None
+    if not isinstance(manifest.get("files"), dict):
+        raise expected(f"a {MANIFEST} listing its files", f"malformed {path / MANIFEST}",
+                       cls=ArtifactError)
+    try:
+        meta = _read_json(path / METADATA, METADATA)
+    except FileNotFoundError:
+        raise expected(f"{METADATA} in the artifact", f"missing from {path}",
+                       cls=ArtifactError) from None
+    return Artifact(path, manifest, meta, artifact_hash(manifest))
 
 
 @dataclass
@@ -212,51 +320,8 @@ class ArtifactInfo:
 
 def read_info(path: str | Path, *, verify_files: bool = True) -> ArtifactInfo:
     """Metadata, metrics and hash of an artifact without loading its model."""
-    path = Path(path)
-    manifest = verify(path) if verify_files else json.loads((path / MANIFEST).read_text())
-    meta = json.loads((path / "metadata.json").read_text())
-    metrics = (json.loads((path / "metrics.json").read_text())
-               if (path / "metrics.json").is_file() else None)
-    return ArtifactInfo(path, meta, metrics, artifact_hash(manifest))
-
-
-def load_detector(path: str | Path, *, verify: bool = True):
-    """Load a :class:`~anomaly.detector.Detector` from an artifact directory.
-
-    The manifest is verified first (unless ``verify=False``), then the Keras model is loaded
-    with ``safe_mode=True``.
-    """
-    import keras
-
-    from anomaly.detector import Detector
-    from anomaly.models.autoencoder import Autoencoder
-    from anomaly.scoring import LatentKNN
-
-    path = Path(path)
-    info = read_info(path, verify_files=verify)
-    try:
-        spec = json.loads((path / "detector.json").read_text())
-        params = dict(spec["hyperparameters"])
-        params["target_fprs"] = tuple(params["target_fprs"])
-        det = Detector(**params)
-        det.calibration_ = Calibration.from_dict(
-            json.loads((path / "calibration.json").read_text()))
-        model = keras.models.load_model(path / "model.keras", safe_mode=True, compile=False)
-        det.knn_ = None
-        if spec.get("knn"):
-            memory = np.load(path / "latent_memory.npy", allow_pickle=False)
-            det.knn_ = LatentKNN(memory, k=int(spec["knn"]["k"]), stats=spec["knn"]["stats"])
-    except (KeyError, TypeError, ValueError, OSError) as exc:
-        raise expected("a loadable artifact", f"{exc.__class__.__name__}: {exc} in {path}",
-                       cls=ArtifactError) from None
-    if not isinstance(model, Autoencoder):
-        raise expected("an anomaly Autoencoder model", type(model).__name__, cls=ArtifactError)
-    det.model_ = model
-    det.metadata_ = info.metadata
-    det.metrics_ = info.metrics
-    det.artifact_sha256_ = info.sha256
-    det.path_ = path
-    return det
+    art = read_artifact(path, verify_files=verify_files)
+    return ArtifactInfo(art.path, art.metadata, art.metrics, art.sha256)
 
 
 def list_artifacts(root: str | Path) -> list[ArtifactInfo]:

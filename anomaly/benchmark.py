@@ -21,8 +21,9 @@ from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomaly.config import RunConfig
+from anomaly.data.prepare import prepare
 from anomaly.data.splits import parse_classes
-from anomaly.pipeline import log, prepare
+from anomaly.pipeline import log
 from anomaly.utils import atomic_write_text
 
 #: Mean AUROC over the 10 classes reported for the same protocol in the literature.
@@ -34,7 +35,7 @@ PUBLISHED = {
 
 
 def pca_scores(x_train: np.ndarray, x_test: np.ndarray, n_components: int = 32) -> np.ndarray:
-    """PCA reconstruction error: images ``(n, 28, 28)`` -> scores ``(n_test,)``."""
+    """PCA reconstruction error: images ``(n, H, W[, C])`` -> scores ``(n_test,)``."""
     a, b = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
     pca = PCA(n_components=min(n_components, *a.shape), random_state=0).fit(a)
     rec = pca.inverse_transform(pca.transform(b))
@@ -62,14 +63,14 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", baselines: bool = Fal
     rows = []
     for c in todo:
         run = dataclasses.replace(cfg, normal_classes=[c])
-        data, _, split = prepare(run)
+        split = prepare(run)
         t = time.perf_counter()
-        det = Detector(**run.detector_params()).fit(split.x_train, split.x_val)
+        det = Detector.from_config(run.detector).fit(split.x_train, x_val=split.x_val)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
-        scores = det.score(split.x_test)
+        scores = det.decision_function(split.x_test)
         score_s = time.perf_counter() - t
-        row = {"class": c, "name": data.class_names[c] if data.class_names else str(c),
+        row = {"class": c, "name": split.class_names[c] if split.class_names else str(c),
                "auroc": roc_auc_score(split.y_test, scores),
                "ap": average_precision_score(split.y_test, scores),
                "fit_s": fit_s, "score_s": score_s,
@@ -83,7 +84,7 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", baselines: bool = Fal
                      for k, v in row.items()))
     df = pd.DataFrame(rows)
     out = Path(output)
-    stem = f"{Path(cfg.dataset).name}-{cfg.model}"  # a data path: its name, inside output
+    stem = f"{Path(cfg.dataset).name}-{cfg.detector.model}"  # a data path: its name, inside output
     atomic_write_text(out / f"{stem}.csv", df.to_csv(index=False, float_format="%.4f"))
     md = _markdown(df, cfg)
     atomic_write_text(out / f"{stem}.md", md)
@@ -96,7 +97,8 @@ def _markdown(df: pd.DataFrame, cfg: RunConfig) -> str:
     cols += ["epochs", "fit_s"]
     table = df[cols].copy()
     mean = {c: table[c].mean() for c in cols if c not in ("class", "name")}
-    lines = [f"### {cfg.dataset}, {cfg.model} (one-class protocol, {len(df)} classes)", "",
+    d = cfg.detector
+    lines = [f"### {cfg.dataset}, {d.model} (one-class protocol, {len(df)} classes)", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
@@ -105,9 +107,9 @@ def _markdown(df: pd.DataFrame, cfg: RunConfig) -> str:
     if pub:
         lines += ["", "Published mean AUROC, same protocol: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in pub.items())]
-    lines += ["", f"Settings: epochs={cfg.epochs}, batch_size={cfg.batch_size}, "
-              f"latent_dim={cfg.latent_dim}, hidden={cfg.hidden}, score={cfg.score}, "
-              f"seed={cfg.seed}; machine: {platform.machine()}, "
+    lines += ["", f"Settings: epochs={d.epochs}, batch_size={d.batch_size}, "
+              f"latent_dim={d.latent_dim}, hidden={d.hidden}, score={d.score}, "
+              f"seed={d.seed}; machine: {platform.machine()}, "
               f"{__import__('os').cpu_count()} CPUs."]
     return "\n".join(lines) + "\n"
 

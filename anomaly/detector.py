@@ -1,27 +1,51 @@
-"""``Detector``: an autoencoder anomaly detector with a scikit-learn-style interface.
+"""``Detector``: an autoencoder anomaly detector and a scikit-learn estimator.
 
-Hyper-parameters are set only in ``__init__``; ``fit`` learns from normal images and returns
-``self``; fitted state ends in ``_``. Scores follow one sign convention everywhere: **higher =
-more anomalous**, and an image is anomalous at an operating point when ``score > threshold``.
+It follows scikit-learn's and PyOD's conventions for outlier detectors: hyper-parameters only
+through ``__init__`` (the fields of :class:`~anomaly.config.DetectorConfig`, so their defaults are
+written once, there), ``fit(X, y=None)`` returns ``self``, fitted state ends in ``_``, and
+``clone``, ``get_params``/``set_params`` and ``Pipeline`` work. Scores follow PyOD's sign, one
+convention everywhere: **higher = more anomalous**.
 
->>> det = Detector("conv-ae", epochs=20).fit(x_normal)          # doctest: +SKIP
->>> det.score(images)                     # (N,) float64, higher = more anomalous  +SKIP
->>> det.save("models/digits/1"); Detector.load("models/digits/1")  # doctest: +SKIP
+- ``decision_function(X)``: the anomaly score ``(N,)``.
+- ``predict(X)``: 1 for anomalies, 0 for normal images at the default operating point (the
+  single rule :meth:`Calibration.decide <anomaly.calibration.Calibration.decide>`).
+- ``score_samples(X)``: scikit-learn's sign (higher = more normal), ``-decision_function``.
+- ``detect(X)``: everything the service returns: scores, normalized scores, decisions at any
+  operating point, reconstructions and per-pixel error maps.
+- After ``fit``: ``threshold_`` (the default operating point's), ``decision_scores_`` and
+  ``labels_`` (the training images' scores and decisions, as in PyOD; the kNN part of a training
+  image's score is optimistic, since its own code is in the memory), ``calibration_``,
+  ``history_``, ``image_shape_``.
+
+The hyper-parameter named ``score`` takes the name that a ``score(X)`` method would have: there
+is none (scikit-learn's ``score`` is a goodness-of-fit metric anyway); use ``decision_function``.
+
+>>> det = Detector(model="conv-ae", epochs=20).fit(x_normal)           # doctest: +SKIP
+>>> det.decision_function(images)     # (N,) float64, higher = more anomalous  +SKIP
+>>> det.save("models/digits/1"); Detector.load("models/digits/1")      # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from sklearn.base import BaseEstimator, OutlierMixin
 
 from anomaly.calibration import Calibration, calibrate, fpr_name
-from anomaly.data.images import to_unit_float
-from anomaly.errors import ConfigError, expected
-from anomaly.models.autoencoder import Autoencoder, get_spec
-from anomaly.scoring import LatentKNN, Scorer, check_score_settings
+from anomaly.config import DETECTOR_FIELDS, DetectorConfig, default_of
+from anomaly.data.images import image_shape_of, to_unit_float, without_channels
+from anomaly.data.splits import holdout
+from anomaly.errors import ArtifactError, ConfigError, expected
+
+_log = logging.getLogger(__name__)
+
+_DEFAULT_MODEL = default_of("model")
+#: The detector's file format inside an artifact (see :meth:`Detector.save`).
+DETECTOR_FORMAT = 2
 
 
 @dataclass
@@ -33,7 +57,9 @@ class DetectorOutput:
         normalized: ``(N,)`` in [0, 1], empirical CDF of the normal reference scores.
         is_anomaly: ``(N,)`` bool at ``operating_point``.
         operating_point: name of the operating point used; ``threshold`` its threshold.
-        reconstruction, error_map: ``(N, 28, 28)`` float32, when requested.
+        reconstruction, error_map: ``(N, H, W)`` (grey) or ``(N, H, W, C)`` float32, when
+            requested.
+        parts: ``(N, P)`` raw score parts (see :mod:`anomaly.scoring`).
     """
 
     scores: np.ndarray
@@ -43,88 +69,68 @@ class DetectorOutput:
     threshold: float
     reconstruction: np.ndarray | None = None
     error_map: np.ndarray | None = None
+    parts: np.ndarray | None = None
 
 
-class Detector:
+class Detector(OutlierMixin, BaseEstimator):
     """Autoencoder anomaly detector.
 
-    Args:
-        model: architecture name (``dense-ae``, ``conv-ae``, ``vae``, ``conv-vae``,
-            ``affine-vae``).
-        latent_dim, hidden, beta, recon_loss, denoise: network and loss, see
-            :class:`~anomaly.models.Autoencoder`.
-        score: ``mse``, ``bce``, ``elbo`` (VAEs) or ``mse+knn``; ``None`` for the model's
-            default (see :mod:`anomaly.scoring`).
-        aggregation: per-pixel error aggregation for ``mse``/``bce``.
-        mc_samples: 0 = deterministic score at the posterior mean; > 0 = Monte Carlo.
-        knn_k: neighbours of the ``mse+knn`` score.
-        knn_memory: at most this many normal training codes kept for ``mse+knn``.
-        target_fprs: false-positive rates of the ``fpr@P%`` operating points.
-        default_operating_point: name of the default operating point (``fpr@1%`` if ``None``).
-        epochs, batch_size, learning_rate, patience, seed: training.
-
-    Fitted attributes: ``model_`` (the Keras model), ``calibration_``, ``history_``.
+    Takes every field of :class:`~anomaly.config.DetectorConfig` as a keyword argument (``model``
+    also positionally), with the defaults written there; ``Detector.from_config(cfg)`` takes a
+    config object.
     """
 
-    def __init__(self, model: str = "conv-vae", *, latent_dim: int | None = None,
-                 hidden: list[int] | None = None, beta: float = 1.0, recon_loss: str = "bce",
-                 denoise: float = 0.0, score: str | None = None, aggregation: str = "mean",
-                 mc_samples: int = 0, knn_k: int = 5, knn_memory: int = 10000,
-                 target_fprs: tuple[float, ...] = (0.01,),
-                 default_operating_point: str | None = None, epochs: int = 30,
-                 batch_size: int = 128, learning_rate: float = 1e-3, patience: int = 5,
-                 seed: int = 0):
+    def __init__(self, model=_DEFAULT_MODEL, **params):
+        # The real signature, with every hyper-parameter, is generated below from
+        # DetectorConfig (scikit-learn's get_params reads it), so no default is written twice.
+        unknown = sorted(set(params) - set(DETECTOR_FIELDS))
+        if unknown:
+            raise TypeError(f"Detector got unexpected keyword arguments {unknown}; expected "
+                            f"some of {sorted(DETECTOR_FIELDS)}")
         self.model = model
-        self.latent_dim = latent_dim
-        self.hidden = hidden
-        self.beta = beta
-        self.recon_loss = recon_loss
-        self.denoise = denoise
-        self.score_name = score
-        self.aggregation = aggregation
-        self.mc_samples = mc_samples
-        self.knn_k = knn_k
-        self.knn_memory = knn_memory
-        self.target_fprs = tuple(target_fprs)
-        self.default_operating_point = default_operating_point
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.learning_rate = learning_rate
-        self.patience = patience
-        self.seed = seed
+        for name in DETECTOR_FIELDS:
+            if name != "model":
+                setattr(self, name, params.get(name, default_of(name)))
+
+    @classmethod
+    def from_config(cls, config: DetectorConfig) -> Detector:
+        return cls(**config.to_dict())
+
+    def config(self) -> DetectorConfig:
+        """The hyper-parameters as a :class:`DetectorConfig` (lists copied)."""
+        values = {k: (list(v) if isinstance(v, tuple | list) else v)
+                  for k, v in self.get_params().items()}
+        return DetectorConfig(**values)
 
     # -- configuration ----------------------------------------------------------------------
 
-    def get_params(self) -> dict:
-        """Hyper-parameters, as passed to ``__init__`` (``score`` resolved to its default).
-
-        Read from ``__init__``'s signature, so a new hyper-parameter needs no second list.
-        """
-        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
-        params = {n: getattr(self, n) for n in names if n != "score"}
-        params["score"] = self.resolved_score
-        params["hidden"] = list(self.hidden) if self.hidden else None
-        params["target_fprs"] = list(self.target_fprs)
-        return params
-
-    @property
-    def resolved_score(self) -> str:
-        return self.score_name or get_spec(self.model).score
-
     def check_params(self) -> None:
         """Raise ConfigError for a hyper-parameter that is out of range or of the wrong type."""
+        from anomaly.models.autoencoder import get_spec
+        from anomaly.scoring import AGGREGATIONS, SCORES
+
         get_spec(self.model)
         for name, lo in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("knn_k", 1),
-                         ("knn_memory", 1)):
+                         ("knn_memory", 1), ("mc_samples", 0), ("seed", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise expected(f"{name} as an integer >= {lo}", repr(v), cls=ConfigError)
-        if not (isinstance(self.learning_rate, int | float) and 0 < self.learning_rate < 1):
-            raise expected("learning_rate in (0, 1)", repr(self.learning_rate), cls=ConfigError)
-        if not (isinstance(self.beta, int | float) and self.beta >= 0):
-            raise expected("beta >= 0", repr(self.beta), cls=ConfigError)
-        if not (isinstance(self.denoise, int | float) and 0 <= self.denoise <= 1):
-            raise expected("denoise (noise std) in [0, 1]", repr(self.denoise), cls=ConfigError)
+        for name, ok, want in (
+                ("learning_rate", lambda v: 0 < v < 1, "in (0, 1)"),
+                ("beta", lambda v: v >= 0, ">= 0"),
+                ("denoise", lambda v: 0 <= v <= 1, "(noise std) in [0, 1]"),
+                ("val_fraction", lambda v: 0 < v <= 0.5, "in (0, 0.5]")):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and not isinstance(v, bool) and ok(v)):
+                raise expected(f"{name} {want}", repr(v), cls=ConfigError)
+        if self.score not in SCORES:
+            raise expected(f"a score in {SCORES}", repr(self.score), cls=ConfigError)
+        if self.aggregation not in AGGREGATIONS:
+            raise expected(f"an aggregation in {AGGREGATIONS}", repr(self.aggregation),
+                           cls=ConfigError)
+        if self.recon_loss not in ("bce", "mse"):
+            raise expected("recon_loss in ('bce', 'mse')", repr(self.recon_loss),
+                           cls=ConfigError)
         if self.latent_dim is not None and not (isinstance(self.latent_dim, int)
                                                 and self.latent_dim >= 1):
             raise expected("latent_dim as an integer >= 1 (or unset for the model's default)",
@@ -135,32 +141,35 @@ class Detector:
                            repr(self.hidden), cls=ConfigError)
         fprs = self.target_fprs
         if not fprs or not all(isinstance(f, int | float) and 0 < f < 1 for f in fprs):
-            raise expected("target FPRs in (0, 1), e.g. 0.01", repr(list(fprs)),
+            raise expected("target FPRs in (0, 1), e.g. 0.01", repr(list(fprs or ())),
                            cls=ConfigError)
         names = {fpr_name(f) for f in fprs} | {"f1-max", "youden"}
         if self.default_operating_point not in (None, *names):
             raise expected(f"a default operating point in {sorted(names)}",
                            repr(self.default_operating_point), cls=ConfigError)
 
-    def _build(self) -> Autoencoder:
-        return Autoencoder(self.model, latent_dim=self.latent_dim, hidden=self.hidden,
-                           beta=self.beta, recon_loss=self.recon_loss, denoise=self.denoise,
-                           seed=self.seed)
+    def _build(self, image_shape):
+        from anomaly.models.autoencoder import Autoencoder
+
+        return Autoencoder(self.model, image_shape, latent_dim=self.latent_dim,
+                           hidden=self.hidden, beta=self.beta, recon_loss=self.recon_loss,
+                           denoise=self.denoise, seed=self.seed)
 
     # -- fitting ------------------------------------------------------------------------------
 
-    def fit(self, x: np.ndarray, x_val: np.ndarray | None = None, *,
-            calibration_anomalies: np.ndarray | None = None, val_fraction: float = 0.1,
+    def fit(self, X, y=None, *, x_val=None, calibration_anomalies=None,
             backup_dir: str | Path | None = None, verbose: int = 0, callbacks=(),
             distribute: str = "auto") -> Detector:
         """Train on normal images and calibrate the thresholds.
 
         Args:
-            x: normal training images ``(n, 28, 28)`` (any input :func:`to_unit_float` takes).
-            x_val: normal validation images ``(n_val, 28, 28)`` for early stopping and
-                calibration; when ``None``, ``val_fraction`` of ``x`` is held out.
-            calibration_anomalies: labelled anomalies ``(n_cal, 28, 28)`` that add the
-                ``f1-max`` and ``youden`` operating points. Never test data.
+            X: normal training images ``(n, H, W)`` or ``(n, H, W, C)`` (any input
+                :func:`~anomaly.data.images.to_unit_float` takes); they set ``image_shape_``.
+            y: ignored (unsupervised), as in PyOD.
+            x_val: normal validation images for early stopping and calibration; when ``None``,
+                ``val_fraction`` of ``X`` is held out (the same hold-out ``anomaly fit`` makes).
+            calibration_anomalies: labelled anomalies that add the ``f1-max`` and ``youden``
+                operating points. Never test data.
             backup_dir: per-epoch state for resuming an interrupted fit.
             distribute: ``auto``, ``none``, ``mirrored`` or ``multi-worker``; see
                 :func:`anomaly.training.choose_strategy`.
@@ -168,52 +177,61 @@ class Detector:
         Returns:
             self
         """
+        from anomaly.scoring import check_score_settings
         from anomaly.training import choose_strategy, make_strategy, set_seed, train
 
         self.check_params()
-        x = to_unit_float(x, what="training images")
+        x = to_unit_float(X, what="training images")
         if x_val is None:
-            rng = np.random.default_rng(self.seed)
-            idx = rng.permutation(len(x))
-            n_val = max(2, round(len(x) * val_fraction))
-            x, x_val = x[idx[n_val:]], x[idx[:n_val]]
+            train_idx, val_idx = holdout(len(x), self.val_fraction, self.seed)
+            x, x_val = x[train_idx], x[val_idx]
         else:
-            x_val = to_unit_float(x_val, what="validation images")
+            x_val = to_unit_float(x_val, shape=image_shape_of(x), what="validation images")
+        self.image_shape_ = image_shape_of(x)
         self.strategy_ = choose_strategy(distribute)
         strategy = make_strategy(self.strategy_)
         set_seed(self.seed)
         with strategy.scope():
-            model = self._build()
-            check_score_settings(model, self.resolved_score, self.aggregation, self.mc_samples)
+            model = self._build(self.image_shape_)
+            check_score_settings(model, self.score, self.aggregation, self.mc_samples)
             self.history_ = train(model, x, x_val, epochs=self.epochs,
                                   batch_size=self.batch_size, learning_rate=self.learning_rate,
                                   patience=self.patience, backup_dir=backup_dir,
                                   verbose=verbose, callbacks=list(callbacks))
         self.model_ = model
+        self.knn_ = self.standardizer_ = None
         self._scorer = None
-        self.knn_ = None
-        if self.resolved_score == "mse+knn":
-            self.knn_ = self._fit_knn(x, x_val)
+        if self.score == "mse+knn":
+            self.knn_ = self._fit_knn(x)
+        if len(self._scorer_uncached().part_names) > 1:
+            from anomaly.scoring import Standardizer
+
+            self.standardizer_ = Standardizer.fit(self._scorer_uncached().parts(x_val))
+        self._scorer = None
         self.calibrate(x_val, calibration_anomalies)
+        self.decision_scores_ = self.decision_function(x)
+        self.labels_ = self.calibration_.decide(self.decision_scores_).astype(np.int64)
         return self
 
-    def _fit_knn(self, x: np.ndarray, x_val: np.ndarray) -> LatentKNN:
-        """Keep normal training codes and standardize both score parts on ``x_val``."""
-        if len(x) > self.knn_memory:
-            x = x[np.sort(np.random.default_rng(self.seed).permutation(len(x))[: self.knn_memory])]
-        knn = LatentKNN(self.encode(x).astype(np.float32), k=self.knn_k)
-        parts = Scorer(self.model_, "mse+knn", self.aggregation, knn=knn).knn_components(x_val)
-        mean, std = parts.mean(axis=0), np.maximum(parts.std(axis=0), 1e-6)
-        knn.stats = [float(mean[0]), float(std[0]), float(mean[1]), float(std[1])]
-        return knn
+    def _fit_knn(self, x: np.ndarray):
+        """Keep (at most ``knn_memory``) normal training codes."""
+        from anomaly.scoring import LatentKNN
 
-    def calibrate(self, x_normal: np.ndarray, x_anomalies: np.ndarray | None = None) -> Detector:
-        """(Re)calibrate thresholds on normal images ``(n, 28, 28)`` and optional anomalies."""
-        normal_scores = self.score(x_normal)
-        anomaly_scores = self.score(x_anomalies) if x_anomalies is not None else None
+        if len(x) > self.knn_memory:
+            keep = np.sort(np.random.default_rng(self.seed).permutation(len(x))[: self.knn_memory])
+            x = x[keep]
+        return LatentKNN(self.encode(x).astype(np.float32), k=self.knn_k)
+
+    def calibrate(self, x_normal, x_anomalies=None) -> Detector:
+        """(Re)calibrate thresholds on normal images ``(n, H, W[, C])`` and optional anomalies."""
+        normal_scores = self.decision_function(x_normal)
+        anomaly_scores = (self.decision_function(x_anomalies) if x_anomalies is not None
+                          else None)
         default = self.default_operating_point or fpr_name(self.target_fprs[0])
         self.calibration_: Calibration = calibrate(normal_scores, anomaly_scores,
-                                                   target_fprs=self.target_fprs, default=default)
+                                                   target_fprs=tuple(self.target_fprs),
+                                                   default=default)
+        self.threshold_ = self.calibration_.get().threshold
         return self
 
     # -- scoring ------------------------------------------------------------------------------
@@ -223,17 +241,38 @@ class Detector:
             raise expected("a fitted Detector (call fit() or Detector.load())", "unfitted",
                            cls=ConfigError)
 
+    def _scorer_uncached(self):
+        from anomaly.scoring import Scorer
+
+        return Scorer(self.model_, self.score, self.aggregation, self.mc_samples,
+                      knn=self.knn_, standardizer=self.standardizer_)
+
     @property
-    def scorer(self) -> Scorer:
+    def scorer(self):
+        """The compiled :class:`~anomaly.scoring.Scorer` of the fitted model."""
         self._check_fitted()
         if getattr(self, "_scorer", None) is None:
-            self._scorer = Scorer(self.model_, self.resolved_score, self.aggregation,
-                                  self.mc_samples, knn=getattr(self, "knn_", None))
+            self._scorer = self._scorer_uncached()
         return self._scorer
 
-    def score(self, images) -> np.ndarray:
-        """Anomaly scores ``(N,)`` for images ``(N, 28, 28)``; higher = more anomalous."""
-        return self.scorer(to_unit_float(images)).scores
+    def _images(self, X) -> np.ndarray:
+        return to_unit_float(X, shape=self.image_shape_)
+
+    def decision_function(self, X) -> np.ndarray:
+        """Anomaly scores ``(N,)`` float64 for images ``(N, H, W[, C])``; higher = more
+        anomalous."""
+        self._check_fitted()
+        return self.scorer(self._images(X)).scores
+
+    def score_samples(self, X) -> np.ndarray:
+        """scikit-learn's sign: ``(N,)``, higher = more normal (``-decision_function``)."""
+        return -self.decision_function(X)
+
+    def predict(self, X, operating_point: str | None = None) -> np.ndarray:
+        """``(N,)`` int: 1 = anomalous at the operating point (default: the default one)."""
+        self._check_fitted()
+        return self.calibration_.decide(self.decision_function(X),
+                                        operating_point).astype(np.int64)
 
     def detect(self, images, *, operating_point: str | None = None,
                reconstruction: bool = False, error_map: bool = False,
@@ -241,21 +280,19 @@ class Detector:
         """Scores, normalized scores and decisions (plus optional reconstructions) for images.
 
         Args:
-            images: ``(N, 28, 28)`` or anything :func:`to_unit_float` accepts.
+            images: ``(N, H, W[, C])`` or anything :func:`to_unit_float` accepts.
             operating_point: a name from ``calibration_.operating_points``; default if ``None``.
-            validated: the images are already float32 ``(N, 28, 28)`` in [0, 1].
+            validated: the images are already float32 of the model's shape, in [0, 1].
         """
         self._check_fitted()
         op = self.calibration_.get(operating_point)
-        x = images if validated else to_unit_float(images)
+        x = images if validated else self._images(images)
         out = self.scorer(x, reconstruction=reconstruction, error_map=error_map)
+        recon = without_channels(out.reconstruction) if reconstruction else None
+        err = without_channels(out.error_map) if error_map else None
         return DetectorOutput(out.scores, self.calibration_.normalize(out.scores),
-                              out.scores > op.threshold, op.name, op.threshold,
-                              out.reconstruction, out.error_map)
-
-    def predict(self, images, operating_point: str | None = None) -> np.ndarray:
-        """``(N,)`` bool, True = anomalous at the operating point."""
-        return self.detect(images, operating_point=operating_point).is_anomaly
+                              self.calibration_.decide(out.scores, op.name), op.name,
+                              op.threshold, recon, err, out.parts)
 
     def normalized_score(self, scores: np.ndarray) -> np.ndarray:
         """Scores ``(N,)`` -> ``(N,)`` in [0, 1]; see :meth:`Calibration.normalize`."""
@@ -263,42 +300,141 @@ class Detector:
         return self.calibration_.normalize(scores)
 
     def reconstruct(self, images, *, normalize: bool = False) -> np.ndarray:
-        """Reconstructions ``(N, 28, 28)`` in [0, 1] (decoded at the posterior mean).
+        """Reconstructions ``(N, H, W[, C])`` in [0, 1] (decoded at the posterior mean).
 
         ``normalize=True`` (``affine-vae``): decode with the identity transform.
         """
         self._check_fitted()
         from keras import ops
 
-        x = to_unit_float(images)
+        x = self._images(images)
+        x4 = x[..., None] if x.ndim == 3 else x
         out = []
-        for start in range(0, len(x), 1024):
-            z, _ = self.model_.encode(x[start : start + 1024])
+        for start in range(0, len(x4), 1024):
+            z, _ = self.model_.encode(x4[start : start + 1024])
             out.append(ops.convert_to_numpy(ops.sigmoid(self.model_.decode_logits(z, normalize))))
-        return np.concatenate(out)
+        return without_channels(np.concatenate(out))
 
     def encode(self, images) -> np.ndarray:
         """Latent codes ``(N, code_dim)`` (posterior means for VAEs)."""
         self._check_fitted()
         from keras import ops
 
-        x = to_unit_float(images)
-        return np.concatenate([ops.convert_to_numpy(self.model_.encode(x[i : i + 1024])[0])
-                               for i in range(0, len(x), 1024)])
+        shape = getattr(self, "image_shape_", None)
+        x = to_unit_float(images, shape=shape)
+        x4 = x[..., None] if x.ndim == 3 else x
+        return np.concatenate([ops.convert_to_numpy(self.model_.encode(x4[i : i + 1024])[0])
+                               for i in range(0, len(x4), 1024)])
 
     # -- persistence --------------------------------------------------------------------------
 
-    def save(self, path: str | Path, **metadata) -> Path:
-        """Write a verified artifact directory at ``path`` (atomically); see
-        :mod:`anomaly.artifact`."""
-        from anomaly.artifact import save_detector
+    def save(self, path: str | Path, *, metadata: dict | None = None,
+             extra_files: dict | None = None, overwrite: bool = False) -> Path:
+        """Write a verified artifact directory at ``path`` (atomically).
+
+        The detector's own files are ``model.keras``, ``detector.json`` (format, hyper-
+        parameters, image shape, fitted score state), ``calibration.json``,
+        ``latent_memory.npy`` (``mse+knn``) and ``history.csv``; ``extra_files`` adds others
+        (name -> bytes or text), ``metadata`` goes into ``metadata.json``. See
+        :mod:`anomaly.artifact` for the format.
+        """
+        import io
+
+        import pandas as pd
+
+        from anomaly.artifact import library_versions, write_artifact
 
         self._check_fitted()
-        return save_detector(self, path, **metadata)
+        files: dict = {
+            "model.keras": lambda p: self.model_.save(p),
+            "detector.json": _json({
+                "format_version": DETECTOR_FORMAT,
+                "hyperparameters": self.config().to_dict(),
+                "image_shape": list(self.image_shape_),
+                "code_dim": int(self.model_.code_dim),
+                "knn": None if self.knn_ is None else {"k": self.knn_.k},
+                "standardizer": (None if self.standardizer_ is None
+                                 else self.standardizer_.to_dict()),
+            }),
+            "calibration.json": _json(self.calibration_.to_dict()),
+        }
+        if self.knn_ is not None:
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(self.knn_.memory, np.float32), allow_pickle=False)
+            files["latent_memory.npy"] = buf.getvalue()
+        history = getattr(self, "history_", None)
+        if history:
+            n = max(len(v) for v in history.values())
+            files["history.csv"] = pd.DataFrame(
+                {k: v + [None] * (n - len(v)) for k, v in history.items()}).to_csv(index=False)
+        files.update(extra_files or {})
+        meta = {"model_type": self.model, "image_shape": list(self.image_shape_),
+                "libraries": library_versions(), **(metadata or {})}
+        return write_artifact(path, files, metadata=meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path, *, verify: bool = True) -> Detector:
-        """Load an artifact directory written by :meth:`save` (manifest checked first)."""
-        from anomaly.artifact import load_detector
+        """Load an artifact directory written by :meth:`save` (manifest checked first).
 
-        return load_detector(path, verify=verify)
+        ``path`` may also be a model folder ``MODELS/NAME`` (its newest version, with a note).
+        """
+        import json
+
+        import keras
+
+        from anomaly.artifact import read_artifact
+        from anomaly.models.autoencoder import Autoencoder
+        from anomaly.scoring import LatentKNN, Standardizer
+
+        art = read_artifact(path, verify_files=verify)
+        try:
+            spec = json.loads(art.read_text("detector.json"))
+            if spec.get("format_version") != DETECTOR_FORMAT:
+                raise expected(f"detector format version {DETECTOR_FORMAT}",
+                               f"{spec.get('format_version')!r} in {art.path}",
+                               hint="Train it again with this version of anomaly.",
+                               cls=ArtifactError)
+            det = cls(**spec["hyperparameters"])
+            det.image_shape_ = tuple(int(v) for v in spec["image_shape"])
+            det.calibration_ = Calibration.from_dict(json.loads(art.read_text(
+                "calibration.json")))
+            model = keras.models.load_model(art.file("model.keras"), safe_mode=True,
+                                            compile=False)
+            det.knn_ = None
+            if spec.get("knn"):
+                memory = np.load(art.file("latent_memory.npy"), allow_pickle=False)
+                det.knn_ = LatentKNN(memory, k=int(spec["knn"]["k"]))
+            det.standardizer_ = (Standardizer.from_dict(spec["standardizer"])
+                                 if spec.get("standardizer") else None)
+        except (KeyError, TypeError, ValueError, OSError, RecursionError) as exc:
+            if isinstance(exc, ArtifactError):
+                raise
+            raise expected("a loadable artifact",
+                           f"{exc.__class__.__name__}: {str(exc)[:200]} in {art.path}",
+                           cls=ArtifactError) from None
+        if not isinstance(model, Autoencoder):
+            raise expected("an anomaly Autoencoder model", type(model).__name__,
+                           cls=ArtifactError)
+        det.model_ = model
+        det.threshold_ = det.calibration_.get().threshold
+        det._scorer = None
+        det.metadata_ = art.metadata
+        det.metrics_ = art.json("metrics.json") if art.has("metrics.json") else None
+        det.artifact_sha256_ = art.sha256
+        det.path_ = art.path
+        return det
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, indent=2) + "\n"
+
+
+# scikit-learn's get_params reads __init__'s signature: give it every hyper-parameter, generated
+# from DetectorConfig, so that the defaults live in one place.
+Detector.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD if name == "model"
+                         else inspect.Parameter.KEYWORD_ONLY, default=default_of(name))
+       for name in DETECTOR_FIELDS])

@@ -10,15 +10,16 @@ units of ``affine-vae``). Files:
 - ``.csv``: columns ``id``, ``label`` (labelled input only), ``z0`` .. ``z{code_dim-1}``;
   written with 9 significant digits, so float32 codes read back exactly.
 
-Reconstructions are ``(N, 28, 28)`` float32 in [0, 1] (decoded at the posterior mean; with
+Reconstructions are ``(N, H, W[, C])`` float32 in [0, 1] (decoded at the posterior mean; with
 ``normalize=True`` an ``affine-vae`` decodes with the identity transform). A model trained with
 ``--denoise STD`` learned to map noisy inputs to clean images, so its reconstructions of noisy
 images are denoised. Files:
 
-- ``.npy``: the images ``(N, 28, 28)`` float32.
+- ``.npy``: the images ``(N, H, W[, C])`` float32.
 - ``.npz``: ``x`` (the images), ``ids`` and, for labelled input, ``y``.
-- ``.csv``: ``id`` then 784 pixel columns ``p0`` .. ``p783`` (floats in [0, 1], 9 digits).
-- a folder (a path without one of those suffixes): one 8-bit grayscale PNG per image, named
+- ``.csv``: ``id`` then one column per pixel value ``p0`` .. ``p{H*W*C-1}`` (floats in [0, 1],
+  9 digits).
+- a folder (a path without one of those suffixes): one 8-bit grayscale (or RGB) PNG per image, named
   after the input's ids (``0.png``, ``1.png`` ... for arrays and CSV rows).
 
 Every output reads back with :func:`anomaly.data.images.load_images` (the ``.npy``, ``.npz`` and
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from anomaly.errors import DataError, expected
+from anomaly.errors import ConfigError, DataError, expected
 from anomaly.utils import atomic_dir, atomic_write_bytes, atomic_write_text
 
 CODE_SUFFIXES = (".csv", ".npy", ".npz")
@@ -47,14 +48,14 @@ def check_output(path: str | Path, *, codes: bool) -> Path:
     suffix = path.suffix.lower()
     if codes and suffix not in CODE_SUFFIXES:
         raise expected(f"an --output path ending in {', '.join(CODE_SUFFIXES)}", str(path),
-                       cls=DataError)
+                       cls=ConfigError)
     if not codes and suffix not in CODE_SUFFIXES:
         if suffix in (".png", ".jpg", ".jpeg"):
             raise expected("an --output folder for PNG files (or a .npy/.npz/.csv file)",
-                           f"{path} (a single image file name)", cls=DataError)
+                           f"{path} (a single image file name)", cls=ConfigError)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise expected("an --output folder that does not exist yet or is empty",
-                           f"{path} (exists)", cls=DataError)
+                           f"{path} (exists)", cls=ConfigError)
     return path
 
 
@@ -125,7 +126,7 @@ def _png_name(image_id: str, index: int, used: set[str]) -> str:
 
 def write_images(path: str | Path, images: np.ndarray, ids: list[str] | None = None,
                  labels: np.ndarray | None = None) -> Path:
-    """Write images ``(N, 28, 28)`` in [0, 1] to ``.npy``, ``.npz``, ``.csv`` or a folder of
+    """Write images ``(N, H, W[, 3])`` in [0, 1] to ``.npy``, ``.npz``, ``.csv`` or a folder of
     PNG files (any other path), atomically."""
     from PIL import Image
 
@@ -140,7 +141,7 @@ def write_images(path: str | Path, images: np.ndarray, ids: list[str] | None = N
         atomic_write_bytes(path, _npz_bytes(x=images, ids=np.asarray(ids, dtype=str), **extra))
     elif suffix == ".csv":
         df = pd.DataFrame(images.reshape(len(images), -1),
-                          columns=[f"p{i}" for i in range(28 * 28)])
+                          columns=[f"p{i}" for i in range(images[0].size)])
         df.insert(0, "id", ids)
         atomic_write_text(path, df.to_csv(index=False, float_format="%.9g"))
     else:
@@ -149,18 +150,19 @@ def write_images(path: str | Path, images: np.ndarray, ids: list[str] | None = N
         with atomic_dir(path) as tmp:
             for i, (img, image_id) in enumerate(zip(images, ids, strict=True)):
                 u8 = np.rint(img * 255.0).astype(np.uint8)
-                Image.fromarray(u8, mode="L").save(tmp / _png_name(image_id, i, used))
+                Image.fromarray(u8, mode="L" if u8.ndim == 2 else "RGB").save(
+                    tmp / _png_name(image_id, i, used))
     return path
 
 
 def embed(detector, images) -> np.ndarray:
-    """Latent codes ``(N, code_dim)`` float32 of images ``(N, 28, 28)`` (posterior means)."""
+    """Latent codes ``(N, code_dim)`` float32 of images ``(N, H, W[, C])`` (posterior means)."""
     return np.asarray(detector.encode(images), dtype=np.float32)
 
 
 def reconstruct(detector, images, *, normalize: bool = False) -> np.ndarray:
-    """Reconstructions ``(N, 28, 28)`` float32 in [0, 1]; see :meth:`Detector.reconstruct`."""
+    """Reconstructions ``(N, H, W[, C])`` float32 in [0, 1]; see :meth:`Detector.reconstruct`."""
     if normalize and detector.model != "affine-vae":
         raise expected("an affine-vae artifact for --normalize (the transform-free "
-                       "reconstruction)", detector.model, cls=DataError)
+                       "reconstruction)", detector.model, cls=ConfigError)
     return np.asarray(detector.reconstruct(images, normalize=normalize), dtype=np.float32)

@@ -61,7 +61,7 @@ def evaluate(scores: np.ndarray, y_true: np.ndarray, calibration: Calibration,
         "operating_points": {},
     }
     for name, op in calibration.operating_points.items():
-        pm = point_metrics(y_true, scores > op.threshold)
+        pm = point_metrics(y_true, calibration.decide(scores, name))
         metrics["operating_points"][name] = {"threshold": op.threshold,
                                              "expected_fpr": op.expected_fpr, **pm}
     rows = []
@@ -75,8 +75,8 @@ def evaluate(scores: np.ndarray, y_true: np.ndarray, calibration: Calibration,
         name = class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c)
         row = {"class": int(c), "name": name, "role": role, "n": int(mask.sum()),
                "mean_score": float(scores[mask].mean())}
-        for op_name, op in calibration.operating_points.items():
-            row[f"flagged@{op_name}"] = float(np.mean(scores[mask] > op.threshold))
+        for op_name in calibration.operating_points:
+            row[f"flagged@{op_name}"] = float(np.mean(calibration.decide(scores[mask], op_name)))
         rows.append(row)
     return Evaluation(metrics, pd.DataFrame(rows))
 

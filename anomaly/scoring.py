@@ -1,42 +1,66 @@
 """Anomaly scores from a trained autoencoder. Higher score = more anomalous, everywhere.
 
-Scores:
-- ``mse``: squared error between image and reconstruction, aggregated over pixels.
-- ``bce``: the Bernoulli negative log-likelihood of each pixel minus its minimum (the pixel's own
-  entropy), i.e. the binary KL divergence ``KL(Bern(x) || Bern(x_hat))``: zero for a perfect
-  reconstruction whatever the image's amount of ink. Raw cross-entropy is not used because its
-  floor differs from image to image, which cost 9-11 AUROC points on MNIST digits 2 and 3
-  (bench/score_ablation.py).
-- ``elbo``: the negative evidence lower bound of a VAE, ``sum(bce) + beta * KL(q(z|x) || p(z))``
-  (with the same per-image constant removed), computed deterministically at the posterior mean
-  ``z = mu(x)``; with ``mc_samples > 0`` the reconstruction term is averaged over that many
-  samples ``z ~ q(z|x)`` instead.
-- ``mse+knn``: reconstruction error plus latent-space density, in the spirit of latent-space
-  models such as LSA: ``(log mse - m1) / s1 + (log knn - m2) / s2``, where ``knn`` is the mean
-  squared distance from the image's code to its ``k`` nearest codes of normal training images,
-  and ``m``/``s`` standardize each part on the normal validation images. An anomaly that the
-  decoder happens to reconstruct well still lands far from the normal codes.
+A score is computed in two steps, so nothing is hidden:
 
-Aggregations over the 28x28 per-pixel errors: ``mean``, ``sum``, ``max`` and ``top10`` (mean of
-the largest 10% of pixel errors, which favours small, local defects).
+1. The **raw parts** of each image, computed by the network (:meth:`Scorer.parts`), each
+   ``(N,)``:
 
-The inference path is one ``tf.function`` per output set with a fixed input signature, so a
-call costs one graph execution per batch, without ``model.predict``'s per-call overhead.
+   - ``mse``: squared error between image and reconstruction, aggregated over pixels.
+   - ``bce``: the Bernoulli negative log-likelihood of each pixel minus its minimum (the pixel's
+     own entropy), i.e. the binary KL divergence ``KL(Bern(x) || Bern(x_hat))``: zero for a
+     perfect reconstruction whatever the image's amount of ink. Raw cross-entropy is not used
+     because its floor differs from image to image, which cost 9-11 AUROC points on MNIST
+     digits 2 and 3 (bench/score_ablation.py).
+   - ``elbo``: the negative evidence lower bound of a VAE, ``sum(bce) + beta * KL(q(z|x) ||
+     p(z))`` (with the same per-image constant removed), at the posterior mean ``z = mu(x)``;
+     with ``mc_samples > 0`` the reconstruction term is averaged over samples ``z ~ q(z|x)``.
+   - ``mse+knn`` has two parts: ``log_mse``, the log of the aggregated squared error, and
+     ``log_knn``, the log of the mean squared distance from the image's code to its ``k``
+     nearest codes of normal training images (latent-space density, in the spirit of LSA).
+     The logs make both parts roughly Gaussian on normal data.
+
+2. The **combination** into one score: a single part is the score; several parts are summed
+   after a :class:`Standardizer` fitted on normal validation images turns each into a z-score,
+   ``(log_mse - m1) / s1 + (log_knn - m2) / s2``. An anomaly that the decoder happens to
+   reconstruct well still lands far from the normal codes.
+
+Aggregations over the per-pixel errors: ``mean``, ``sum``, ``max`` and ``top10`` (mean of the
+largest 10% of pixel errors, a fraction of the image's pixels, which favours small, local
+defects).
+
+A score does not depend on what else is in the batch: batches are zero-padded to a multiple of
+:data:`ROW_BLOCK` images, the kNN distances of the nearest candidates are recomputed as exact
+differences (the ``|z|^2 - 2 z.m + |m|^2`` expansion that finds them cancels catastrophically
+for near neighbours in float32), and the combination runs in float64 outside the graph. The
+inference path is one ``tf.function`` per output set with a fixed input signature, so a call
+costs one graph execution per batch.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from anomaly.models.autoencoder import Autoencoder  # first: TensorFlow without start-up noise
+from anomaly.errors import ConfigError, expected  # noqa: I001
 import tensorflow as tf
 from keras import ops
 
-from anomaly.errors import ConfigError, expected
-from anomaly.models.autoencoder import Autoencoder
-
 SCORES = ("mse", "bce", "elbo", "mse+knn")
 AGGREGATIONS = ("mean", "sum", "max", "top10")
+#: The raw parts of each score, in the order :meth:`Scorer.parts` returns them.
+PARTS = {"mse": ("mse",), "bce": ("bce",), "elbo": ("elbo",),
+         "mse+knn": ("log_mse", "log_knn")}
+#: Fraction of the pixels averaged by the ``top10`` aggregation.
+TOP_FRACTION = 0.1
+#: Every graph execution gets a multiple of this many images (zero-padded): TensorFlow's CPU
+#: kernels compute a row differently for 1-3 rows than for a multiple of 4, so without padding a
+#: score would depend on its batch (measured: 5e-5 relative between batch sizes 1 and 64).
+ROW_BLOCK = 8
+#: Extra nearest-neighbour candidates kept from the fast expansion before the exact recompute.
+_KNN_MARGIN = 16
 
 
 @dataclass
@@ -45,11 +69,13 @@ class ScoreOutput:
 
     Attributes:
         scores: ``(N,)`` float64 anomaly scores, higher = more anomalous.
-        reconstruction: ``(N, 28, 28)`` float32 in [0, 1], or ``None`` if not requested.
-        error_map: ``(N, 28, 28)`` float32 per-pixel error, or ``None`` if not requested.
+        parts: ``(N, P)`` float64 raw parts (:data:`PARTS` names their columns).
+        reconstruction: ``(N, H, W, C)`` float32 in [0, 1], or ``None`` if not requested.
+        error_map: ``(N, H, W, C)`` float32 per-pixel error, or ``None`` if not requested.
     """
 
     scores: np.ndarray
+    parts: np.ndarray
     reconstruction: np.ndarray | None = None
     error_map: np.ndarray | None = None
 
@@ -76,18 +102,46 @@ def _bernoulli_kl(x, logits):
 
 @dataclass
 class LatentKNN:
-    """What the ``mse+knn`` score needs besides the network.
+    """The latent memory of the ``mse+knn`` score.
 
     Attributes:
         memory: codes of normal training images, ``(n_memory, code_dim)`` float32.
         k: neighbours averaged.
-        stats: ``[m1, s1, m2, s2]``, mean and std of ``log mse`` and ``log knn`` on normal
-            validation images; ``None`` while they are being measured.
     """
 
     memory: np.ndarray
     k: int = 5
-    stats: list[float] | None = None
+
+
+@dataclass
+class Standardizer:
+    """Turns raw parts ``(N, P)`` into one score: the sum of their z-scores.
+
+    Attributes:
+        mean, std: per part, measured on normal validation images (``std`` floored at 1e-6).
+    """
+
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def fit(cls, parts: np.ndarray) -> Standardizer:
+        """Measure ``(N, P)`` raw parts of normal images."""
+        parts = np.asarray(parts, dtype=np.float64)
+        return cls([float(v) for v in parts.mean(axis=0)],
+                   [float(max(v, 1e-6)) for v in parts.std(axis=0)])
+
+    def combine(self, parts: np.ndarray) -> np.ndarray:
+        """``(N, P)`` raw parts -> ``(N,)`` float64 scores."""
+        parts = np.asarray(parts, dtype=np.float64)
+        return ((parts - np.asarray(self.mean)) / np.asarray(self.std)).sum(axis=1)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Standardizer:
+        return cls([float(v) for v in data["mean"]], [float(v) for v in data["std"]])
 
 
 class Scorer:
@@ -98,44 +152,59 @@ class Scorer:
         score: one of :data:`SCORES`.
         aggregation: one of :data:`AGGREGATIONS` (ignored by ``elbo``, which sums).
         mc_samples: 0 for the deterministic posterior-mean score, else Monte Carlo samples.
-        knn: the latent memory for ``mse+knn`` (required for it, ignored otherwise).
+        knn: the latent memory (required by ``mse+knn``, ignored otherwise).
+        standardizer: combines several parts into one score (required to call the scorer for
+            ``mse+knn``; :meth:`parts` works without it, which is how it is fitted).
         batch_size: images per graph execution.
     """
 
     def __init__(self, model: Autoencoder, score: str = "mse", aggregation: str = "mean",
-                 mc_samples: int = 0, knn: LatentKNN | None = None, batch_size: int = 1024):
+                 mc_samples: int = 0, knn: LatentKNN | None = None,
+                 standardizer: Standardizer | None = None, batch_size: int = 1024):
         check_score_settings(model, score, aggregation, mc_samples)
         if score == "mse+knn" and knn is None:
             raise expected("a latent memory for the 'mse+knn' score", "none", cls=ConfigError)
         self.model, self.score, self.aggregation = model, score, aggregation
         self.mc_samples, self.batch_size = mc_samples, batch_size
-        self.knn = knn
+        self.knn, self.standardizer = knn, standardizer
+        self.part_names = PARTS[score]
+        self.image_shape = tuple(model.image_shape)
+        self._n_pixels = math.prod(self.image_shape)
         if knn is not None:
-            mem = np.asarray(knn.memory, np.float32)
-            self._memory = tf.constant(mem)
-            self._memory_sq = tf.constant((mem.astype(np.float64) ** 2).sum(1).astype(np.float32))
-        spec = [tf.TensorSpec([None, 28, 28], tf.float32)]
-        self._scores_only = tf.function(lambda x: self._graph(x)[0], input_signature=spec,
-                                        reduce_retracing=True)
+            self._memory = tf.constant(np.asarray(knn.memory, np.float32))
+            mem64 = np.asarray(knn.memory, np.float64)
+            self._memory_sq = tf.constant((mem64 ** 2).sum(1).astype(np.float32))
+        spec = [tf.TensorSpec([None, *self.image_shape], tf.float32)]
+        self._parts_only = tf.function(lambda x: self._graph(x)[0], input_signature=spec,
+                                       reduce_retracing=True)
         self._full = tf.function(self._graph, input_signature=spec, reduce_retracing=True)
 
     def _aggregate(self, err):
-        flat = ops.reshape(err, (-1, 28 * 28))
+        flat = ops.reshape(err, (-1, self._n_pixels))
         if self.aggregation == "mean":
             return ops.mean(flat, axis=1)
         if self.aggregation == "sum":
             return ops.sum(flat, axis=1)
         if self.aggregation == "max":
             return ops.max(flat, axis=1)
-        return ops.mean(ops.top_k(flat, 78, sorted=False)[0], axis=1)
+        top = max(1, round(TOP_FRACTION * self._n_pixels))
+        return ops.mean(ops.top_k(flat, top, sorted=False)[0], axis=1)
 
     def knn_distance(self, z):
-        """Mean squared distance of codes ``(batch, d)`` to their k nearest memory codes."""
-        d2 = (ops.sum(ops.square(z), axis=1, keepdims=True) - 2.0 * ops.matmul(z, ops.transpose(
-            self._memory)) + self._memory_sq[None, :])
-        k = min(self.knn.k, int(self._memory.shape[0]))
-        nearest = -ops.top_k(-d2, k, sorted=False)[0]
-        return ops.mean(ops.maximum(nearest, 0.0), axis=1)
+        """Mean squared distance of codes ``(batch, d)`` to their k nearest memory codes.
+
+        The expansion finds candidates fast; their distances are then recomputed as exact
+        differences, so an image's distance does not depend on the rest of its batch.
+        """
+        n_memory = int(self._memory.shape[0])
+        k = min(self.knn.k, n_memory)
+        approx = (ops.sum(ops.square(z), axis=1, keepdims=True)
+                  - 2.0 * ops.matmul(z, ops.transpose(self._memory)) + self._memory_sq[None, :])
+        cand = ops.top_k(-approx, min(n_memory, k + _KNN_MARGIN), sorted=False)[1]
+        near = ops.take(self._memory, cand, axis=0)  # (batch, candidates, d)
+        exact = ops.sum(ops.square(near - z[:, None, :]), axis=2)
+        nearest = -ops.top_k(-exact, k, sorted=True)[0]
+        return ops.mean(nearest, axis=1)
 
     def _graph(self, x):
         m = self.model
@@ -147,47 +216,68 @@ class Scorer:
         else:
             err = _bernoulli_kl(x, logits)
         if self.score == "mse+knn":
-            # The logs make both parts roughly Gaussian on normal data, so a z-score sum is fair.
             log_r = ops.log(self._aggregate(err) + 1e-12)
             log_d = ops.log(self.knn_distance(z_mean) + 1e-12)
-            if self.knn.stats is None:
-                return ops.stack([log_r, log_d], axis=1), recon, err
-            m1, s1, m2, s2 = self.knn.stats
-            return (log_r - m1) / s1 + (log_d - m2) / s2, recon, err
+            return ops.stack([log_r, log_d], axis=1), recon, err
         if self.score != "elbo":
-            return self._aggregate(err), recon, err
+            return self._aggregate(err)[:, None], recon, err
         if self.mc_samples:
             nll = 0.0
             for _ in range(self.mc_samples):
                 lg = m.decode_logits(m.sampler([z_mean, z_log_var]))
-                nll += ops.sum(_bernoulli_kl(x, lg), axis=(1, 2))
+                nll += ops.sum(ops.reshape(_bernoulli_kl(x, lg), (-1, self._n_pixels)), axis=1)
             nll = nll / self.mc_samples
         else:
-            nll = ops.sum(err, axis=(1, 2))
-        return nll + m.beta * m.kl_divergence(z_mean, z_log_var), recon, err
+            nll = ops.sum(ops.reshape(err, (-1, self._n_pixels)), axis=1)
+        return (nll + m.beta * m.kl_divergence(z_mean, z_log_var))[:, None], recon, err
 
-    def knn_components(self, images: np.ndarray) -> np.ndarray:
-        """``(N, 2)``: log reconstruction error and log kNN distance, before standardizing."""
-        if self.knn is None or self.knn.stats is not None:
-            raise ConfigError("knn_components needs an mse+knn scorer without stats yet.")
-        return self(images).scores
+    def _run(self, images: np.ndarray, full: bool):
+        x = np.ascontiguousarray(images, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.shape[1:] != self.image_shape:
+            raise expected(f"images of shape (N, {', '.join(map(str, self.image_shape))})",
+                           f"shape {x.shape}", cls=ConfigError)
+        parts, recons, errs = [], [], []
+        step = max(ROW_BLOCK, self.batch_size - self.batch_size % ROW_BLOCK)
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step]
+            n = len(chunk)
+            if n % ROW_BLOCK:
+                pad = np.zeros((ROW_BLOCK - n % ROW_BLOCK, *chunk.shape[1:]), np.float32)
+                chunk = np.concatenate([chunk, pad])
+            batch = tf.constant(chunk)
+            if full:
+                p, r, e = self._full(batch)
+                recons.append(r.numpy()[:n])
+                errs.append(e.numpy()[:n])
+            else:
+                p = self._parts_only(batch)
+            parts.append(p.numpy()[:n])
+        n_parts = len(self.part_names)
+        out = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, n_parts))
+        return out, recons, errs
+
+    def parts(self, images: np.ndarray) -> np.ndarray:
+        """Raw parts ``(N, P)`` float64 of images ``(N, H, W[, C])`` in [0, 1]; columns named
+        by ``part_names``."""
+        return self._run(images, False)[0]
+
+    def combine(self, parts: np.ndarray) -> np.ndarray:
+        """Raw parts ``(N, P)`` -> scores ``(N,)``."""
+        if parts.shape[1] == 1:
+            return parts[:, 0].copy()
+        if self.standardizer is None:
+            raise expected(f"a fitted standardizer to combine the parts {self.part_names}",
+                           "none", hint="Detector.fit fits it on normal validation images.",
+                           cls=ConfigError)
+        return self.standardizer.combine(parts)
 
     def __call__(self, images: np.ndarray, *, reconstruction: bool = False,
                  error_map: bool = False) -> ScoreOutput:
-        """Score images ``(N, 28, 28)`` float32 in [0, 1]; see :class:`ScoreOutput`."""
-        x = np.ascontiguousarray(images, dtype=np.float32)
-        full = reconstruction or error_map
-        scores, recons, errs = [], [], []
-        for start in range(0, len(x), self.batch_size):
-            batch = tf.constant(x[start : start + self.batch_size])
-            if full:
-                s, r, e = self._full(batch)
-                recons.append(r.numpy())
-                errs.append(e.numpy())
-            else:
-                s = self._scores_only(batch)
-            scores.append(s.numpy())
-        out = ScoreOutput(np.concatenate(scores).astype(np.float64) if scores else np.zeros(0))
+        """Score images ``(N, H, W[, C])`` float32 in [0, 1]; see :class:`ScoreOutput`."""
+        parts, recons, errs = self._run(images, reconstruction or error_map)
+        out = ScoreOutput(self.combine(parts), parts)
         if reconstruction:
             out.reconstruction = np.concatenate(recons)
         if error_map:

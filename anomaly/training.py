@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from anomaly import _tf  # noqa: F401  (first: TensorFlow without its start-up noise)
+from anomaly.data.images import with_channels
 from anomaly.errors import ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder
 
@@ -108,8 +110,8 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
 
     Args:
         model: an un-trained :class:`Autoencoder`.
-        x_train: normal training images ``(n_train, 28, 28)`` float32 in [0, 1].
-        x_val: normal validation images ``(n_val, 28, 28)``.
+        x_train: normal training images ``(n_train, H, W[, C])`` float32 in [0, 1].
+        x_val: normal validation images ``(n_val, H, W[, C])``.
         backup_dir: folder for per-epoch state; an existing state there is resumed.
         verbose: 0 silent, 1 progress (a bar on a terminal, a line per epoch otherwise).
 
@@ -134,6 +136,7 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
     # Our own tf.data pipeline: a seeded shuffle, and no map stage (Keras' array adapter adds
     # one whose op attributes make TF 2.21 log a spurious error line).
     seed = int(model.seed or 0)
+    x_train, x_val = with_channels(x_train), with_channels(x_val)
     train_ds = (tf.data.Dataset.from_tensor_slices(np.asarray(x_train, np.float32))
                 .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
                 .batch(batch_size).prefetch(tf.data.AUTOTUNE))

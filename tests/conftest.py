@@ -18,12 +18,16 @@ import numpy as np
 import pytest
 
 # Hyper-parameters that keep each model of the registry tiny (seconds to train on 2 CPUs).
+# The score settings are the plain per-model ones (mse for the autoencoders, elbo for the VAEs,
+# one operating point), so that unit tests check each score against a NumPy re-computation;
+# tests of the recommended default (mse+knn, top10) say so.
+_PLAIN = {"aggregation": "mean", "target_fprs": [0.01]}
 TINY = {
-    "dense-ae": {"hidden": [32], "latent_dim": 4},
-    "conv-ae": {"hidden": [8, 16], "latent_dim": 4},
-    "vae": {"hidden": [32], "latent_dim": 2},
-    "conv-vae": {"hidden": [8, 16], "latent_dim": 2},
-    "affine-vae": {"hidden": [8, 16], "latent_dim": 2},
+    "dense-ae": {"hidden": [32], "latent_dim": 4, "score": "mse", **_PLAIN},
+    "conv-ae": {"hidden": [8, 16], "latent_dim": 4, "score": "mse", **_PLAIN},
+    "vae": {"hidden": [32], "latent_dim": 2, "score": "elbo", **_PLAIN},
+    "conv-vae": {"hidden": [8, 16], "latent_dim": 2, "score": "elbo", **_PLAIN},
+    "affine-vae": {"hidden": [8, 16], "latent_dim": 2, "score": "elbo", **_PLAIN},
 }
 
 

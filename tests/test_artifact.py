@@ -13,15 +13,29 @@ from anomaly import artifact
 from anomaly.artifact import (
     FORMAT_VERSION,
     MANIFEST,
-    REQUIRED,
     list_artifacts,
     read_info,
-    save_detector,
+    resolve,
     verify,
 )
 from anomaly.detector import Detector
 from anomaly.errors import ArtifactError, NotFoundError
 from anomaly.utils import sha256_file
+
+REQUIRED = ("model.keras", "detector.json", "calibration.json", "metadata.json")
+
+
+def save_detector(det, path, *, metrics=None, per_class=None, config_yaml=None, metadata=None,
+                  overwrite=False):
+    """Today's way of adding the evaluation files: ``extra_files`` of ``Detector.save``."""
+    extra = {}
+    if metrics is not None:
+        extra["metrics.json"] = json.dumps(metrics)
+    if per_class is not None:
+        extra["per_class.csv"] = per_class.to_csv(index=False)
+    if config_yaml is not None:
+        extra["config.yaml"] = config_yaml
+    return det.save(path, metadata=metadata, extra_files=extra, overwrite=overwrite)
 
 
 def test_saved_layout_and_manifest(saved_artifact):
@@ -51,7 +65,7 @@ def test_metadata_records_provenance(saved_artifact):
 
 def test_load_gives_identical_scores_and_info(saved_artifact, dense_detector, anomaly_images):
     det = Detector.load(saved_artifact)
-    np.testing.assert_array_equal(det.score(anomaly_images), dense_detector.score(anomaly_images))
+    np.testing.assert_array_equal(det.decision_function(anomaly_images), dense_detector.decision_function(anomaly_images))
     info = read_info(saved_artifact)
     assert det.artifact_sha256_ == info.sha256 and len(info.sha256) == 64
     assert det.path_ == saved_artifact and det.metrics_ is None
@@ -130,7 +144,7 @@ def _edit_manifest(path, **changes):
 def test_wrong_format_version_is_refused(artifact_copy):
     _edit_manifest(artifact_copy, format_version=99)
     with pytest.raises(ArtifactError, match=f"Expected artifact format version {FORMAT_VERSION}. "
-                                            "Received: 99. Upgrade anomaly"):
+                                            "Received: 99. It was written by another version"):
         Detector.load(artifact_copy)
 
 
@@ -139,8 +153,50 @@ def test_manifest_without_a_required_file_is_refused(artifact_copy):
     files = {k: v for k, v in manifest["files"].items() if k != "model.keras"}
     (artifact_copy / "model.keras").unlink()
     _edit_manifest(artifact_copy, files=files)
-    with pytest.raises(ArtifactError, match=r"Received: \['model.keras'\] missing"):
+    verify(artifact_copy)  # the format only knows files; the detector knows it needs a model
+    with pytest.raises(ArtifactError, match=r"Expected model.keras in the artifact. Received: "
+                                            r"not listed"):
+        Detector.load(artifact_copy)
+
+
+def test_deeply_nested_manifest_is_a_clean_error(artifact_copy):
+    (artifact_copy / MANIFEST).write_text("[" * 10_000 + "]" * 10_000)
+    with pytest.raises(ArtifactError, match=r"a readable manifest\.json\. Received: "
+                                            r"RecursionError"):
         verify(artifact_copy)
+
+
+def test_model_folder_resolves_to_its_newest_version(saved_artifact, dense_detector, caplog):
+    import logging
+
+    root = saved_artifact.parent
+    newer = dense_detector.save(root / "10")
+    try:
+        with caplog.at_level(logging.INFO, logger="anomaly"):
+            assert resolve(root) == newer
+        assert "newest version 10" in caplog.text
+        assert Detector.load(root).path_ == newer
+        assert resolve("blobs@latest", root.parent) == newer
+        assert resolve("blobs@1", root.parent) == saved_artifact
+        with pytest.raises(NotFoundError, match="version '7' of 'blobs'"):
+            resolve("blobs@7", root.parent)
+        with pytest.raises(NotFoundError, match="a model named 'nope'"):
+            resolve("nope@latest", root.parent)
+    finally:
+        shutil.rmtree(newer)
+
+
+def test_artifact_module_is_format_only():
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(artifact.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m and (m.split(".")[0] in ("tensorflow", "keras",
+                                                                   "numpy")
+                                              or m in ("anomaly.detector",
+                                                       "anomaly.calibration"))}
 
 
 def test_missing_artifact_is_not_found(tmp_path):

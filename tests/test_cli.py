@@ -24,13 +24,14 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def assert_error(capsys, argv, *fragments: str) -> str:
-    """Run ``argv``; expect exit 2 and one ``error:`` line holding every fragment."""
+def assert_error(capsys, argv, *fragments: str, code: int = 2) -> str:
+    """Run ``argv``; expect exit ``code`` (2 usage, 1 runtime error) and one ``error:`` line
+    holding every fragment."""
     try:
         rc, _, err = run(capsys, *argv)
     except SystemExit as exc:  # argparse's usage errors exit from the parser
         rc, err = exc.code, capsys.readouterr().err
-    assert rc == 2, err
+    assert rc == code, err
     line = error_line(err)
     for fragment in fragments:
         assert fragment in line, line
@@ -80,7 +81,7 @@ def test_all_classes_normal(capsys, tmp_path, ten_classes):
 def test_unknown_dataset(capsys, tmp_path):
     assert_error(capsys, ["fit", "--dataset", "mnits", "--output", tmp_path],
                  "Expected a built-in data set in ['fashion-mnist', 'mnist'] or a path",
-                 "Received: 'mnits'")
+                 "Received: 'mnits'", code=1)
     assert_error(capsys, ["data", "fetch", "--dataset", "cifar"],
                  "Expected a data set in ['fashion-mnist', 'mnist'] or 'all'",
                  "Received: 'cifar'")
@@ -97,8 +98,8 @@ def test_unknown_model_fails_before_loading_data(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "fragments"), [
-    (["--epochs", "0"], ["argument --epochs", "expected a positive integer. Received: '0'"]),
-    (["--epochs", "many"], ["expected a positive integer. Received: 'many'"]),
+    (["--epochs", "-1"], ["argument --epochs", "expected an integer >= 0. Received: '-1'"]),
+    (["--epochs", "many"], ["expected an integer >= 0. Received: 'many'"]),
     (["--target-fpr", "lots"], ["expected FPRs like 0.01,0.05 or 1%,5%. Received: 'lots'"]),
     (["--beta", "nan"], ["expected a finite number. Received: 'nan'"]),
     (["--hidden", "32,x"], ["comma-separated integers like 32,64. Received: '32,x'"]),
@@ -122,7 +123,7 @@ def test_bad_config_file(capsys, tmp_path):
 
 @pytest.mark.parametrize(("name", "fragments"), [
     ("garbage.npy", ["Expected a .npy/.npz file of numeric arrays", "garbage.npy"]),
-    ("shape.npy", ["of shape (N, 28, 28), (N, 784)", "Received: shape (3, 5)"]),
+    ("shape.npy", ["as flattened rows of 784 values per row", "Received: shape (3, 5)"]),
     ("nan.npy", ["Expected finite pixel values", "Received: NaN or Inf in image 1"]),
     ("corrupt.png", ["to be a PNG, JPEG or other image file", "Received: undecodable bytes"]),
     ("short.csv", ["784 pixel columns", "Received: 100 pixel columns"]),
@@ -131,20 +132,20 @@ def test_bad_config_file(capsys, tmp_path):
 def test_bad_score_input(capsys, saved_artifact, files, tmp_path, name, fragments):
     out = tmp_path / "scores.csv"
     assert_error(capsys, ["score", saved_artifact, "--input", files / name, "--output", out],
-                 *fragments)
+                 *fragments, code=1)
     assert not out.exists()
 
 
 def test_nan_in_training_data(capsys, files, tmp_path):
     assert_error(capsys, ["fit", "--dataset", files / "nan.npy", "--output", tmp_path / "m"],
-                 "Expected finite pixel values", "Received: NaN or Inf in image 1")
+                 "Expected finite pixel values", "Received: NaN or Inf in image 1", code=1)
 
 
 def test_missing_artifact(capsys, files, tmp_path):
     for argv in (["score", tmp_path / "nope", "--input", files / "good.npy", "--output",
                   tmp_path / "s.csv"], ["evaluate", tmp_path / "nope"]):
-        assert_error(capsys, argv, "Expected an artifact directory", "(not found)")
-    assert_error(capsys, ["models", tmp_path / "nope"], "Expected a models directory")
+        assert_error(capsys, argv, "Expected an artifact directory", "(not found)", code=1)
+    assert_error(capsys, ["models", tmp_path / "nope"], "Expected a models directory", code=1)
 
 
 def test_tampered_artifact(capsys, artifact_copy, files, tmp_path):
@@ -153,7 +154,8 @@ def test_tampered_artifact(capsys, artifact_copy, files, tmp_path):
     (artifact_copy / "model.keras").write_bytes(bytes(data))
     line = assert_error(capsys, ["score", artifact_copy, "--input", files / "good.npy",
                                  "--output", tmp_path / "s.csv"],
-                        "Expected model.keras with SHA-256", "Received:", "modified or damaged")
+                        "Expected model.keras with SHA-256", "Received:", "modified or damaged",
+                        code=1)
     assert str(artifact_copy) in line
 
 
@@ -161,13 +163,13 @@ def test_incomplete_artifact(capsys, artifact_copy, files, tmp_path):
     (artifact_copy / "manifest.json").unlink()
     assert_error(capsys, ["score", artifact_copy, "--input", files / "good.npy", "--output",
                           tmp_path / "s.csv"],
-                 "Expected manifest.json in the artifact", "Received: no manifest")
+                 "Expected manifest.json in the artifact", "Received: no manifest", code=1)
 
 
 def test_unknown_operating_point_and_bad_output(capsys, saved_artifact, files, tmp_path):
     assert_error(capsys, ["score", saved_artifact, "--input", files / "good.npy", "--output",
                           tmp_path / "s.csv", "--operating-point", "f1-max"],
-                 "Expected an operating point in ['fpr@1%']", "Received: 'f1-max'")
+                 "Expected an operating point in ['fpr@1%']", "Received: 'f1-max'", code=1)
     assert_error(capsys, ["score", saved_artifact, "--input", files / "good.npy", "--output",
                           tmp_path / "s.json"], "an --output path ending in .csv")
 
@@ -327,8 +329,12 @@ def test_bad_settings_fail_before_any_data_or_training(capsys, argv, fragments, 
 def test_paths_of_the_wrong_kind_are_one_error_line(capsys, tmp_path, saved_artifact):
     np.save(tmp_path / "x.npy", make_blobs(3))
     assert_error(capsys, ["score", saved_artifact, "--input", tmp_path / "x.npy",
-                          "--output", tmp_path], "Expected a readable/writable path",
+                          "--output", tmp_path], "an --output path ending in .csv",
                  str(tmp_path))
+    (tmp_path / "taken.csv").mkdir()
+    assert_error(capsys, ["score", saved_artifact, "--input", tmp_path / "x.npy",
+                          "--output", tmp_path / "taken.csv"], "Expected a readable/writable path",
+                 "taken.csv", code=1)
     assert_error(capsys, ["fit", "--config", tmp_path], "Expected a config file",
                  "(a folder)")
-    assert_error(capsys, ["models", tmp_path / "x.npy"], "(not a folder)")
+    assert_error(capsys, ["models", tmp_path / "x.npy"], "(not a folder)", code=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from anomaly.cli import _resolve_config, build_parser
-from anomaly.config import DETECTOR_KEYS, RunConfig, load_yaml, resolve
+from anomaly.config import DETECTOR_FIELDS, DetectorConfig, RunConfig, load_yaml, resolve
 from anomaly.detector import Detector
 from anomaly.errors import ConfigError
 
@@ -19,37 +19,37 @@ def _write(tmp_path, text: str, name: str = "run.yaml"):
 def test_defaults_without_file_or_flags():
     cfg = resolve()
     assert cfg == RunConfig()
-    assert cfg.model == "conv-vae" and cfg.normal_classes == [0]
-    assert cfg.score == "mse+knn" and cfg.aggregation == "top10"
-    assert cfg.target_fprs == [0.01, 0.05]
+    assert cfg.detector.model == "conv-vae" and cfg.normal_classes == [0]
+    assert cfg.detector.score == "mse+knn" and cfg.detector.aggregation == "top10"
+    assert cfg.detector.target_fprs == [0.01, 0.05]
 
 
 def test_yaml_values_are_loaded_with_dashes_or_underscores(tmp_path):
     path = _write(tmp_path, "model: vae\nlatent-dim: 8\nhidden: [16, 8]\nbatch_size: 64\n"
                             "learning-rate: 0.002\nnormal_classes: '0,6'\ntarget_fprs: 0.05\n")
     cfg = resolve(path)
-    assert cfg.model == "vae"
-    assert cfg.latent_dim == 8
-    assert cfg.hidden == [16, 8]
-    assert cfg.batch_size == 64
-    assert cfg.learning_rate == 0.002
+    assert cfg.detector.model == "vae"
+    assert cfg.detector.latent_dim == 8
+    assert cfg.detector.hidden == [16, 8]
+    assert cfg.detector.batch_size == 64
+    assert cfg.detector.learning_rate == 0.002
     assert cfg.normal_classes == "0,6"  # parsed against the data set's classes later
-    assert cfg.target_fprs == [0.05]  # a single FPR becomes a list
-    assert cfg.epochs == RunConfig().epochs  # untouched keys keep their defaults
+    assert cfg.detector.target_fprs == [0.05]  # a single FPR becomes a list
+    assert cfg.detector.epochs == RunConfig().detector.epochs  # untouched keys keep their defaults
 
 
 def test_int_for_float_key_is_accepted_as_float(tmp_path):
     cfg = resolve(_write(tmp_path, "beta: 2\n"))
-    assert cfg.beta == 2.0 and isinstance(cfg.beta, float)
+    assert cfg.detector.beta == 2.0 and isinstance(cfg.detector.beta, float)
 
 
 def test_flags_override_yaml_and_none_flags_are_ignored(tmp_path):
     path = _write(tmp_path, "epochs: 3\nmodel: vae\nseed: 7\n")
     cfg = resolve(path, {"epochs": 5, "model": None, "batch-size": 16})
-    assert cfg.epochs == 5  # the flag wins
-    assert cfg.model == "vae"  # a flag that was not given (None) leaves the YAML value
-    assert cfg.seed == 7
-    assert cfg.batch_size == 16
+    assert cfg.detector.epochs == 5  # the flag wins
+    assert cfg.detector.model == "vae"  # a flag that was not given (None) leaves the YAML value
+    assert cfg.detector.seed == 7
+    assert cfg.detector.batch_size == 16
 
 
 def test_cli_flags_override_yaml(tmp_path):
@@ -57,10 +57,10 @@ def test_cli_flags_override_yaml(tmp_path):
     args = build_parser().parse_args(["fit", "--config", str(path), "--epochs", "5",
                                       "--hidden", "8,16", "--normal-class", "0,6"])
     cfg = _resolve_config(args)
-    assert cfg.epochs == 5
-    assert cfg.hidden == [8, 16]
+    assert cfg.detector.epochs == 5
+    assert cfg.detector.hidden == [8, 16]
     assert cfg.normal_classes == "0,6"
-    assert cfg.model == "vae"
+    assert cfg.detector.model == "vae"
 
 
 def test_to_yaml_round_trip(tmp_path):
@@ -72,10 +72,32 @@ def test_to_yaml_round_trip(tmp_path):
 
 def test_detector_params_are_detector_arguments():
     cfg = resolve(None, {"model": "vae", "latent_dim": 3, "epochs": 2})
-    params = cfg.detector_params()
-    assert set(params) == set(DETECTOR_KEYS)
+    params = cfg.detector.to_dict()
+    assert set(params) == set(DETECTOR_FIELDS)
     det = Detector(**params)
     assert det.model == "vae" and det.latent_dim == 3 and det.epochs == 2
+    assert Detector.from_config(cfg.detector).get_params() == params
+
+
+def test_detector_defaults_are_the_fit_defaults():
+    """Detector() is the detector a default `anomaly fit` trains: one set of defaults."""
+    import yaml
+
+    fit_defaults = yaml.safe_load(resolve().to_yaml())
+    params = Detector().get_params()
+    assert {k: fit_defaults[k] for k in params} == params
+    assert params == DetectorConfig().to_dict()
+    assert params["score"] == "mse+knn" and params["aggregation"] == "top10"
+
+
+def test_fit_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, shown in (("--score", "(default: mse+knn)"), ("--epochs", "(default: 30)"),
+                        ("--target-fpr", "(default: 1%,5%)"), ("--model", "(default: conv-vae)"),
+                        ("--latent-dim", "(default: unset)"), ("--normal-class", "(default: 0)")):
+        assert flag in text and shown in text, (flag, shown)
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):
@@ -111,7 +133,7 @@ def test_wrong_types_name_key_expected_and_received(tmp_path, text, key, receive
 def test_null_for_a_required_key_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"Expected a value for 'epochs'\. Received: null"):
         resolve(_write(tmp_path, "epochs: null\n"))
-    assert resolve(_write(tmp_path, "latent_dim: null\n", "ok.yaml")).latent_dim is None
+    assert resolve(_write(tmp_path, "latent_dim: null\n", "ok.yaml")).detector.latent_dim is None
 
 
 def test_bad_files(tmp_path):

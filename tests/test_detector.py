@@ -15,7 +15,7 @@ from tests.conftest import tiny_detector
 def test_unfitted_detector_refuses_to_score():
     det = Detector("dense-ae")
     with pytest.raises(ConfigError, match="a fitted Detector"):
-        det.score(np.zeros((1, 28, 28)))
+        det.decision_function(np.zeros((1, 28, 28)))
     with pytest.raises(ConfigError, match="a fitted Detector"):
         det.save("/nonexistent/never")
 
@@ -44,7 +44,7 @@ def test_fit_rejects_bad_images(normal_images):
     with pytest.raises(DataError, match="NaN or Inf in image 3"):
         tiny_detector().fit(bad)
     with pytest.raises(DataError, match="validation images"):
-        tiny_detector().fit(normal_images[:16], np.full((4, 28, 28), -1.0))
+        tiny_detector().fit(normal_images[:16], x_val=np.full((4, 28, 28), -1.0))
 
 
 def test_get_params_round_trip(dense_detector):
@@ -60,7 +60,7 @@ def test_default_hold_out_is_the_calibration_reference(dense_detector, normal_im
     rng = np.random.default_rng(dense_detector.seed)
     val = normal_images[rng.permutation(256)[:26]]
     np.testing.assert_allclose(dense_detector.calibration_.reference_scores,
-                               np.sort(dense_detector.score(val)), rtol=1e-6)
+                               np.sort(dense_detector.decision_function(val)), rtol=1e-6)
 
 
 def test_detect_is_consistent(dense_detector, normal_test_images, anomaly_images):
@@ -68,7 +68,7 @@ def test_detect_is_consistent(dense_detector, normal_test_images, anomaly_images
     out = dense_detector.detect(x)
     thr = dense_detector.calibration_.get().threshold
     assert out.operating_point == "fpr@1%" and out.threshold == thr
-    np.testing.assert_array_equal(out.scores, dense_detector.score(x))
+    np.testing.assert_array_equal(out.scores, dense_detector.decision_function(x))
     np.testing.assert_array_equal(out.is_anomaly, out.scores > thr)
     np.testing.assert_array_equal(out.normalized,
                                   dense_detector.calibration_.normalize(out.scores))
@@ -86,7 +86,7 @@ def test_calibration_anomalies_add_f1_max_and_youden(dense_detector, normal_test
     det.calibrate(normal_test_images, anomaly_images[:20])
     assert set(det.calibration_.operating_points) == {"fpr@1%", "f1-max", "youden"}
     f1 = det.calibration_.get("f1-max")
-    assert f1.expected_tpr == pytest.approx(np.mean(det.score(anomaly_images[:20]) > f1.threshold))
+    assert f1.expected_tpr == pytest.approx(np.mean(det.decision_function(anomaly_images[:20]) > f1.threshold))
     out = det.detect(anomaly_images[20:], operating_point="youden")
     assert out.operating_point == "youden"
     np.testing.assert_array_equal(out.is_anomaly,
@@ -97,19 +97,19 @@ def test_calibration_anomalies_add_f1_max_and_youden(dense_detector, normal_test
 def test_input_formats_give_the_same_scores(dense_detector, normal_test_images):
     x = normal_test_images[:8]
     as_uint8 = np.rint(x * 255).astype(np.uint8)
-    ref = dense_detector.score(as_uint8 / np.float32(255))
-    np.testing.assert_array_equal(dense_detector.score(as_uint8), ref)
-    np.testing.assert_array_equal(dense_detector.score(as_uint8.astype(np.float32)), ref)
-    np.testing.assert_array_equal(dense_detector.score(x.reshape(8, 784)),
-                                  dense_detector.score(x))
-    np.testing.assert_array_equal(dense_detector.score(x[..., None]), dense_detector.score(x))
+    ref = dense_detector.decision_function(as_uint8 / np.float32(255))
+    np.testing.assert_array_equal(dense_detector.decision_function(as_uint8), ref)
+    np.testing.assert_array_equal(dense_detector.decision_function(as_uint8.astype(np.float32)), ref)
+    np.testing.assert_array_equal(dense_detector.decision_function(x.reshape(8, 784)),
+                                  dense_detector.decision_function(x))
+    np.testing.assert_array_equal(dense_detector.decision_function(x[..., None]), dense_detector.decision_function(x))
     with pytest.raises(DataError, match="NaN or Inf"):
-        dense_detector.score(np.full((1, 28, 28), np.nan))
+        dense_detector.decision_function(np.full((1, 28, 28), np.nan))
 
 
 def test_explicit_validation_set_and_denoising(normal_images, normal_test_images):
     det = tiny_detector("dense-ae", epochs=1, denoise=0.2, target_fprs=(0.05, 0.1))
-    det.fit(normal_images[:128], normal_test_images)
+    det.fit(normal_images[:128], x_val=normal_test_images)
     assert det.calibration_.reference_scores.shape == (64,)
     assert det.calibration_.default == "fpr@5%"
     assert set(det.calibration_.operating_points) == {"fpr@5%", "fpr@10%"}
@@ -118,8 +118,11 @@ def test_explicit_validation_set_and_denoising(normal_images, normal_test_images
 
 def test_same_seed_same_scores(normal_images, normal_test_images):
     """Two fits with the same seed are identical; a different seed gives a different model."""
-    a = tiny_detector("conv-vae", seed=3).fit(normal_images[:128]).score(normal_test_images)
-    b = tiny_detector("conv-vae", seed=3).fit(normal_images[:128]).score(normal_test_images)
-    c = tiny_detector("conv-vae", seed=4).fit(normal_images[:128]).score(normal_test_images)
+    a = tiny_detector("conv-vae", seed=3).fit(normal_images[:128]).decision_function(
+        normal_test_images)
+    b = tiny_detector("conv-vae", seed=3).fit(normal_images[:128]).decision_function(
+        normal_test_images)
+    c = tiny_detector("conv-vae", seed=4).fit(normal_images[:128]).decision_function(
+        normal_test_images)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 def fit_run(mnist, tmp_path_factory):
     """``anomaly fit --normal-class 0`` on 2,000 training and 1,000 test images, 2 epochs."""
     out = tmp_path_factory.mktemp("e2e") / "models"
-    proc = run_cli("fit", "--normal-class", "0", "--train-limit", "2000", "--test-limit", "1000",
+    proc = run_cli("fit", "--normal-class", "0", "--train-limit", "200", "--test-limit", "1000",
                    "--epochs", "2", "--output", out)
     assert proc.returncode == 0, proc.stderr
     return proc, out
@@ -53,7 +53,7 @@ def test_fit_writes_a_verified_artifact(fit_run, artifact, mnist):
     assert meta["dataset"] == "mnist" and meta["normal_classes"] == [0]
     assert meta["epochs_run"] == 2
     # Only class-0 training images, about a tenth of the 2,000, with a 10% hold-out.
-    assert 150 <= meta["n_train"] + meta["n_val"] <= 250
+    assert meta["n_train"] + meta["n_val"] == 200  # the limit counts normal images
     assert meta["n_val"] == round((meta["n_train"] + meta["n_val"]) * 0.1)
     metrics = json.loads((artifact / "metrics.json").read_text())
     assert metrics["n_test"] == 1000 and 800 < metrics["n_anomalies"] < 960
@@ -96,7 +96,7 @@ def test_score_matches_the_python_api(artifact, mnist, tmp_path):
     np.testing.assert_allclose(df["score"].to_numpy(), out.scores, rtol=1e-6, atol=0)
     np.testing.assert_allclose(df["normalized_score"].to_numpy(), out.normalized, atol=1e-12)
     np.testing.assert_array_equal(df["is_anomaly"].to_numpy(), out.is_anomaly)
-    np.testing.assert_array_equal(out.scores, det.score(images))
+    np.testing.assert_array_equal(out.scores, det.decision_function(images))
 
 
 def test_real_command_errors_are_one_line(tmp_path):
@@ -109,7 +109,7 @@ def test_real_command_errors_are_one_line(tmp_path):
     assert proc.stderr.strip() == line and proc.stdout == ""
     proc = run_cli("score", tmp_path / "missing", "--input", tmp_path / "x.npy", "--output",
                    tmp_path / "s.csv")
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     line = error_line(proc.stderr)
     assert "Expected an artifact directory" in line and "Received:" in line
     assert proc.stderr.strip() == line and proc.stdout == ""
@@ -164,7 +164,7 @@ def test_interrupted_fit_resumes_from_its_last_epoch(mnist, tmp_path):
 def test_interrupted_cli_fit_resumes(mnist, tmp_path, capsys, monkeypatch):
     """``anomaly fit`` killed after epoch 1 leaves no artifact; the same command resumes."""
     out = tmp_path / "models"
-    argv = ["fit", "--normal-class", "0", "--train-limit", "1000", "--test-limit", "200",
+    argv = ["fit", "--normal-class", "0", "--train-limit", "100", "--test-limit", "200",
             "--epochs", "2", "--hidden", "8,16", "--latent-dim", "4", "--output", str(out)]
     original = keras.callbacks.BackupAndRestore.on_epoch_end
 

@@ -99,7 +99,7 @@ def test_denoise_outputs_round_trip(capsys, tmp_path, saved_artifact, images, lo
     assert load_images(tmp_path / "r.npz").labels.tolist() == [0] * 5 + [1] * 3
 
     # Reconstructions can be scored again like any input: the same shape in, the same out.
-    assert loaded.score(recon).shape == (8,)
+    assert loaded.decision_function(recon).shape == (8,)
 
 
 def test_denoise_and_embed_bad_usage(capsys, tmp_path, saved_artifact, images):

@@ -1,12 +1,11 @@
 """Data: the built-in data sets, users' own image files, and normal/anomaly splits."""
 
 from anomaly.data.builtin import DATASETS, Dataset, default_cache_dir, load_dataset
-from anomaly.data.images import IMAGE_SHAPE, load_images, to_unit_float
+from anomaly.data.images import load_images, to_unit_float
 from anomaly.data.splits import OneClassSplit, parse_classes, split_one_class
 
 __all__ = [
     "DATASETS",
-    "IMAGE_SHAPE",
     "Dataset",
     "OneClassSplit",
     "default_cache_dir",

@@ -71,16 +71,58 @@ def parse_classes(value, class_names: tuple[str, ...] | None = None,
     return tuple(sorted(out))
 
 
+def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``n`` images into training and hold-out positions (each sorted).
+
+    The one hold-out rule: :func:`split_one_class` and ``Detector.fit`` without ``x_val`` both
+    use it, so a detector fitted on the same normal images with the same seed is the same.
+
+    Returns:
+        ``(train_idx, holdout_idx)``; the hold-out has ``max(2, round(n * fraction))`` images
+        (calibration needs two or more).
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise expected("val_fraction in (0, 0.5]", fraction, cls=ConfigError)
+    n_val = max(2, round(n * fraction))
+    if n - n_val < 2:
+        raise expected("at least 4 normal training images", n, cls=ConfigError)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
 @dataclass
-class OneClassSplit:
-    """Arrays for one-class training and evaluation.
+class TestSet:
+    """Labelled test images.
 
     Attributes:
-        x_train: normal training images, ``(n_train, 28, 28)`` float32 in [0, 1].
-        x_val: normal hold-out images for early stopping and calibration, ``(n_val, 28, 28)``.
-        x_test: test images, ``(n_test, 28, 28)``; ``y_test`` (``(n_test,)``) is 1 for anomalies.
+        x: ``(N, H, W[, C])`` float32 in [0, 1].
+        y: ``(N,)`` 1 = anomaly, 0 = normal.
+        classes: ``(N,)`` original class of each image.
+        class_names: names of the classes where known.
+        dataset: the data set's name; ``normal_classes`` the normal classes.
+    """
+
+    __test__ = False  # not a pytest class
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: np.ndarray
+    class_names: tuple[str, ...] | None
+    dataset: str
+    normal_classes: tuple[int, ...]
+
+
+@dataclass
+class OneClassSplit:
+    """The one split of a run: fit, calibration, evaluation and the report all use it.
+
+    Attributes:
+        x_train: normal training images, ``(n_train, H, W[, C])`` float32 in [0, 1].
+        x_val: normal hold-out images for early stopping and calibration, ``(n_val, ...)``.
+        x_test: test images, ``(n_test, ...)``; ``y_test`` (``(n_test,)``) is 1 for anomalies.
         test_classes: original class label of each test image, ``(n_test,)``.
-        x_cal_anomalies: optional labelled anomalies from the training split, ``(n_cal, 28, 28)``.
+        x_cal_anomalies: optional labelled anomalies from the training split, ``(n_cal, ...)``.
+        normal_classes, class_names, dataset, source: what the images are.
     """
 
     x_train: np.ndarray
@@ -89,6 +131,18 @@ class OneClassSplit:
     y_test: np.ndarray | None
     test_classes: np.ndarray | None
     x_cal_anomalies: np.ndarray | None = None
+    normal_classes: tuple[int, ...] = (0,)
+    class_names: tuple[str, ...] | None = None
+    dataset: str = ""
+    source: str = ""
+
+    @property
+    def test(self) -> TestSet | None:
+        """The labelled test images, or ``None`` when there are none."""
+        if self.x_test is None or self.y_test is None:
+            return None
+        return TestSet(self.x_test, self.y_test, np.asarray(self.test_classes),
+                       self.class_names, self.dataset, tuple(self.normal_classes))
 
 
 def _as_unit(x: np.ndarray) -> np.ndarray:
@@ -98,26 +152,29 @@ def _as_unit(x: np.ndarray) -> np.ndarray:
 def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.ndarray | None,
                     y_test: np.ndarray | None, normal_classes: tuple[int, ...], *,
                     val_fraction: float = 0.1, calibration_anomalies: int = 0,
-                    seed: int = 0) -> OneClassSplit:
+                    train_limit: int | None = None, seed: int = 0, **about) -> OneClassSplit:
     """Select the normal classes, hold out a validation part and label the test set.
 
     Args:
-        x_train: training images ``(n, 28, 28)``, uint8 or float in [0, 1].
+        x_train: training images ``(n, H, W[, C])``, uint8 or float in [0, 1].
         y_train: class labels ``(n,)``, or ``None`` when every training image is normal.
         x_test, y_test: test images and class labels, or ``None`` for no evaluation.
         normal_classes: class indices that are normal; all others are anomalies.
         val_fraction: fraction of the normal training images held out, in (0, 0.5].
         calibration_anomalies: how many training-split anomalies to draw for calibration.
-        seed: seed of the hold-out shuffle.
+        train_limit: use at most this many of the normal training images (a seeded subset,
+            taken after the normal class is picked, before the hold-out).
+        seed: seed of the subset, the hold-out and the calibration anomalies.
+        about: ``class_names``, ``dataset``, ``source`` for the split object.
     """
-    if not 0.0 < val_fraction <= 0.5:
-        raise expected("val_fraction in (0, 0.5]", val_fraction, cls=ConfigError)
-    rng = np.random.default_rng(seed)
     normal = np.ones(len(x_train), bool) if y_train is None else np.isin(y_train, normal_classes)
-    idx = rng.permutation(np.flatnonzero(normal))
-    n_val = max(2, round(len(idx) * val_fraction))  # calibration needs two or more
-    if len(idx) - n_val < 2:
-        raise expected("at least 4 normal training images", len(idx), cls=ConfigError)
+    normal_idx = np.flatnonzero(normal)
+    if train_limit is not None and train_limit < len(normal_idx):
+        if train_limit < 1:
+            raise expected("a positive train_limit", train_limit, cls=ConfigError)
+        pick = np.random.default_rng(seed).permutation(len(normal_idx))[:train_limit]
+        normal_idx = normal_idx[np.sort(pick)]
+    train_pos, val_pos = holdout(len(normal_idx), val_fraction, seed)
     x_cal = None
     if calibration_anomalies:
         if y_train is None:
@@ -127,18 +184,20 @@ def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.
         if len(anomalies) == 0:
             raise expected("anomalies in the training split for --calibration-anomalies",
                            "none", cls=ConfigError)
-        pick = rng.choice(anomalies, size=min(calibration_anomalies, len(anomalies)),
-                          replace=False)
+        pick = np.random.default_rng(seed + 1).choice(
+            anomalies, size=min(calibration_anomalies, len(anomalies)), replace=False)
         x_cal = _as_unit(x_train[np.sort(pick)])
     y_bin = classes = None
     if x_test is not None and y_test is not None:
         classes = np.asarray(y_test)
         y_bin = (~np.isin(classes, normal_classes)).astype(np.int64)
     return OneClassSplit(
-        x_train=_as_unit(x_train[np.sort(idx[n_val:])]),
-        x_val=_as_unit(x_train[np.sort(idx[:n_val])]),
+        x_train=_as_unit(x_train[normal_idx[train_pos]]),
+        x_val=_as_unit(x_train[normal_idx[val_pos]]),
         x_test=_as_unit(x_test) if x_test is not None else None,
         y_test=y_bin,
         test_classes=classes,
         x_cal_anomalies=x_cal,
+        normal_classes=tuple(normal_classes),
+        **about,
     )

@@ -31,7 +31,6 @@ class ModelSpec:
         variational: Gaussian latent with KL term (and an ELBO score).
         hidden: default widths: dense units, or conv filters.
         latent_dim: default code size (content units for ``affine-vae``).
-        score: default anomaly score.
     """
 
     name: str
@@ -39,22 +38,20 @@ class ModelSpec:
     variational: bool
     hidden: tuple[int, ...]
     latent_dim: int
-    score: str
 
 
 MODELS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
-        ModelSpec("dense-ae", "Dense autoencoder 784-512-128-code", False, (512, 128), 32, "mse"),
+        ModelSpec("dense-ae", "Dense autoencoder pixels-512-128-code", False, (512, 128), 32),
         ModelSpec("conv-ae", "Convolutional autoencoder (Conv2D encoder, Conv2DTranspose "
-                  "decoder)", False, (32, 64), 32, "mse"),
+                  "decoder)", False, (32, 64), 32),
         ModelSpec("vae", "Dense variational autoencoder (Gaussian latent, BCE + beta*KL)", True,
-                  (512, 256), 16, "elbo"),
-        ModelSpec("conv-vae", "Convolutional variational autoencoder", True, (32, 64), 16,
-                  "elbo"),
+                  (512, 256), 16),
+        ModelSpec("conv-vae", "Convolutional variational autoencoder", True, (32, 64), 16),
         ModelSpec("affine-vae", "VAE with a coordinate-network decoder and 6 affine latent "
                   "units (rotation/shear/scale/shift removed in the normalized reconstruction)",
-                  True, (32, 64), 10, "elbo"),
+                  True, (32, 64), 10),
     )
 }
 
@@ -72,6 +69,7 @@ class Autoencoder(keras.Model):
 
     Args:
         architecture: a name in :data:`MODELS`.
+        image_shape: ``(H, W, C)`` of the images (from the data set).
         latent_dim: code size (for ``affine-vae``: content units; 6 affine units are added).
         hidden: dense widths or conv filters; ``None`` for the architecture's default.
         beta: weight of the KL term (variational models only).
@@ -79,11 +77,12 @@ class Autoencoder(keras.Model):
         denoise: standard deviation of Gaussian noise added to training inputs (0 = off).
         seed: seed of the sampling and noise generators.
 
-    Inputs are images ``(batch, 28, 28)`` in [0, 1]; ``call`` returns reconstructions of the
+    Inputs are images ``(batch, H, W, C)`` in [0, 1]; ``call`` returns reconstructions of the
     same shape (the posterior mean is decoded unless ``training=True``).
     """
 
-    def __init__(self, architecture: str = "conv-ae", latent_dim: int | None = None,
+    def __init__(self, architecture: str, image_shape: tuple[int, int, int],
+                 latent_dim: int | None = None,
                  hidden: list[int] | tuple[int, ...] | None = None, beta: float = 1.0,
                  recon_loss: str = "bce", denoise: float = 0.0, seed: int | None = None,
                  **kwargs):
@@ -93,6 +92,11 @@ class Autoencoder(keras.Model):
             raise expected(f"a reconstruction loss in {RECON_LOSSES}", repr(recon_loss),
                            cls=ConfigError)
         self.architecture = architecture
+        self.image_shape = tuple(int(v) for v in image_shape)
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise expected("an image shape (H, W, C) of positive sizes", repr(image_shape),
+                           cls=ConfigError)
+        shape = self.image_shape
         self.variational = spec.variational
         self.latent_dim = int(latent_dim or spec.latent_dim)
         self.hidden = tuple(int(h) for h in (hidden or spec.hidden))
@@ -103,14 +107,14 @@ class Autoencoder(keras.Model):
                            f"latent_dim={latent_dim}, hidden={hidden}", cls=ConfigError)
         code = self.latent_dim + (6 if architecture == "affine-vae" else 0)
         if architecture in ("dense-ae", "vae"):
-            self.encoder = networks.dense_encoder(code, self.hidden, self.variational)
-            self.decoder = networks.dense_decoder(code, self.hidden)
+            self.encoder = networks.dense_encoder(shape, code, self.hidden, self.variational)
+            self.decoder = networks.dense_decoder(shape, code, self.hidden)
         elif architecture in ("conv-ae", "conv-vae"):
-            self.encoder = networks.conv_encoder(code, self.hidden, self.variational)
-            self.decoder = networks.conv_decoder(code, self.hidden)
+            self.encoder = networks.conv_encoder(shape, code, self.hidden, self.variational)
+            self.decoder = networks.conv_decoder(shape, code, self.hidden)
         else:
-            self.encoder = networks.conv_encoder(code, self.hidden, True, dense_units=256)
-            self.decoder = networks.affine_decoder(code, units=128, depth=3)
+            self.encoder = networks.conv_encoder(shape, code, self.hidden, True, dense_units=256)
+            self.decoder = networks.affine_decoder(shape, code, units=128, depth=3)
         self.code_dim = code
         self.sampler = Sampling(seed=seed, name="sampling")
         self.noise_gen = keras.random.SeedGenerator(None if seed is None else seed + 1)
@@ -125,7 +129,7 @@ class Autoencoder(keras.Model):
     # -- the network ------------------------------------------------------------------------
 
     def encode(self, x, training: bool = False):
-        """Images ``(batch, 28, 28)`` -> ``(z_mean, z_log_var)``, each ``(batch, code_dim)``.
+        """Images ``(batch, H, W, C)`` -> ``(z_mean, z_log_var)``, each ``(batch, code_dim)``.
 
         ``z_log_var`` is ``None`` for plain autoencoders.
         """
@@ -133,7 +137,7 @@ class Autoencoder(keras.Model):
         return (out[0], out[1]) if self.variational else (out, None)
 
     def decode_logits(self, z, normalize: bool = False):
-        """Codes ``(batch, code_dim)`` -> pixel logits ``(batch, 28, 28)``.
+        """Codes ``(batch, code_dim)`` -> pixel logits ``(batch, H, W, C)``.
 
         ``normalize=True`` (``affine-vae`` only) decodes with the identity transform.
         """
@@ -152,7 +156,7 @@ class Autoencoder(keras.Model):
     # -- the loss -----------------------------------------------------------------------------
 
     def pixel_losses(self, x, logits):
-        """Per-pixel reconstruction loss ``(batch, 28, 28)`` for targets ``x`` in [0, 1]."""
+        """Per-pixel reconstruction loss ``(batch, H, W, C)`` for targets ``x`` in [0, 1]."""
         if self.recon_loss == "bce":
             # Numerically stable binary cross-entropy from logits.
             return ops.relu(logits) - logits * x + ops.log1p(ops.exp(-ops.abs(logits)))
@@ -175,7 +179,7 @@ class Autoencoder(keras.Model):
             kl = self.kl_divergence(z_mean, z_log_var)
         else:
             z, kl = z_mean, ops.zeros((ops.shape(x)[0],))
-        recon = ops.sum(self.pixel_losses(x, self.decode_logits(z)), axis=(1, 2))
+        recon = ops.sum(self.pixel_losses(x, self.decode_logits(z)), axis=(1, 2, 3))
         recon, kl = ops.mean(recon), ops.mean(kl)
         return recon + self.beta * kl, recon, kl
 
@@ -208,6 +212,7 @@ class Autoencoder(keras.Model):
         return {
             **super().get_config(),
             "architecture": self.architecture,
+            "image_shape": list(self.image_shape),
             "latent_dim": self.latent_dim,
             "hidden": list(self.hidden),
             "beta": self.beta,

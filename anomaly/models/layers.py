@@ -48,13 +48,15 @@ class AffineCoordinateDecoder(keras.layers.Layer):
     pushed into the affine units, and decoding with ``A = [I | 0]`` (``normalize=True``) gives
     the "normalized" image: the same content, straightened.
 
-    Input: latent ``(batch, content_dim + 6)``. Output: logits ``(batch, height, width)``.
+    Input: latent ``(batch, content_dim + 6)``. Output: logits ``(batch, height, width,
+    channels)``. The pixel grid is the only place the size appears: the weights are
+    resolution-free.
     """
 
-    def __init__(self, height: int = 28, width: int = 28, units: int = 128, depth: int = 3,
-                 affine_scale: float = 0.5, **kwargs):
+    def __init__(self, height: int, width: int, channels: int = 1, units: int = 128,
+                 depth: int = 3, affine_scale: float = 0.5, **kwargs):
         super().__init__(**kwargs)
-        self.height, self.width = height, width
+        self.height, self.width, self.channels = height, width, channels
         self.units, self.depth, self.affine_scale = units, depth, affine_scale
         self.grid = _pixel_grid(height, width)
 
@@ -71,7 +73,7 @@ class AffineCoordinateDecoder(keras.layers.Layer):
                                           name="first_bias")
         self.hidden = [keras.layers.Dense(self.units, activation="relu", name=f"hidden_{i}")
                        for i in range(self.depth - 1)]
-        self.out = keras.layers.Dense(1, name="pixel_logit")
+        self.out = keras.layers.Dense(self.channels, name="pixel_logit")
         shape = (None, self.height * self.width, self.units)
         for layer in self.hidden:
             layer.build(shape)
@@ -97,9 +99,9 @@ class AffineCoordinateDecoder(keras.layers.Layer):
         h = ops.relu(h)
         for layer in self.hidden:
             h = layer(h)
-        logits = self.out(h)[..., 0]
-        return ops.reshape(logits, (-1, self.height, self.width))
+        return ops.reshape(self.out(h), (-1, self.height, self.width, self.channels))
 
     def get_config(self):
         return {**super().get_config(), "height": self.height, "width": self.width,
+                "channels": self.channels,
                 "units": self.units, "depth": self.depth, "affine_scale": self.affine_scale}

@@ -1,19 +1,27 @@
 """The pure networks: encoders and decoders of the model family, as functional Keras models.
 
 Nothing here knows about losses, training or thresholds (see :mod:`anomaly.models.autoencoder`
-and :mod:`anomaly.training`). Encoders map images ``(batch, 28, 28)`` to a code; variational
-encoders return ``[z_mean, z_log_var]``. Decoders map a code ``(batch, latent_dim)`` to pixel
-logits ``(batch, 28, 28)``: the sigmoid of a logit is the reconstructed intensity in [0, 1].
+and :mod:`anomaly.training`). Every builder takes the image shape ``(H, W, C)``: encoders map
+images ``(batch, H, W, C)`` to a code (variational encoders return ``[z_mean, z_log_var]``);
+decoders map a code ``(batch, latent_dim)`` to pixel logits ``(batch, H, W, C)``: the sigmoid of a
+logit is the reconstructed intensity in [0, 1].
+
+The convolutional pair halves the resolution twice (stride-2 convolutions), so the decoder
+starts from a ``ceil(H/4) x ceil(W/4)`` map and crops its output to ``H x W`` when the size is
+not a multiple of 4.
 """
 
 from __future__ import annotations
+
+import math
 
 import keras
 from keras import layers
 
 from anomaly.models.layers import AffineCoordinateDecoder
 
-IMAGE_SHAPE = (28, 28)
+#: Stride-2 stages of the convolutional encoder/decoder (each halves the resolution).
+DOWNSAMPLINGS = 2
 
 
 def _code_heads(h, latent_dim: int, variational: bool):
@@ -26,54 +34,67 @@ def _code_heads(h, latent_dim: int, variational: bool):
     return layers.Dense(latent_dim, name="z")(h)
 
 
-def dense_encoder(latent_dim: int, hidden: tuple[int, ...], variational: bool) -> keras.Model:
-    x_in = keras.Input(IMAGE_SHAPE, name="image")
+def dense_encoder(image_shape: tuple[int, int, int], latent_dim: int, hidden: tuple[int, ...],
+                  variational: bool) -> keras.Model:
+    x_in = keras.Input(image_shape, name="image")
     h = layers.Flatten()(x_in)
     for i, units in enumerate(hidden):
         h = layers.Dense(units, activation="relu", name=f"dense_{i}")(h)
     return keras.Model(x_in, _code_heads(h, latent_dim, variational), name="encoder")
 
 
-def dense_decoder(latent_dim: int, hidden: tuple[int, ...]) -> keras.Model:
+def dense_decoder(image_shape: tuple[int, int, int], latent_dim: int,
+                  hidden: tuple[int, ...]) -> keras.Model:
     z_in = keras.Input((latent_dim,), name="z")
     h = z_in
     for i, units in enumerate(reversed(hidden)):
         h = layers.Dense(units, activation="relu", name=f"dense_{i}")(h)
-    h = layers.Dense(IMAGE_SHAPE[0] * IMAGE_SHAPE[1], name="logits")(h)
-    return keras.Model(z_in, layers.Reshape(IMAGE_SHAPE)(h), name="decoder")
+    h = layers.Dense(math.prod(image_shape), name="logits")(h)
+    return keras.Model(z_in, layers.Reshape(image_shape)(h), name="decoder")
 
 
-def conv_encoder(latent_dim: int, filters: tuple[int, ...], variational: bool,
-                 dense_units: int = 0) -> keras.Model:
-    """Strided 3x3 convolutions (28 -> 14 -> 7), then dense code heads."""
-    x_in = keras.Input(IMAGE_SHAPE, name="image")
-    h = layers.Reshape((*IMAGE_SHAPE, 1))(x_in)
+def conv_encoder(image_shape: tuple[int, int, int], latent_dim: int, filters: tuple[int, ...],
+                 variational: bool, dense_units: int = 0) -> keras.Model:
+    """Strided 3x3 convolutions (H -> H/2 -> H/4, then stride 1), then dense code heads."""
+    x_in = keras.Input(image_shape, name="image")
+    h = x_in
     for i, f in enumerate(filters):
-        h = layers.Conv2D(f, 3, strides=2 if i < 2 else 1, padding="same", activation="relu",
-                          name=f"conv_{i}")(h)
+        h = layers.Conv2D(f, 3, strides=2 if i < DOWNSAMPLINGS else 1, padding="same",
+                          activation="relu", name=f"conv_{i}")(h)
     h = layers.Flatten()(h)
     if dense_units:
         h = layers.Dense(dense_units, activation="relu", name="dense")(h)
     return keras.Model(x_in, _code_heads(h, latent_dim, variational), name="encoder")
 
 
-def conv_decoder(latent_dim: int, filters: tuple[int, ...], dense_units: int = 0) -> keras.Model:
-    """Dense to a 7x7 map, then transposed convolutions back to 28x28 logits."""
+def conv_decoder(image_shape: tuple[int, int, int], latent_dim: int, filters: tuple[int, ...],
+                 dense_units: int = 0) -> keras.Model:
+    """Dense to a ``ceil(H/4) x ceil(W/4)`` map, transposed convolutions back to ``H x W``."""
+    height, width, channels = image_shape
+    scale = 2 ** min(DOWNSAMPLINGS, len(filters))
+    h0, w0 = math.ceil(height / scale), math.ceil(width / scale)
     z_in = keras.Input((latent_dim,), name="z")
     h = z_in
     if dense_units:
         h = layers.Dense(dense_units, activation="relu", name="dense")(h)
     top = filters[-1]
-    h = layers.Dense(7 * 7 * top, activation="relu", name="project")(h)
-    h = layers.Reshape((7, 7, top))(h)
+    h = layers.Dense(h0 * w0 * top, activation="relu", name="project")(h)
+    h = layers.Reshape((h0, w0, top))(h)
     for i, f in enumerate(reversed(filters)):
-        h = layers.Conv2DTranspose(f, 3, strides=2 if i >= len(filters) - 2 else 1,
-                                   padding="same", activation="relu", name=f"deconv_{i}")(h)
-    h = layers.Conv2D(1, 3, padding="same", name="logits")(h)
-    return keras.Model(z_in, layers.Reshape(IMAGE_SHAPE)(h), name="decoder")
+        up = i >= len(filters) - DOWNSAMPLINGS
+        h = layers.Conv2DTranspose(f, 3, strides=2 if up else 1, padding="same",
+                                   activation="relu", name=f"deconv_{i}")(h)
+    if (h0 * scale, w0 * scale) != (height, width):
+        h = layers.Cropping2D(((0, h0 * scale - height), (0, w0 * scale - width)),
+                              name="crop")(h)
+    h = layers.Conv2D(channels, 3, padding="same", name="logits")(h)
+    return keras.Model(z_in, h, name="decoder")
 
 
-def affine_decoder(latent_dim: int, units: int, depth: int) -> keras.Model:
+def affine_decoder(image_shape: tuple[int, int, int], latent_dim: int, units: int,
+                   depth: int) -> keras.Model:
     z_in = keras.Input((latent_dim,), name="z")
-    out = AffineCoordinateDecoder(*IMAGE_SHAPE, units=units, depth=depth, name="coord_net")(z_in)
+    height, width, channels = image_shape
+    out = AffineCoordinateDecoder(height, width, channels=channels, units=units, depth=depth,
+                                  name="coord_net")(z_in)
     return keras.Model(z_in, out, name="decoder")

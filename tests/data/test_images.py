@@ -81,7 +81,7 @@ def test_integer_values_out_of_range_are_rejected():
     (np.zeros((0, 28, 28)), "at least one image"),
     (np.float32(0.5), "at least one image"),
     (np.zeros((2, 5)), r"shape \(2, 5\)"),
-    (np.zeros((2, 28, 28, 2)), r"shape \(2, 28, 28, 2\)"),
+    (np.zeros((2, 28, 28, 2)), r"1, 3 or 4 channels.*shape \(2, 28, 28, 2\)"),
     (np.zeros((2, 0, 28)), "non-empty height and width"),
 ])
 def test_bad_arrays_are_rejected(arr, match):
@@ -107,27 +107,33 @@ def test_standard_shapes_are_equivalent(caplog):
     assert "resizing" not in caplog.text  # no note for the standard shapes
 
 
-def test_other_sizes_are_resized_with_a_note(caplog):
+def test_other_sizes_keep_their_size_or_are_resized_to_a_model_shape_with_a_note(caplog):
     caplog.set_level("INFO", logger="anomaly")
     big = np.kron(make_blobs(2), np.ones((2, 2), np.float32))  # 56x56, the same picture
-    out = to_unit_float(big)
+    assert to_unit_float(big).shape == (2, 56, 56)  # no target: the images' own size
+    assert "resizing" not in caplog.text
+    out = to_unit_float(big, shape=(28, 28, 1))
     assert out.shape == (2, 28, 28) and out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
     np.testing.assert_allclose(out, make_blobs(2), atol=0.05)
     assert "resizing 2 image(s) of 56x56 to 28x28" in caplog.text
 
 
-def test_colour_images_are_converted_to_gray(caplog):
+def test_colour_is_kept_or_converted_to_the_model_channels(caplog):
     caplog.set_level("INFO", logger="anomaly")
     gray = _digits(2)
+    grey_model, colour_model = (28, 28, 1), (28, 28, 3)
     rgb = np.repeat(gray[..., None], 3, axis=-1)
-    np.testing.assert_allclose(to_unit_float(rgb), to_unit_float(gray), atol=1e-6)
+    assert to_unit_float(rgb).shape == (2, 28, 28, 3)  # colour stays colour
+    np.testing.assert_allclose(to_unit_float(rgb, shape=grey_model), to_unit_float(gray),
+                               atol=1e-6)
     rgba = np.concatenate([rgb, np.full((2, 28, 28, 1), 255, np.uint8)], axis=-1)
-    np.testing.assert_allclose(to_unit_float(rgba), to_unit_float(gray), atol=1e-6)
+    np.testing.assert_allclose(to_unit_float(rgba), to_unit_float(rgb), atol=1e-6)  # alpha off
+    np.testing.assert_allclose(to_unit_float(gray, shape=colour_model), to_unit_float(rgb))
     # Pure red is the ITU-R 601 luma of red.
     red = np.zeros((1, 32, 32, 3), np.uint8)
     red[..., 0] = 255
-    assert to_unit_float(red) == pytest.approx(0.299, abs=1e-3)
+    assert to_unit_float(red, shape=grey_model) == pytest.approx(0.299, abs=1e-3)
     assert "32x32" in caplog.text
 
 
@@ -209,8 +215,10 @@ def test_csv_without_extra_columns_uses_row_numbers(tmp_path):
 
 def test_csv_wrong_column_count(tmp_path):
     _pixel_frame(_digits(2)).iloc[:, :700].to_csv(tmp_path / "short.csv", index=False)
-    with pytest.raises(DataError, match=r"784 pixel columns.*Received: 700 pixel columns"):
+    with pytest.raises(DataError, match=r"a square number of pixel columns.*Received: 700 "):
         load_images(tmp_path / "short.csv")
+    with pytest.raises(DataError, match=r"784 pixel columns.*Received: 700 pixel columns"):
+        load_images(tmp_path / "short.csv", shape=(28, 28, 1))
 
 
 def test_csv_non_numeric(tmp_path):
@@ -246,11 +254,13 @@ def test_folder_with_class_subfolders(tmp_path):
     np.testing.assert_allclose(s.images, to_unit_float(x[:3]), atol=1e-7)  # PNG is lossless
 
 
-def test_flat_folder_has_no_labels_and_mixed_sizes_are_resized(tmp_path, caplog):
+def test_flat_folder_has_no_labels_and_mixed_sizes_need_a_shape(tmp_path, caplog):
     caplog.set_level("INFO", logger="anomaly")
     _save_png(tmp_path / "a.png", _digits(1)[0])
     _save_png(tmp_path / "b.png", np.zeros((40, 30), np.uint8))
-    s = load_images(tmp_path)
+    with pytest.raises(DataError, match=r"images of one size .*Received: sizes 28x28, 40x30"):
+        load_images(tmp_path)
+    s = load_images(tmp_path, shape=(28, 28, 1))  # e.g. a model's
     assert s.images.shape == (2, 28, 28) and s.labels is None
     assert "40x30" in caplog.text  # the note about the 40x30 image
 
@@ -263,6 +273,37 @@ def test_single_png_rgba_transparent_is_black(tmp_path):
     s = load_images(tmp_path / "one.png")
     assert s.ids == ["one.png"] and s.images.shape == (1, 28, 28)
     assert s.images[0, 10:14].min() == 1.0 and s.images[0, :10].max() == 0.0
+
+
+def test_colour_png_stays_colour(tmp_path):
+    rgb = np.zeros((20, 24, 3), np.uint8)
+    rgb[..., 0] = 200  # red: not grey
+    _save_png(tmp_path / "red.png", rgb)
+    s = load_images(tmp_path / "red.png")
+    assert s.images.shape == (1, 20, 24, 3)
+    np.testing.assert_allclose(s.images[0, ..., 0], 200 / 255, atol=1e-6)
+    assert load_images(tmp_path / "red.png", shape=(20, 24, 1)).images.shape == (1, 20, 24)
+
+
+def test_hostile_array_files_are_clean_errors(tmp_path):
+    """A pickled object array, or a header claiming more than the file or memory holds."""
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(DataError, match="pickled objects, which are refused"):
+        load_images(tmp_path / "obj.npz")
+    np.save(tmp_path / "obj.npy", np.array([1, None], dtype=object))
+    with pytest.raises(DataError, match="pickled objects, which are refused"):
+        load_images(tmp_path / "obj.npy")
+    from numpy.lib import format as npformat
+
+    for name, shape in (("huge.npy", (10**12, 28, 28)), ("short.npy", (100, 28, 28))):
+        with open(tmp_path / name, "wb") as fp:
+            npformat.write_array_header_1_0(fp, {"descr": "<f4", "fortran_order": False,
+                                                 "shape": shape})
+            fp.write(b"\0" * 64)
+    with pytest.raises(DataError, match=r"at most 8 GiB.*shape \(1000000000000, 28, 28\)"):
+        load_images(tmp_path / "huge.npy")
+    with pytest.raises(DataError, match=r"as long as its header says.*holding"):
+        load_images(tmp_path / "short.npy")
 
 
 def test_corrupt_image_file(tmp_path):

@@ -20,14 +20,14 @@ def test_registry_holds_the_seed_family():
     for name, spec in MODELS.items():
         assert spec.name == name
         assert spec.variational == (name in ("vae", "conv-vae", "affine-vae"))
-        assert spec.score == ("elbo" if spec.variational else "mse")
+        assert spec.latent_dim >= 1 and spec.hidden
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_fit_score_save_load_identical(name, fitted, normal_images, anomaly_images, tmp_path):
     det = fitted(name)
     x = np.concatenate([normal_images[:32], anomaly_images[:32]])
-    scores = det.score(x)
+    scores = det.decision_function(x)
     assert scores.shape == (64,) and scores.dtype == np.float64
     assert np.isfinite(scores).all()
     assert set(det.history_) >= {"loss", "val_loss", "reconstruction_loss", "kl_loss"}
@@ -37,7 +37,7 @@ def test_fit_score_save_load_identical(name, fitted, normal_images, anomaly_imag
 
     path = det.save(tmp_path / name / "1", metadata={"dataset": "blobs"})
     loaded = Detector.load(path)
-    np.testing.assert_array_equal(loaded.score(x), scores)
+    np.testing.assert_array_equal(loaded.decision_function(x), scores)
     assert loaded.get_params() == det.get_params()
     assert loaded.calibration_.to_dict() == det.calibration_.to_dict()
     assert loaded.metadata_["model_type"] == name and loaded.metadata_["dataset"] == "blobs"
@@ -63,7 +63,6 @@ def test_fit_score_save_load_identical(name, fitted, normal_images, anomaly_imag
         normalized = loaded.reconstruct(x[:5], normalize=True)
         assert normalized.shape == (5, 28, 28)
         assert normalized.min() >= 0.0 and normalized.max() <= 1.0
-        assert not np.allclose(normalized, recon)  # the affine units do move the grid
     else:
         with pytest.raises(ConfigError, match="affine-vae model for a normalized"):
             loaded.reconstruct(x[:5], normalize=True)
@@ -89,34 +88,69 @@ def test_keras_file_loads_in_safe_mode_without_lambda(name, fitted, tmp_path):
 
 def test_model_defaults_follow_the_spec():
     for name, spec in MODELS.items():
-        model = Autoencoder(name)
+        model = Autoencoder(name, (28, 28, 1))
         assert model.latent_dim == spec.latent_dim and model.hidden == spec.hidden
         assert model.code_dim == spec.latent_dim + (6 if name == "affine-vae" else 0)
-        out = model(np.zeros((2, 28, 28), np.float32))
-        assert tuple(out.shape) == (2, 28, 28)
+        out = model(np.zeros((2, 28, 28, 1), np.float32))
+        assert tuple(out.shape) == (2, 28, 28, 1)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("shape", [(32, 32, 3), (48, 32, 1), (17, 23, 1)])
+def test_every_model_takes_its_shape_from_the_data(name, shape, tmp_path):
+    """Colour, non-square and odd sizes: fit, save, load and score round trips."""
+    rng = np.random.default_rng(0)
+    x = rng.random((40, *shape), dtype=np.float32) * 0.2
+    x = x[..., 0] if shape[2] == 1 else x
+    det = Detector(name, **{**TINY[name], "latent_dim": 7 if name == "affine-vae" else 3},
+                   epochs=1, batch_size=16).fit(x)
+    assert det.image_shape_ == shape
+    out = det.detect(x[:3], reconstruction=True, error_map=True)
+    assert out.reconstruction.shape == x[:3].shape == out.error_map.shape
+    loaded = Detector.load(det.save(tmp_path / "m" / "1"))
+    assert loaded.image_shape_ == shape
+    np.testing.assert_array_equal(loaded.decision_function(x[:5]), det.decision_function(x[:5]))
 
 
 def test_bad_model_settings():
     with pytest.raises(ConfigError, match=r"Expected a model in \[.*'vae'\]. Received: 'gan'"):
         get_spec("gan")
     with pytest.raises(ConfigError, match="reconstruction loss"):
-        Autoencoder("dense-ae", recon_loss="l1")
+        Autoencoder("dense-ae", (28, 28, 1), recon_loss="l1")
     with pytest.raises(ConfigError, match="positive latent_dim"):
-        Autoencoder("dense-ae", hidden=[0])
+        Autoencoder("dense-ae", (28, 28, 1), hidden=[0])
+    with pytest.raises(ConfigError, match=r"an image shape \(H, W, C\) of positive sizes"):
+        Autoencoder("dense-ae", (28, 28))
 
 
 def test_affine_decoder_identity_transform_matches_normalize():
     """Affine units of 0 give the identity transform: decoding with and without ``normalize``
-    must then agree, and must differ once an affine unit moves the grid."""
-    layer = AffineCoordinateDecoder(units=16, depth=2)
+    must then agree."""
+    layer = AffineCoordinateDecoder(28, 28, units=16, depth=2)
     z = np.concatenate([np.random.default_rng(0).normal(size=(3, 4)), np.zeros((3, 6))],
                        axis=1).astype(np.float32)
     a = np.asarray(layer(z))
     b = np.asarray(layer(z, normalize=True))
-    assert a.shape == (3, 28, 28)
+    assert a.shape == (3, 28, 28, 1)
     np.testing.assert_allclose(a, b, atol=1e-5)
-    shifted = z.copy()
-    shifted[:, -4] = 2.0  # a shift unit: the transform is no longer the identity
-    assert not np.allclose(np.asarray(layer(shifted)), b, atol=1e-3)
     with pytest.raises(ValueError, match="at least 7"):
-        AffineCoordinateDecoder()(np.zeros((1, 6), np.float32))
+        AffineCoordinateDecoder(28, 28)(np.zeros((1, 6), np.float32))
+
+
+@pytest.mark.parametrize(("unit", "axis"), [(2, 2), (5, 1)])
+def test_affine_translation_of_one_pixel_shifts_the_image_by_one_pixel(unit, axis):
+    """The grid spans [-1, 1] over 28 pixels, so a translation of t = 2/27 moves every pixel's
+    coordinate onto its neighbour's: the decoded image is the normalized one shifted by one."""
+    layer = AffineCoordinateDecoder(28, 28, units=16, depth=2, affine_scale=0.5)
+    z = np.concatenate([np.random.default_rng(1).normal(size=(2, 4)), np.zeros((2, 6))],
+                       axis=1).astype(np.float32)
+    shifted = z.copy()
+    shifted[:, 4 + unit] = np.arctanh((2 / 27) / 0.5)  # tx (unit 2) or ty (unit 5)
+    moved = np.asarray(layer(shifted))[..., 0]
+    plain = np.asarray(layer(z, normalize=True))[..., 0]
+    cut = (slice(None), slice(None), slice(None, -1)) if axis == 2 else (
+        slice(None), slice(None, -1), slice(None))
+    ahead = (slice(None), slice(None), slice(1, None)) if axis == 2 else (
+        slice(None), slice(1, None), slice(None))
+    np.testing.assert_allclose(moved[cut], plain[ahead], atol=1e-5)
+    assert np.abs(moved - plain).max() > 1e-3  # and it did move

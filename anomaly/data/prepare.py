@@ -1,0 +1,158 @@
+"""Data prepared once: from a run configuration to the one split object of the run.
+
+``anomaly fit`` calls :func:`prepare` once; training, calibration, evaluation and the report all
+use the :class:`~anomaly.data.splits.OneClassSplit` it returns. ``anomaly evaluate`` and
+``anomaly report`` on a saved artifact rebuild the same split from the artifact's
+``config.yaml`` (:func:`load_test_set`), so no training image is ever scored as a test image.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from anomaly.config import RunConfig, resolve
+from anomaly.data.builtin import DATASETS, load_dataset
+from anomaly.data.images import load_images, to_unit_float
+from anomaly.data.splits import OneClassSplit, TestSet, parse_classes, split_one_class
+from anomaly.errors import ConfigError, DataError, expected
+
+_log = logging.getLogger(__name__)
+
+#: Share of labelled user images kept for testing when no ``test_data`` is given.
+USER_TEST_FRACTION = 0.2
+
+
+@dataclass
+class LabelledData:
+    """Training and (optional) test images with labels.
+
+    Images are ``(N, H, W[, C])``: uint8 for the built-in sets, float32 in [0, 1] otherwise.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray | None
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    class_names: tuple[str, ...] | None
+    source: str
+
+
+def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | None = None,
+              seed: int = 0) -> LabelledData:
+    """A built-in data set by name, or a user's images (file or folder) by path.
+
+    User data with labels of two or more classes and no ``test_data`` is split (by shuffling
+    with ``seed``) into training and test parts (:data:`USER_TEST_FRACTION`); unlabelled or
+    single-class user data is all normal training data.
+    """
+    if dataset in DATASETS:
+        ds = load_dataset(dataset, cache_dir)
+        return LabelledData(dataset, ds.x_train, ds.y_train, ds.x_test, ds.y_test,
+                            ds.class_names, ds.source)
+    if not Path(dataset).exists():
+        raise expected(f"a built-in data set in {sorted(DATASETS)} or a path to images",
+                       repr(dataset), cls=DataError)
+    train = load_images(dataset)
+    if train.labels is not None and len(np.unique(train.labels)) < 2:
+        # One class only (e.g. a folder holding just good/): every image is normal, and
+        # there is nothing to evaluate on unless --test-data brings anomalies.
+        train.labels = train.class_names = None
+    x_test = y_test = None
+    if test_data is not None:
+        shape = train.images.shape[1:]
+        test = load_images(test_data, shape=(*shape[:2], shape[2] if len(shape) == 3 else 1))
+        if test.labels is None:
+            raise expected(f"labels in the test data {test_data} (a 'label' column, a 'y' "
+                           "array or class sub-folders)", "unlabelled images", cls=DataError)
+        x_test, y_test = test.images, test.labels
+    elif train.labels is not None:
+        idx = np.random.default_rng(seed).permutation(len(train.images))
+        n_test = int(len(idx) * USER_TEST_FRACTION)
+        test_idx, train_idx = np.sort(idx[:n_test]), np.sort(idx[n_test:])
+        x_test, y_test = train.images[test_idx], train.labels[test_idx]
+        train.images, train.labels = train.images[train_idx], train.labels[train_idx]
+    return LabelledData(Path(dataset).name, train.images, train.labels, x_test, y_test,
+                        train.class_names, str(Path(dataset).resolve()))
+
+
+def _subset(x, y, limit: int | None, seed: int):
+    if limit is None or limit >= len(x):
+        return x, y
+    if limit < 1:
+        raise expected("a positive limit", limit, cls=ConfigError)
+    idx = np.sort(np.random.default_rng(seed).permutation(len(x))[:limit])
+    return x[idx], (y[idx] if y is not None else None)
+
+
+def prepare(cfg: RunConfig) -> OneClassSplit:
+    """Load the data named by ``cfg`` and split it for one-class training (once per run)."""
+    det = cfg.detector
+    data = load_data(cfg.dataset, test_data=cfg.test_data, cache_dir=cfg.cache_dir,
+                     seed=det.seed)
+    if data.y_train is None:
+        normal: tuple[int, ...] = (0,)
+        if cfg.calibration_anomalies:
+            raise expected("labelled training data for calibration_anomalies",
+                           "unlabelled images", cls=ConfigError)
+    else:
+        n_classes = len(data.class_names) if data.class_names else int(data.y_train.max()) + 1
+        normal = parse_classes(cfg.normal_classes, data.class_names, n_classes)
+    x_test, y_test = (_subset(data.x_test, data.y_test, cfg.test_limit, det.seed + 1)
+                      if data.x_test is not None else (None, None))
+    split = split_one_class(data.x_train, data.y_train, x_test, y_test, normal,
+                            val_fraction=det.val_fraction,
+                            calibration_anomalies=cfg.calibration_anomalies,
+                            train_limit=cfg.train_limit, seed=det.seed,
+                            class_names=data.class_names, dataset=data.name,
+                            source=data.source)
+    if split.y_test is not None and not 0 < split.y_test.sum() < len(split.y_test):
+        _log.info("the test data holds only one of normal/anomalous images: AUROC is "
+                  "undefined.")
+    return split
+
+
+def load_test_set(artifact: str | Path, metadata: dict, *, dataset: str | None = None,
+                  test_data: str | None = None, cache_dir: str | None = None,
+                  test_limit: int | None = None, seed: int = 0,
+                  image_shape: tuple[int, int, int] | None = None) -> TestSet:
+    """The labelled test images an artifact is evaluated on.
+
+    By default the very test split of the run that made it, rebuilt from its ``config.yaml``
+    (same data, seed, split and ``--test-data``); with ``dataset``/``test_data``, that data
+    set's test images instead, brought to ``image_shape``.
+    """
+    artifact = Path(artifact)
+    normal = tuple(int(c) for c in metadata.get("normal_classes") or (0,))
+    source = metadata.get("data_source")
+    cfg_path = artifact / "config.yaml"
+    if dataset is None and test_data is None and cfg_path.is_file():
+        cfg = resolve(cfg_path, {"cache_dir": cache_dir, "test_limit": test_limit})
+        if cfg.dataset not in DATASETS and not Path(cfg.dataset).exists() and source:
+            cfg.dataset = source  # a relative path from another working directory
+        test = prepare(cfg).test
+        if test is None:
+            raise expected("labelled test data (a built-in data set, labelled user images, or "
+                           "--test-data PATH)", "none", cls=DataError)
+        return test
+    name = dataset or metadata.get("dataset")
+    if dataset is None and name not in DATASETS and source:
+        name = source
+    if name is None:
+        raise expected("a data set (--dataset NAME or PATH)", "none recorded in the artifact",
+                       cls=DataError)
+    data = load_data(name, test_data=test_data, cache_dir=cache_dir, seed=seed)
+    if data.x_test is None or data.y_test is None:
+        raise expected("labelled test data (a built-in data set, labelled user images, or "
+                       "--test-data PATH)", "none", cls=DataError)
+    x, classes = data.x_test, np.asarray(data.y_test)
+    if test_limit is not None and test_limit < len(x):
+        idx = np.sort(np.random.default_rng(seed + 1).permutation(len(x))[:test_limit])
+        x, classes = x[idx], classes[idx]
+    y = (~np.isin(classes, normal)).astype(np.int64)
+    return TestSet(to_unit_float(x, shape=image_shape, what="test images"), y, classes,
+                   data.class_names, data.name, normal)
