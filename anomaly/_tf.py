@@ -32,3 +32,7 @@ def import_quietly() -> None:
 
 
 import_quietly()
+
+import tensorflow as tf  # noqa: E402  (after the quiet import above)
+
+__all__ = ["import_quietly", "tf"]

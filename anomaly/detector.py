@@ -380,10 +380,12 @@ class Detector(OutlierMixin, BaseEstimator):
         """
         import json
 
+        from anomaly.models.autoencoder import Autoencoder  # first: TensorFlow, quietly
+
+        # isort: split
         import keras
 
         from anomaly.artifact import read_artifact
-        from anomaly.models.autoencoder import Autoencoder
         from anomaly.scoring import LatentKNN, Standardizer
 
         art = read_artifact(path, verify_files=verify)

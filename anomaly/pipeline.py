@@ -62,7 +62,6 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
 
     from anomaly.detector import Detector
     from anomaly.evaluation import evaluate
-    from anomaly.training import is_chief
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -102,6 +101,8 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         scores = detector.decision_function(test.x)
         ev = evaluate(scores, test.y, detector.calibration_, test.classes, test.class_names)
         timings["evaluate_s"] = time.perf_counter() - t
+    from anomaly.training import is_chief
+
     if not is_chief():
         log("Not the chief worker of the TF_CONFIG cluster: the chief writes the artifact.")
         return FitResult(None, detector, ev, timings, split, test, scores)

@@ -38,15 +38,18 @@ costs one graph execution per batch.
 
 from __future__ import annotations
 
+from anomaly._tf import tf  # first: TensorFlow without its start-up noise
+
+# isort: split
+
 import math
 from dataclasses import dataclass
 
 import numpy as np
-
-from anomaly.models.autoencoder import Autoencoder  # first: TensorFlow without start-up noise
-from anomaly.errors import ConfigError, expected  # noqa: I001
-import tensorflow as tf
 from keras import ops
+
+from anomaly.errors import ConfigError, expected
+from anomaly.models.autoencoder import Autoencoder
 
 SCORES = ("mse", "bce", "elbo", "mse+knn")
 AGGREGATIONS = ("mean", "sum", "max", "top10")

@@ -10,6 +10,10 @@ part-way and started again with the same ``backup_dir`` resumes from its last fi
 
 from __future__ import annotations
 
+from anomaly._tf import tf  # first: TensorFlow without its start-up noise
+
+# isort: split
+
 import json
 import os
 import sys
@@ -17,9 +21,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from anomaly import _tf  # noqa: F401  (first: TensorFlow without its start-up noise)
 from anomaly.data.images import with_channels
 from anomaly.errors import ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder
