@@ -126,10 +126,18 @@ def _tie_groups(scores: np.ndarray) -> np.ndarray:
     return np.unique(scores, return_inverse=True)[1].ravel()
 
 
+def _rowwise_bincount(index: np.ndarray, weights: np.ndarray | None, size: int) -> np.ndarray:
+    """``np.bincount`` of each row of ``index`` ``(B, N)`` at once -> ``(B, size)``."""
+    offset = (np.arange(len(index))[:, None] * size + index).ravel()
+    w = None if weights is None else weights.ravel()
+    return np.bincount(offset, weights=w, minlength=len(index) * size).reshape(len(index), size)
+
+
 def _weighted_auroc(groups: np.ndarray, y: np.ndarray, w: np.ndarray, n_groups: int):
     """AUROC (ties count one half) of images weighted by ``w`` ``(B, N)`` -> ``(B,)``."""
-    pos = np.stack([np.bincount(groups, weights=wi * y, minlength=n_groups) for wi in w])
-    neg = np.stack([np.bincount(groups, weights=wi * (1 - y), minlength=n_groups) for wi in w])
+    index = np.broadcast_to(groups, w.shape)
+    pos = _rowwise_bincount(index, w * y, n_groups)
+    neg = _rowwise_bincount(index, w * (1 - y), n_groups)
     below = np.cumsum(neg, axis=1) - neg  # negatives strictly below each distinct value
     num = np.sum(pos * (below + 0.5 * neg), axis=1)
     den = pos.sum(axis=1) * neg.sum(axis=1)
@@ -145,14 +153,14 @@ def bootstrap_auroc(y: np.ndarray, scores: np.ndarray, *, n_boot: int = N_BOOTST
     a single class are dropped. Ties count one half, as in ``roc_auc_score``.
     """
     y = np.asarray(y).astype(np.float64)
+    n = len(y)
     groups = _tie_groups(np.asarray(scores, np.float64))
-    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    n_groups = int(groups.max()) + 1 if n else 0
     rng = np.random.default_rng(seed)
     values = []
     for start in range(0, n_boot, 50):  # chunks keep the (B, N) weights small
         b = min(50, n_boot - start)
-        w = np.stack([np.bincount(rng.integers(0, len(y), len(y)), minlength=len(y))
-                      for _ in range(b)]).astype(np.float64)
+        w = _rowwise_bincount(rng.integers(0, n, (b, n)), None, n).astype(np.float64)
         values.append(_weighted_auroc(groups, y, w, n_groups))
     v = np.concatenate(values)
     v = v[np.isfinite(v)]

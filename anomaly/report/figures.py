@@ -67,11 +67,6 @@ def register(file: str, section: str, title: str, caption: str = ""):
     return deco
 
 
-def sections() -> list[str]:
-    """Section names in page order."""
-    return list(dict.fromkeys(s.section for s in FIGURES.values()))
-
-
 def render(spec: FigureSpec, data: ReportData) -> bytes | Missing:
     """PNG bytes of one figure, or why it is left out."""
     fig = spec.build(data)
