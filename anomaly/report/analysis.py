@@ -368,6 +368,7 @@ class ReportData:
     extra: dict = field(default_factory=dict)
 
     def class_label(self, c: int, with_role: bool = True) -> str:
+        """``"3: dress (anomaly)"`` for class 3 (``"3"`` alone when it has no other name)."""
         names = self.class_names
         name = names[c] if names is not None and 0 <= c < len(names) else str(c)
         label = f"{c}: {name}" if name != str(c) else str(c)

@@ -81,6 +81,7 @@ def render(spec: FigureSpec, data: ReportData) -> bytes | Missing:
 
 
 def new_figure(w: float, h: float):
+    """An empty figure of ``w`` x ``h`` inches on its own Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -173,7 +174,7 @@ def _op_color(i: int) -> str:
           "the low false-alarm rates a detector is run at can be read; the shaded part is the "
           "partial AUROC's range (FPR up to 10%). Every operating point of the calibration is "
           "marked where it lands on the test set.")
-def fig_roc(d: ReportData):
+def _fig_roc(d: ReportData):
     from sklearn.metrics import RocCurveDisplay, roc_curve
 
     r = d.ranking
@@ -218,7 +219,7 @@ def fig_roc(d: ReportData):
           "Normal images are the positives here: with anomalies as positives the curve sits "
           "near 1 whatever the detector (their share of the test set is its chance level). "
           "An image is called normal when its score is at or below the threshold.")
-def fig_pr_normal(d: ReportData):
+def _fig_pr_normal(d: ReportData):
     from sklearn.metrics import PrecisionRecallDisplay, precision_recall_curve
 
     r = d.ranking
@@ -254,7 +255,7 @@ def fig_pr_normal(d: ReportData):
 @register("score_histogram.png", "Detection", "Score distributions",
           "Densities of the test scores; the black outline is the normal validation "
           "(calibration) images; one vertical line per operating point threshold.")
-def fig_histogram(d: ReportData):
+def _fig_histogram(d: ReportData):
     scores, y, cal = d.scores, d.y, d.calibration
     fig = new_figure(10, 4.4)
     ax = fig.subplots()
@@ -289,7 +290,7 @@ def fig_histogram(d: ReportData):
 @register("per_class.png", "Detection", "Detection rate per class",
           "Fraction of each test class flagged at each operating point: the detection rate "
           "of an anomaly class, the false-alarm rate of a normal class (hatched).")
-def fig_per_class(d: ReportData):
+def _fig_per_class(d: ReportData):
     from matplotlib.patches import Patch
 
     df = d.evaluation.per_class
@@ -325,7 +326,7 @@ def fig_per_class(d: ReportData):
 
 @register("confusion_matrix.png", "Detection", "Confusion matrix",
           "At the default operating point; colours are the fraction of the true class.")
-def fig_confusion(d: ReportData):
+def _fig_confusion(d: ReportData):
     from sklearn.metrics import ConfusionMatrixDisplay
 
     name = d.calibration.default
@@ -353,7 +354,7 @@ def fig_confusion(d: ReportData):
           "(expected) and on the normal test images (measured), with 95% exact binomial "
           "(Clopper-Pearson) intervals. Red: the expected FPR is outside the measured "
           "interval.")
-def fig_fpr_check(d: ReportData):
+def _fig_fpr_check(d: ReportData):
     checks = [c for c in d.fpr_checks if c.measured_fpr is not None]
     if not checks:
         return Missing("No normal test images: no FPR to measure.")
@@ -388,7 +389,7 @@ def fig_fpr_check(d: ReportData):
           "below an image. On normal test images it should be uniform on [0, 1] when "
           "validation and test normals are alike; the Kolmogorov-Smirnov statistic is the "
           "largest vertical gap between the two curves on the left.")
-def fig_uniformity(d: ReportData):
+def _fig_uniformity(d: ReportData):
     u = d.uniformity
     if isinstance(u, Missing):
         return u
@@ -421,7 +422,7 @@ def fig_uniformity(d: ReportData):
           "Each part standardized on the normal validation images as the score does; the "
           "score is their sum, so the threshold is the dashed line x + y = threshold. Images "
           "above it are flagged: far from the normal codes, badly reconstructed, or both.")
-def fig_score_parts(d: ReportData):
+def _fig_score_parts(d: ReportData):
     sp = d.score_parts
     if not isinstance(sp, ScoreParts):
         return sp
@@ -449,6 +450,8 @@ def fig_score_parts(d: ReportData):
 
 
 def fig_recon(d: ReportData, kind: str):
+    """A reconstruction grid of the images ``d.groups[kind]``: originals ``(k, H, W[, 3])``,
+    reconstructions, and error maps ``(k, H, W)`` on the shared scale ``d.error_vmax``."""
     g = d.groups.get(kind, Missing("Not computed."))
     if not isinstance(g, ImageSet):
         return g
@@ -501,14 +504,14 @@ def _scatter(d: ReportData, lat: Latent):
 @register("latent.png", "Latent space", "Latent space",
           "Latent means (VAEs) or codes (autoencoders) of test images, coloured by class; "
           "circles are normal classes, crosses anomaly classes.")
-def fig_latent(d: ReportData):
+def _fig_latent(d: ReportData):
     return _scatter(d, d.latent)
 
 
 @register("latent_tsne.png", "Latent space", "Latent space (t-SNE)",
           "t-SNE is run on a small random subset: it is slow and only its local "
           "neighbourhoods are meaningful, not distances between clusters.")
-def fig_tsne(d: ReportData):
+def _fig_tsne(d: ReportData):
     return d.tsne if isinstance(d.tsne, Missing) else _scatter(d, d.tsne)
 
 
@@ -518,7 +521,7 @@ def fig_tsne(d: ReportData):
 @register("manifold.png", "The generative model", "Decoded latent grid (manifold)",
           "What the decoder makes of codes it was not given: standard normal quantiles "
           "0.05..0.95, as in the VAE tutorials.")
-def fig_manifold(d: ReportData):
+def _fig_manifold(d: ReportData):
     m = d.manifold
     if not isinstance(m, Manifold):
         return m
@@ -541,6 +544,7 @@ def fig_manifold(d: ReportData):
 
 
 def fig_rows(r: Rows | Missing):
+    """Rows of images side by side (each ``(k, H, W[, 3])``), or the reason there are none."""
     if not isinstance(r, Rows):
         return r
     k = len(r.rows[0])
@@ -572,7 +576,7 @@ register("denoise.png", "The generative model", "Denoising",
           "Per-epoch losses; the star marks the kept epoch (lowest validation loss), whose "
           "weights early stopping restored. Log scale, so the first epoch does not flatten "
           "the rest (when a loss is not positive, the y range leaves out the first epoch).")
-def fig_training(d: ReportData):
+def _fig_training(d: ReportData):
     from matplotlib.ticker import MaxNLocator
 
     t = d.training
