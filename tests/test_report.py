@@ -220,3 +220,56 @@ def test_report_never_replaces_a_folder_of_other_files(fitted_run, tmp_path, cap
     assert main(["report", str(artifact), "--output", str(out), "--tsne", "0"]) == 0
     assert main(["report", str(artifact), "--output", str(out), "--tsne", "0"]) == 0
     assert (out / "report.html").is_file()
+
+
+class _CountingScores:
+    """A detector that counts how often it is asked to score."""
+
+    def __init__(self, detector):
+        self._detector = detector
+        self.score_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._detector, name)
+
+    def score(self, images):
+        self.score_calls += 1
+        return self._detector.score(images)
+
+
+def test_report_after_fit_reports_on_the_fits_own_split_and_scores(dense_detector,
+                                                                     artifact_copy):
+    """With ``result.test`` and ``result.scores`` nothing is loaded or scored again."""
+    from types import SimpleNamespace
+
+    from anomaly.report import report_after_fit
+
+    x = np.concatenate([make_blobs(30, seed=5), make_bars(10, seed=5)])
+    classes = np.r_[np.zeros(30, int), np.ones(10, int)]
+    test = SimpleNamespace(x=x, y=classes.copy(), classes=classes, class_names=None,
+                           dataset="handed-over", normal_classes=(0,))
+    det = _CountingScores(dense_detector)
+    result = SimpleNamespace(path=artifact_copy, detector=det, evaluation=object(), test=test,
+                             scores=dense_detector.score(x))
+    page = report_after_fit(result)
+    assert page == default_report_dir(artifact_copy) / "report.html"
+    summary = json.loads((page.parent / "summary.json").read_text())
+    assert det.score_calls == 0
+    assert summary["dataset"] == "handed-over" and summary["n_test"] == 40
+    assert summary["artifact"] == str(artifact_copy.resolve())
+
+
+def test_report_after_fit_warns_instead_of_failing_the_fit(dense_detector, artifact_copy,
+                                                            capsys):
+    """Without ``result.test`` the split is rebuilt from the artifact: here it cannot be (its
+    data set 'blobs' exists nowhere), and the fit still succeeds with a warning."""
+    from types import SimpleNamespace
+
+    from anomaly.report import report_after_fit
+
+    result = SimpleNamespace(path=artifact_copy, detector=dense_detector, evaluation=object())
+    assert report_after_fit(result) is None
+    err = capsys.readouterr().err
+    assert "warning: the report could not be written" in err and "Expected" in err
+    assert f"anomaly report {artifact_copy}" in err
+    assert not default_report_dir(artifact_copy).exists()

@@ -189,7 +189,7 @@ def _fig_roc(d: ReportData):
         ax=ax1, plot_chance_level=True)
     n_normal = int(np.sum(d.y == 0))
     floor = 0.5 / max(n_normal, 1)  # FPR 0 has no place on a log axis: draw it here
-    ax2.plot(np.maximum(fpr, floor), tpr, color=COLORS[0], lw=2, drawstyle="steps-post",
+    ax2.plot(np.maximum(fpr, floor), tpr, color=COLORS[0], lw=2,
              label=f"partial AUROC up to FPR {r.partial_max_fpr:.0%}, McClish-standardized "
              f"(0.5 = chance): {r.partial_auroc:.4f}")
     grid_fpr = np.logspace(np.log10(floor), 0, 50)

@@ -203,3 +203,22 @@ def test_pngs_are_images_of_a_sensible_size(report):
         with Image.open(io.BytesIO(path.read_bytes())) as img:
             w, h = img.size
         assert 300 <= w <= 3000 and 150 <= h <= 3000, (path.name, img.size)
+
+
+@pytest.mark.parametrize(("keep", "left_out"), [
+    (0, {"roc.png", "pr_normal.png", "recon_top_anomalies.png", "recon_false_negatives.png"}),
+    (1, {"roc.png", "pr_normal.png", "fpr_check.png", "uniformity.png", "interpolation.png",
+         "recon_typical_normal.png", "recon_false_positives.png"}),
+])
+def test_one_kind_of_test_image_only(tmp_path, keep, left_out):
+    """All normal or all anomalous: the curves are left out with a reason, the rest is drawn."""
+    full = make_test_set(0.1)
+    mask = full.y == keep
+    test = SimpleNamespace(**{**vars(full), "x": full.x[mask], "y": full.y[mask],
+                              "classes": full.classes[mask]})
+    rep = build_report(StandIn(), test, tmp_path / "rep", tsne_points=0)
+    always_out = {"latent_tsne.png", "manifold.png", "affine.png", "denoise.png",
+                  "score_parts.png", "training.png"}
+    assert set(rep.notes) == always_out | left_out
+    assert "all normal or all anomalous" in rep.notes["roc.png"]
+    assert rep.summary["auroc"] is None and "undefined" in rep.html.read_text()
