@@ -689,6 +689,7 @@ def summary(data: ReportData) -> dict:
     """The report's numbers as a JSON-ready dict (``summary.json``, minus provenance)."""
     m = data.evaluation.metrics
     op = data.calibration.get()
+    names = data.class_names
     default = next(c for c in data.fpr_checks if c.default)
     out = {
         "model": data.model,
@@ -697,8 +698,8 @@ def summary(data: ReportData) -> dict:
         "image_shape": list(data.image_shape),
         "dataset": data.dataset,
         "normal_classes": list(data.normal_classes),
-        "normal_class_names": [data.class_label(c, False).split(": ")[-1]
-                               for c in data.normal_classes],
+        "normal_class_names": [names[c] if names is not None and 0 <= c < len(names)
+                               else str(c) for c in data.normal_classes],
         "normal_class_labels": [data.class_label(c, False) for c in data.normal_classes],
         "n_test": len(data.y),
         "n_anomalies": int(data.y.sum()),
