@@ -259,7 +259,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from anomaly.report import build_report
+    from anomaly.report import report_for_artifact as build_report
 
     rep = build_report(args.artifact, args.output, dataset=args.dataset,
                        test_data=args.test_data, cache_dir=args.cache_dir,

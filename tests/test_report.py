@@ -23,10 +23,13 @@ from PIL import Image
 from anomaly.artifact import list_artifacts, verify
 from anomaly.cli import main
 from anomaly.detector import Detector
-from anomaly.report import FIGURES, REPORTS_DIR, build_report, default_report_dir
+from anomaly.report import FIGURES, REPORTS_DIR, default_report_dir, report_for_artifact
 from tests.conftest import make_bars, make_blobs
 
-ALWAYS = set(FIGURES) - {"latent_tsne.png", "manifold.png", "affine.png"}
+#: Figures of every model with both kinds of test images and a history (no t-SNE of a 2-D
+#: code, no manifold without a prior, no affine or denoising pictures, no mse+knn parts).
+ALWAYS = set(FIGURES) - {"latent_tsne.png", "manifold.png", "affine.png", "denoise.png",
+                         "score_parts.png"}
 TINY_FIT = ["--epochs", "1", "--batch-size", "32", "--hidden", "8,16", "--latent-dim", "2",
             "--quiet"]
 
@@ -111,7 +114,9 @@ def check_report(folder: Path, expected: set[str]) -> dict:
     assert "url(" not in page and "http://" not in page and "https://" not in page
     # Each figure on disk is embedded in the page, byte for byte, once.
     assert sorted(embedded) == sorted(pngs.values())
-    return json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["figures"] == sorted(expected)
+    return summary
 
 
 def test_fit_writes_the_report_beside_the_models(fitted_run):
@@ -128,7 +133,7 @@ def test_fit_writes_the_report_beside_the_models(fitted_run):
 def test_fit_report_files_and_numbers(fitted_run):
     root, artifact, _ = fitted_run
     summary = check_report(root / REPORTS_DIR / "shapes" / artifact.name,
-                           ALWAYS | {"manifold.png"})
+                           ALWAYS | {"manifold.png", "score_parts.png"})
     metrics = json.loads((artifact / "metrics.json").read_text())
     # The same test split as `anomaly fit` evaluated on.
     assert summary["n_test"] == metrics["n_test"] and summary["auroc"] == metrics["auroc"]
@@ -136,8 +141,16 @@ def test_fit_report_files_and_numbers(fitted_run):
     assert summary["measured_fpr"] == op["fpr"] and summary["threshold"] == op["threshold"]
     assert summary["latent_projection"] == "none (2-D code)"
     assert summary["normal_classes"] == [0, 1] and summary["code_dim"] == 2
+    # k-means ran on every test image (fewer than --max-points): the normal ones for the
+    # normal-classes row, all three classes for the other.
     ari = summary["kmeans_ari"]
-    assert ari["normal classes"]["k"] == 2 and -1 <= ari["normal classes"]["ari"] <= 1
+    n_normal = summary["n_test"] - summary["n_anomalies"]
+    assert ari["normal classes"]["k"] == 2 and ari["normal classes"]["n"] == n_normal
+    assert ari["all test classes"]["k"] == 3
+    assert ari["all test classes"]["n"] == summary["latent_points"] == summary["n_test"]
+    lo, hi = summary["auroc_ci95"]
+    assert lo <= summary["auroc"] <= hi and summary["partial_auroc_max_fpr"] == 0.1
+    assert summary["kept_epoch"] == 1  # one epoch trained
     page = (root / REPORTS_DIR / "shapes" / artifact.name / "report.html").read_text()
     assert "Summary" in page and "AUROC" in page and "expected FPR" in page
 
@@ -160,7 +173,7 @@ def test_report_command_affine_vae(shapes, tmp_path):
     rc, out = _run("report", artifact, "--output", tmp_path / "rep", "--tsne", "40",
                    "--max-points", "50")
     assert rc == 0 and f"Report: {tmp_path / 'rep' / 'report.html'}" in out
-    summary = check_report(tmp_path / "rep", set(FIGURES))
+    summary = check_report(tmp_path / "rep", set(FIGURES) - {"denoise.png"})
     assert summary["code_dim"] == 8
     assert summary["latent_projection"].startswith("PCA")
     assert summary["latent_points"] == 50 and summary["tsne_points"] == 40
@@ -182,8 +195,8 @@ def test_report_of_a_plain_autoencoder_on_another_dataset(saved_artifact, tmp_pa
     x = np.concatenate([make_blobs(60, seed=8), make_bars(20, seed=8)])
     y = np.r_[np.zeros(60, int), np.ones(20, int)]
     np.savez(tmp_path / "blobs.npz", x=x, y=y)
-    rep = build_report(saved_artifact, tmp_path / "rep", dataset=str(tmp_path / "blobs.npz"),
-                       tsne_points=0)
+    rep = report_for_artifact(saved_artifact, tmp_path / "rep",
+                              dataset=str(tmp_path / "blobs.npz"), tsne_points=0)
     summary = check_report(rep.path, ALWAYS)
     assert summary["n_test"] == 16 and summary["dataset"] == "blobs.npz"
     assert "not a generative model" in rep.notes["manifold.png"]
@@ -207,3 +220,56 @@ def test_report_never_replaces_a_folder_of_other_files(fitted_run, tmp_path, cap
     assert main(["report", str(artifact), "--output", str(out), "--tsne", "0"]) == 0
     assert main(["report", str(artifact), "--output", str(out), "--tsne", "0"]) == 0
     assert (out / "report.html").is_file()
+
+
+class _CountingScores:
+    """A detector that counts how often it is asked to score."""
+
+    def __init__(self, detector):
+        self._detector = detector
+        self.score_calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._detector, name)
+
+    def score(self, images):
+        self.score_calls += 1
+        return self._detector.score(images)
+
+
+def test_report_after_fit_reports_on_the_fits_own_split_and_scores(dense_detector,
+                                                                     artifact_copy):
+    """With ``result.test`` and ``result.scores`` nothing is loaded or scored again."""
+    from types import SimpleNamespace
+
+    from anomaly.report import report_after_fit
+
+    x = np.concatenate([make_blobs(30, seed=5), make_bars(10, seed=5)])
+    classes = np.r_[np.zeros(30, int), np.ones(10, int)]
+    test = SimpleNamespace(x=x, y=classes.copy(), classes=classes, class_names=None,
+                           dataset="handed-over", normal_classes=(0,))
+    det = _CountingScores(dense_detector)
+    result = SimpleNamespace(path=artifact_copy, detector=det, evaluation=object(), test=test,
+                             scores=dense_detector.score(x))
+    page = report_after_fit(result)
+    assert page == default_report_dir(artifact_copy) / "report.html"
+    summary = json.loads((page.parent / "summary.json").read_text())
+    assert det.score_calls == 0
+    assert summary["dataset"] == "handed-over" and summary["n_test"] == 40
+    assert summary["artifact"] == str(artifact_copy.resolve())
+
+
+def test_report_after_fit_warns_instead_of_failing_the_fit(dense_detector, artifact_copy,
+                                                            capsys):
+    """Without ``result.test`` the split is rebuilt from the artifact: here it cannot be (its
+    data set 'blobs' exists nowhere), and the fit still succeeds with a warning."""
+    from types import SimpleNamespace
+
+    from anomaly.report import report_after_fit
+
+    result = SimpleNamespace(path=artifact_copy, detector=dense_detector, evaluation=object())
+    assert report_after_fit(result) is None
+    err = capsys.readouterr().err
+    assert "warning: the report could not be written" in err and "Expected" in err
+    assert f"anomaly report {artifact_copy}" in err
+    assert not default_report_dir(artifact_copy).exists()
