@@ -232,9 +232,9 @@ class _CountingScores:
     def __getattr__(self, name):
         return getattr(self._detector, name)
 
-    def score(self, images):
+    def decision_function(self, images):
         self.score_calls += 1
-        return self._detector.score(images)
+        return self._detector.decision_function(images)
 
 
 def test_report_after_fit_reports_on_the_fits_own_split_and_scores(dense_detector,
@@ -250,7 +250,7 @@ def test_report_after_fit_reports_on_the_fits_own_split_and_scores(dense_detecto
                            dataset="handed-over", normal_classes=(0,))
     det = _CountingScores(dense_detector)
     result = SimpleNamespace(path=artifact_copy, detector=det, evaluation=object(), test=test,
-                             scores=dense_detector.score(x))
+                             scores=dense_detector.decision_function(x))
     page = report_after_fit(result)
     assert page == default_report_dir(artifact_copy) / "report.html"
     summary = json.loads((page.parent / "summary.json").read_text())

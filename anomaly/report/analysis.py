@@ -452,21 +452,12 @@ def _manifold(detector, codes_normal: np.ndarray, d: int) -> Manifold:
 
 def _score_parts(detector, x: np.ndarray, y: np.ndarray, op) -> ScoreParts | Missing:
     """The raw parts from the detector's scorer, standardized as the score does."""
-    if detector.resolved_score != "mse+knn":
+    if detector.score != "mse+knn":
         return Missing(f"Only for the mse+knn score (this detector scores with "
-                       f"{detector.resolved_score}).")
-    knn = getattr(detector, "knn_", None)
-    try:
-        from anomaly.scoring import LatentKNN, Scorer
-
-        # knn_components wants a scorer that does not standardize yet: a stats-free twin.
-        raw = Scorer(detector.model_, "mse+knn", detector.aggregation,
-                     knn=LatentKNN(knn.memory, k=knn.k)).knn_components(x)
-        m1, s1, m2, s2 = knn.stats
-    except (ImportError, AttributeError, TypeError, ValueError) as exc:
-        return Missing(f"The detector's scorer cannot give the two parts of the score "
-                       f"({type(exc).__name__}: {exc}).")
-    parts = np.c_[(raw[:, 0] - m1) / s1, (raw[:, 1] - m2) / s2]
+                       f"{detector.score}).")
+    raw = detector.scorer.parts(x)
+    std = detector.standardizer_
+    parts = (raw - np.asarray(std.mean)) / np.asarray(std.std)
     return ScoreParts(parts, np.asarray(y), float(op.threshold), op.name)
 
 
@@ -509,7 +500,7 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
         test: labelled test images with attributes ``x`` ``(N, H, W)`` or ``(N, H, W, C)``
             float32 in [0, 1], ``y`` ``(N,)`` (1 = anomaly), ``classes`` ``(N,)``,
             ``class_names``, ``dataset`` and ``normal_classes``
-            (:class:`anomaly.pipeline.TestSet`).
+            (:class:`anomaly.data.splits.TestSet`).
         scores: the detector's scores ``(N,)`` of ``test.x`` when the caller has them;
             computed otherwise.
         history: per-epoch losses (a dict of lists or a DataFrame), or ``None``.
@@ -522,7 +513,7 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
     scores = check_test_set(test, scores)
     x = np.asarray(test.x, np.float32)
     if scores is None:
-        scores = np.asarray(detector.score(x), np.float64)
+        scores = np.asarray(detector.decision_function(x), np.float64)
     y = np.asarray(test.y).astype(int)
     classes = np.asarray(test.classes)
     normal = tuple(int(c) for c in test.normal_classes)
@@ -534,7 +525,7 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
     rng = np.random.default_rng(seed)
     variational = bool(detector.model_.variational)
     d = int(detector.model_.code_dim)
-    score_name = detector.resolved_score
+    score_name = detector.score
     k = max(1, int(examples))
     data = ReportData(
         model=detector.model, score_name=score_name,

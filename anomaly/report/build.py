@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from anomaly.errors import DataError, expected
+from anomaly.errors import ConfigError, DataError, expected
 from anomaly.report import analysis
 from anomaly.report.analysis import Missing
 from anomaly.report.figures import FIGURES, render
@@ -45,7 +45,7 @@ def check_report_dir(out_dir: Path) -> Path:
         raise expected("an --output folder that is new, empty or an earlier report",
                        f"{out_dir} (holds other files)",
                        hint="Pick another folder: the report replaces its --output folder.",
-                       cls=DataError)
+                       cls=ConfigError)
     return out_dir
 
 
@@ -63,7 +63,7 @@ class Report:
 
 def _load_test_set(artifact, metadata: dict, **kwargs):
     # The only place the report reaches into the pipeline for data.
-    from anomaly.pipeline import load_test_set
+    from anomaly.data.prepare import load_test_set
 
     return load_test_set(artifact, metadata, **kwargs)
 
@@ -104,7 +104,7 @@ def build_report(detector, test, output: str | Path | None = None, *,
         test: the test images, with attributes ``x`` ``(N, H, W)`` or ``(N, H, W, C)``
             float32 in [0, 1], ``y`` ``(N,)`` (1 = anomaly), ``classes`` ``(N,)``,
             ``class_names``, ``dataset`` and ``normal_classes``
-            (an :class:`anomaly.pipeline.TestSet`).
+            (an :class:`anomaly.data.splits.TestSet`).
         output: the report folder, replaced if it holds an earlier report; default
             :func:`default_report_dir` of ``artifact``.
         scores: the detector's scores ``(N,)`` of ``test.x`` when already computed.
@@ -167,17 +167,19 @@ def report_for_artifact(artifact: str | Path, output: str | Path | None = None, 
     """``anomaly report``: load the artifact and its test split, then :func:`build_report`.
 
     The test images are the artifact's own test split (rebuilt from its ``config.yaml``), or
-    those of ``dataset``/``test_data`` (see :func:`anomaly.pipeline.load_test_set`);
+    those of ``dataset``/``test_data`` (see :func:`anomaly.data.prepare.load_test_set`);
     ``test_limit`` caps their number.
     """
+    from anomaly.artifact import resolve
     from anomaly.detector import Detector
 
-    artifact = Path(artifact)
+    artifact = resolve(artifact)  # a model folder means its newest version
     out_dir = check_report_dir(Path(output) if output is not None
                                else default_report_dir(artifact))  # fail before any work
     det = Detector.load(artifact)
-    test = _load_test_set(artifact, det.metadata_, dataset=dataset, test_data=test_data,
-                          cache_dir=cache_dir, test_limit=test_limit, seed=det.seed)
+    test = _load_test_set(det.path_, det.metadata_, dataset=dataset, test_data=test_data,
+                          cache_dir=cache_dir, test_limit=test_limit, seed=det.seed,
+                          image_shape=det.image_shape_)
     return build_report(det, test, out_dir, artifact=artifact, max_points=max_points,
                         tsne_points=tsne_points, examples=examples, seed=seed)
 

@@ -36,7 +36,7 @@ class StandIn:
     model = "dense-ae"
     denoise = 0.0
     aggregation = "mean"
-    resolved_score = "mse"
+    score = "mse"
     seed = 0
 
     def __init__(self):
@@ -50,7 +50,7 @@ class StandIn:
     def _score(x):
         return ((0.5 * x - 0.25) ** 2).reshape(len(x), -1).mean(axis=1).astype(np.float64)
 
-    def score(self, x):
+    def decision_function(self, x):
         self.score_calls += 1
         return self._score(x)
 
@@ -69,7 +69,7 @@ class StandIn:
         return np.repeat(z[:, :1, None, None] * 4 - 2, H * W * 3, axis=1).reshape(-1, H, W, 3)
 
     def get_params(self):
-        return {"score": self.resolved_score, "aggregation": self.aggregation}
+        return {"score": self.score, "aggregation": self.aggregation}
 
 
 def make_test_set(normal_spread: float) -> SimpleNamespace:
@@ -100,7 +100,7 @@ class _Page(HTMLParser):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     det, test = StandIn(), make_test_set(0.1)
-    scores = det.score(test.x)
+    scores = det.decision_function(test.x)
     det.score_calls = 0
     rep = build_report(det, test, tmp_path_factory.mktemp("r") / "rep", scores=scores,
                        history=HISTORY, tsne_points=0)
