@@ -306,14 +306,15 @@ class Calibration:
             op = OperatingPoint(**v)
             if op.fpr_interval is not None:
                 op.fpr_interval = (float(op.fpr_interval[0]), float(op.fpr_interval[1]))
-            if op.n_reference is None:  # format 1: derive the counts from the references
+            if op.n_reference is None and data.get("format", 1) < 2:  # derive the counts
                 x = int(np.sum(ref > op.threshold))
                 op.n_reference, op.reference_flagged = int(ref.size), x
                 op.fpr_interval = clopper_pearson(x, ref.size)
             ops[k] = op
         tail = TailModel(**data["tail"]) if data.get("tail") else None
-        sources = data.get("sources") or {"reference": {"n": int(ref.size), "optimism": 0.0}}
-        return cls(ops, data["default"], ref, tail, sources, data.get("settings") or {})
+        sources = data["sources"] if "sources" in data \
+            else {"reference": {"n": int(ref.size), "optimism": 0.0}}
+        return cls(ops, data["default"], ref, tail, sources, data.get("settings", {}))
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of :meth:`to_dict`: equal iff the calibrations are."""
@@ -427,7 +428,7 @@ def _fpr_threshold(cal: Calibration, fpr: float, rule: str, confidence: float,
                      "force=True", cls=ConfigError)
         _log.info("%d normal reference images cannot resolve a %.2f%% FPR (%d needed); %s.",
                   n, 100 * fpr, need, "the tail model extrapolates" if rule == "smooth"
-                  else "the threshold is at most their maximum score")
+                  else "the threshold rests on their top few scores, or is their maximum")
     if rule == "smooth":
         return cal.threshold_for(fpr)
     if rule == "conformal":

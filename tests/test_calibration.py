@@ -371,6 +371,13 @@ def test_from_dict_reads_a_format_1_calibration():
     assert Calibration.from_dict(cal.to_dict()).fingerprint() == cal.fingerprint()
 
 
+def test_hand_made_calibration_round_trips():
+    op = OperatingPoint("manual", 2.5, "manual", 0.02)
+    cal = Calibration({"manual": op}, "manual", np.arange(100.0))
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back.fingerprint() == cal.fingerprint() and back.get() == op
+
+
 def test_from_dict_rejects_missing_default_or_references():
     data = calibrate(np.arange(1000.0)).to_dict()
     with pytest.raises(ValueError):
