@@ -73,15 +73,18 @@ def test_pac_rule_keeps_fpr_below_target_at_its_confidence():
 def test_smooth_rule_is_unbiased_and_less_noisy_than_conformal():
     target = 0.01
     draws = _draws(300, N_REF, seed=6)
-    smooth, conformal, covered = [], [], []
+    smooth, conformal, covered, on_target = [], [], [], []
     for ref in draws:
         op = calibrate(ref, target_fprs=(target,), rule="smooth").get()
         smooth.append(DIST.sf(op.threshold))
         covered.append(op.fpr_interval[0] <= smooth[-1] <= op.fpr_interval[1])
-        assert op.expected_fpr == pytest.approx(target, rel=1e-9)
+        # The model's threshold, unless the reference contradicts it (then raised, lower p).
+        assert op.expected_fpr <= target * (1 + 1e-9)
+        on_target.append(op.expected_fpr == pytest.approx(target, rel=1e-9))
         conformal.append(DIST.sf(calibrate(ref, target_fprs=(target,)).get().threshold))
     smooth, conformal = np.array(smooth), np.array(conformal)
-    assert 0.9 * target < smooth.mean() < 1.1 * target
+    assert np.mean(on_target) > 0.9
+    assert 0.9 * target < smooth.mean() < 1.15 * target
     assert conformal.mean() < 0.9 * target  # rounds down to floor(593 * 1%) = 5 ranks
     assert smooth.std() < conformal.std()
     assert np.mean(covered) >= 0.95
@@ -131,21 +134,24 @@ def test_measured_fpr_check_rejects_bad_counts(flagged, n):
         check_measured_fpr(op, flagged, n)
 
 
+@pytest.mark.parametrize("rule", ["conformal", "smooth"])
 @pytest.mark.parametrize("dist", ["gamma", "float32-ties"])
-def test_held_out_normal_data_agrees_with_the_promise(dist):
+def test_held_out_normal_data_agrees_with_the_promise(dist, rule):
     rng = np.random.default_rng(42)
     if dist == "gamma":
         scores = rng.gamma(2.0, 1.0, 20_000)
     else:  # scores as a model produces them: float32, many exact ties
         scores = np.round(rng.normal(0.05, 0.01, 20_000), 4).astype(np.float32).astype(np.float64)
     cal_part, held_out = scores[:10_000], scores[10_000:]
-    cal = calibrate(cal_part, target_fprs=(0.01, 0.05))
+    cal = calibrate(cal_part, target_fprs=(0.01, 0.05), rule=rule)
     for target in (0.01, 0.05):
         op = cal.get(fpr_name(target))
         assert op.target_fpr == target
         x = int(np.sum(cal_part > op.threshold))
-        assert op.reference_flagged == x and op.expected_fpr == (x + 1) / 10_001
-        assert op.expected_fpr <= target
+        assert op.reference_flagged == x
+        assert op.fpr_interval[0] <= target <= op.fpr_interval[1]
+        if rule == "conformal":
+            assert op.expected_fpr == (x + 1) / 10_001 and op.expected_fpr <= target
         flagged = int(np.sum(cal.decide(held_out, op.name)))
         assert not check_measured_fpr(op, flagged, held_out.size).outside, flagged
 
@@ -200,8 +206,10 @@ def test_forced_unresolvable_target_uses_the_maximum_or_extrapolates(caplog):
     assert op.threshold == ref[-1] and op.reference_flagged == 0
     assert op.expected_fpr == 1 / 51  # what 50 images can promise, not the 1% asked for
     assert "cannot resolve a 1.00% FPR (499 needed)" in caplog.text
-    smooth = calibrate(ref, target_fprs=(0.01,), rule="smooth", force=True).get()
-    assert smooth.threshold > ref[-1] and smooth.expected_fpr == pytest.approx(0.01)
+    smooth = calibrate(ref, target_fprs=(0.01, 0.0001), rule="smooth", force=True)
+    assert smooth.get("fpr@1%").expected_fpr == pytest.approx(0.01)
+    far = smooth.get("fpr@0.01%")  # 1 in 10,000 from 50 images: only the tail model can say
+    assert far.threshold > ref[-1] and far.expected_fpr == pytest.approx(0.0001)
 
 
 # -- operating points -----------------------------------------------------------------------
@@ -298,7 +306,7 @@ def test_tail_p_value_is_monotone_continuous_and_never_saturates():
     huge = np.array([1e3, 1e5, 1e7]) * ref[-1]  # p underflows; the surprise keeps ranking
     s = cal.surprise(huge)
     assert np.all(np.isfinite(s)) and np.all(np.diff(s) > 0)
-    u = cal.tail.threshold  # no jump where the tail model takes over
+    u = cal.tail.junction  # no jump where the tail model takes over
     eps = 1e-9 * max(1.0, abs(u))
     left, right = cal.p_value(np.array([u - eps, u + eps]))
     assert right == pytest.approx(left, rel=1e-6)
@@ -306,34 +314,42 @@ def test_tail_p_value_is_monotone_continuous_and_never_saturates():
     np.testing.assert_allclose(cal.surprise(grid[:50]), -np.log10(p[:50]), rtol=1e-12)
 
 
-@pytest.mark.parametrize("dist, method", [(DIST, "exponential"),
-                                          (stats.lognorm(1.0), "genpareto"),
-                                          (stats.pareto(3.0), "genpareto")])
-def test_tail_p_value_tracks_the_true_tail(dist, method):
+@pytest.mark.parametrize("dist, heavy", [(DIST, False), (stats.norm(), False),
+                                         (stats.lognorm(1.0), True), (stats.pareto(3.0), True)])
+def test_tail_p_value_tracks_the_true_tail(dist, heavy):
     ref = dist.rvs(size=5000, random_state=np.random.default_rng(14))
     cal = calibrate(ref)
-    # Gamma's exponential tail fits a shape just below 0: the exponential fallback.
-    assert cal.tail.method == method and cal.tail.n_exceedances == 500
-    assert (cal.tail.shape > 0) == (method == "genpareto")
-    for true_p in (1e-2, 1e-3, 1e-4):  # 1e-4: about one reference score above it, or none
+    assert cal.tail.method == "genpareto" and cal.tail.n_exceedances == 500
+    assert (cal.tail.shape > 0.1) == heavy, cal.tail.shape
+    # One reference set: 50 scores lie above 1e-2, 5 above 1e-3 and none above 1e-4, so even
+    # a perfect estimate from them varies by about +-30%, 0.3-2x and more. The bounds follow;
+    # test_p_values_of_new_normal_images_are_calibrated_on_average averages over sets.
+    for true_p, factor in ((1e-2, 1.5), (1e-3, 3.0), (1e-4, 10.0)):
         est = cal.p_value(np.array([dist.isf(true_p)]))[0]
-        assert true_p / 2 < est < 2 * true_p, (true_p, est)
+        assert true_p / factor < est < true_p * factor, (true_p, est)
 
 
-def test_bounded_tail_falls_back_to_exponential_and_keeps_ranking():
+def test_bounded_tail_keeps_ranking_beyond_its_end():
     ref = np.random.default_rng(15).uniform(0.0, 1.0, 1000)  # a bounded tail: shape < 0
     cal = calibrate(ref)
-    assert cal.tail.method == "exponential" and cal.tail.shape == 0.0
-    p = cal.p_value(np.array([1.0, 1.5, 3.0, 10.0]))
+    tail = cal.tail
+    assert tail.method == "genpareto" and tail.shape < 0
+    end = tail.threshold + tail.scale / -tail.shape  # where the fitted distribution ends
+    p = cal.p_value(np.array([1.0, end, end + 0.1, 3.0, 10.0]))
     assert np.all(p > 0) and np.all(np.diff(p) < 0)
+    assert np.all(np.diff(cal.surprise(np.array([10.0, 1e3, 1e6]))) > 0)
+    assert cal.threshold_for(1e-6) > end  # the inverse follows the continuation
 
 
-def test_p_values_of_new_normal_images_are_calibrated():
-    rows = _draws(1, 3000 + 100_000, seed=16)[0]
-    cal = calibrate(rows[:3000])
-    p = cal.p_value(rows[3000:])
-    for level in (0.1, 0.01, 0.001):  # P(p <= level) = level for a calibrated p-value
-        assert 0.75 * level < np.mean(p <= level) < 1.25 * level, level
+def test_p_values_of_new_normal_images_are_calibrated_on_average():
+    # P(p(X) <= level) for a new normal X is the true FPR of the score where p = level.
+    rates = np.array([[DIST.sf(calibrate(ref).threshold_for(level)) / level
+                       for level in (0.1, 0.01, 0.001)] for ref in _draws(200, 3000, seed=16)])
+    mean, se = rates.mean(axis=0), rates.std(axis=0) / math.sqrt(len(rates))
+    # Where 30 or more reference scores lie above, the p-value is the conformal one: exact.
+    assert np.all(np.abs(mean[:2] - 1) < 4 * se[:2]), mean
+    # At 3 scores above, the tail model's bias shows (gamma: 1.13x), but stays modest.
+    assert 0.8 < mean[2] < 1.3, mean
 
 
 # -- persistence ----------------------------------------------------------------------------
@@ -459,3 +475,27 @@ def test_fpr_names_round_trip():
     assert parse_fpr_name(fpr_name(0.005)) == pytest.approx(0.005)
     with pytest.raises(ConfigError):
         parse_fpr_name("f1-max")
+
+
+@pytest.mark.parametrize("ref", [np.ones(600), np.r_[np.linspace(0.0, 1.0, 500), np.ones(100)]])
+def test_tied_references_still_give_a_decreasing_positive_tail(ref):
+    cal = calibrate(ref, rule="smooth")
+    op = cal.get()
+    assert op.threshold >= 1.0 and op.reference_flagged == 0
+    above = np.array([1.0, 1.0 + 1e-3, 2.0, 100.0])
+    assert np.all(np.diff(cal.p_value(above)) <= 0) and np.all(np.diff(cal.surprise(above)) > 0)
+    assert np.all(np.isfinite(cal.surprise(above)))
+    assert cal.decide(np.array([1.0, 2.0])).tolist() == [False, True]
+    if ref.std() > 0:
+        assert cal.p_value(np.array([3.0]))[0] > 0
+
+
+def test_bad_settings_are_config_errors():
+    ref = np.arange(1000.0)
+    for kwargs, match in (({"confidence": 1.0}, "confidence in"),
+                          ({"tail_fraction": 0.0}, "tail fraction in"),
+                          ({"min_exceedances": 0}, "min_exceedances as an integer")):
+        with pytest.raises(ConfigError, match=match):
+            calibrate(ref, **kwargs)
+    with pytest.raises(ConfigError, match="at least 2 finite held-out normal scores"):
+        estimate_optimism(ref, [1.0])
