@@ -201,3 +201,24 @@ def test_bad_model_names_are_refused(tmp_path, model):
 def test_records_must_be_a_non_empty_list(tmp_path, records):
     with pytest.raises(DataError, match="Expected a non-empty list of feedback records"):
         _store(tmp_path).append("m", records)
+
+
+def test_concurrent_appends_never_interleave(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = _store(tmp_path)
+    image = np.zeros((28, 28), np.uint8)
+
+    def work(worker: int) -> None:
+        for i in range(20):
+            store.append("m", [{"id": f"{worker}-{i}-{j}", "image": image, "label": "normal"}
+                               for j in range(3)])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))
+    ids = [r["id"] for r in store.read("m")]
+    assert sorted(ids) == sorted(f"{w}-{i}-{j}" for w in range(4) for i in range(20)
+                                 for j in range(3))
+    for w in range(4):  # each worker's records in its own order, batches kept together
+        mine = [x for x in ids if x.startswith(f"{w}-")]
+        assert mine == [f"{w}-{i}-{j}" for i in range(20) for j in range(3)]
