@@ -129,6 +129,8 @@ MIN_SHAPE = -0.5
 INTERVAL_LEVEL = 0.95
 _FORMAT = 2
 _METHODS = {"conformal": "conformal", "smooth": "conformal-smooth", "pac": "conformal-pac"}
+#: Methods whose thresholds are reference order statistics ("normal-quantile": format 1).
+_ORDER_STATISTIC_METHODS = ("conformal", "conformal-pac", "normal-quantile")
 
 
 @dataclass
@@ -622,7 +624,9 @@ class FPRCheck:
     expected_fpr: float
     #: The calibration's 95% interval of the true FPR.
     fpr_interval: tuple[float, float] | None
-    #: Central 95% range of the rate the calibration predicts on ``n`` new normal images.
+    #: Mean of the rate the calibration predicts on ``n`` new normal images.
+    predicted_fpr: float
+    #: Central 95% range of that rate (``1 - level`` in general).
     predicted_range: tuple[float, float]
     #: Two-sided p-value of ``flagged`` under the calibration's predictive distribution.
     p_value: float
@@ -635,8 +639,8 @@ class FPRCheck:
         verdict = "outside" if self.outside else "within"
         return (f"{self.name}: measured FPR {self.measured_fpr:.2%} ({self.flagged} of {self.n} "
                 f"normal images) is {verdict} the {1 - self.level:.0%} range "
-                f"{self.predicted_range[0]:.2%}-{self.predicted_range[1]:.2%} predicted from "
-                f"the expected {self.expected_fpr:.2%} (p = {self.p_value:.3g})")
+                f"{self.predicted_range[0]:.2%}-{self.predicted_range[1]:.2%} predicted around "
+                f"{self.predicted_fpr:.2%} (p = {self.p_value:.3g})")
 
 
 def check_measured_fpr(point: OperatingPoint, flagged: int, n: int, *,
@@ -647,9 +651,9 @@ def check_measured_fpr(point: OperatingPoint, flagged: int, n: int, *,
     because it came from ``n_reference`` images) and the new sample's. For a threshold at an
     order statistic with ``x`` reference scores above it, and new images exchangeable with the
     reference, the true FPR is ``Beta(x + 1, n_ref - x)`` and the count flagged among ``n`` new
-    images is exactly beta-binomial ``(n, x + 1, n_ref - x)``; we use
-    ``a = expected_fpr * (n_ref + 1)``, ``b = n_ref + 1 - a``, which is that for conformal
-    thresholds. The p-value is two-sided (twice the smaller tail, at most 1), so ``outside``
+    images is exactly beta-binomial ``(n, x + 1, n_ref - x)``: used for the order-statistic
+    methods (``conformal``, ``conformal-pac`` and format 1's ``normal-quantile``); for the
+    others ``a = expected_fpr * (n_ref + 1)``, ``b = n_ref + 1 - a``. The p-value is two-sided (twice the smaller tail, at most 1), so ``outside``
     is wrong at most ``level`` of the time when nothing changed. A plain binomial test against
     ``expected_fpr`` would ignore the threshold's noise and, with a few thousand new images,
     warn about most correct calibrations. Without ``n_reference`` (hand-made points) it is that
@@ -666,7 +670,11 @@ def check_measured_fpr(point: OperatingPoint, flagged: int, n: int, *,
     flagged, n = int(flagged), int(n)
     p0 = min(max(point.expected_fpr, 1e-300), 1.0 - 1e-12)
     counts = np.arange(n + 1)
-    if point.n_reference:
+    if point.n_reference and point.reference_flagged is not None \
+            and point.method in _ORDER_STATISTIC_METHODS:
+        x = point.reference_flagged
+        pmf = stats.betabinom.pmf(counts, n, x + 1, point.n_reference - x)
+    elif point.n_reference:
         a = max(p0 * (point.n_reference + 1), 1e-3)
         pmf = stats.betabinom.pmf(counts, n, a, max(point.n_reference + 1 - a, 1e-3))
     else:
@@ -677,8 +685,8 @@ def check_measured_fpr(point: OperatingPoint, flagged: int, n: int, *,
     lo = int(np.searchsorted(cdf, level / 2 * (1 - 1e-12)))
     hi = int(min(np.searchsorted(cdf, (1 - level / 2) * (1 - 1e-12)), n))
     return FPRCheck(point.name, flagged, n, flagged / n, clopper_pearson(flagged, n),
-                    point.expected_fpr, point.fpr_interval, (lo / n, hi / n), pv, pv < level,
-                    level)
+                    point.expected_fpr, point.fpr_interval, float(pmf @ counts) / n,
+                    (lo / n, hi / n), pv, pv < level, level)
 
 
 def recalibrate(calibration: Calibration, normal_scores, anomaly_scores: np.ndarray | None = None,

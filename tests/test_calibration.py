@@ -116,12 +116,20 @@ def test_measured_fpr_check_flags_a_real_change_and_reports_ranges():
     assert ok.measured_interval == clopper_pearson(10, 1000)
     bad = check_measured_fpr(op, 40, 2000)  # twice the promise on 2000 images
     assert bad.outside and bad.p_value < 0.01
-    assert "measured FPR 2.00% (40 of 2000 normal images) is outside" in bad.message()
+    assert bad.message().startswith("fpr@1%: measured FPR 2.00% (40 of 2000 normal images) is "
+                                    "outside the 95% range")
+    assert ok.predicted_fpr == pytest.approx(op.expected_fpr)
     # The issue's case: 592 references and 1.94% of 980 test zeros is within the noise of a
     # threshold taken from 592 images; a plain binomial test against 1.01% would warn.
     issue = calibrate(_draws(1, N_REF, seed=9)[0], target_fprs=(0.01,)).get()
     assert not check_measured_fpr(issue, 19, 980).outside
     assert stats.binomtest(19, 980, 6 / 593).pvalue < 0.05
+    # The same case read from a format-1 calibration.json (x = 5 of 592 above X_(587)).
+    old = OperatingPoint("fpr@1%", 1.0, "normal-quantile", 5 / 592, None, 0.01, 592,
+                         clopper_pearson(5, 592), 5)
+    check = check_measured_fpr(old, 19, 980)
+    assert not check.outside and check.predicted_fpr == pytest.approx(6 / 593)
+    assert check.predicted_range[0] < 0.01 < check.predicted_range[1]
     # Hand-made points without n_reference get the plain binomial test.
     plain = OperatingPoint("fpr@1%", 1.0, "manual", 0.01)
     assert check_measured_fpr(plain, 19, 980).outside
