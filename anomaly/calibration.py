@@ -496,8 +496,8 @@ def _fpr_threshold(cal: Calibration, fpr: float, rule: str, confidence: float,
             raise expected(
                 f"at least {need} normal reference scores to resolve {fpr_name(fpr)} "
                 f"({min_exceedances} expected false positives among them)", f"{n}",
-                hint="Pass more normal reference scores, choose a larger target FPR, or "
-                     "force=True", cls=ConfigError)
+                hint="Use more normal images, choose a larger target FPR, or force it "
+                     "(--force-calibration; force=True in Python)", cls=ConfigError)
         _log.info("%d normal reference images cannot resolve a %.2f%% FPR (%d needed); %s.",
                   n, 100 * fpr, need, "the tail model extrapolates" if rule == "smooth"
                   else "the threshold rests on their top few scores, or is their maximum")

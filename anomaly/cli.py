@@ -125,6 +125,10 @@ def _add_config_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (
         if group not in groups:
             groups[group] = p.add_argument_group(group)
         flag = "--" + (f.metadata.get("flag") or name.replace("_", "-"))
+        if f.metadata.get("kind") == "flag":  # None when absent, so the YAML value stands
+            groups[group].add_argument(flag, dest=name, action="store_const", const=True,
+                                       help=help_text(name))
+            continue
         groups[group].add_argument(flag, dest=name, type=_parser_for(name),
                                    metavar=f.metadata.get("metavar"), help=help_text(name))
     p.add_argument("--config", metavar="YAML", help="YAML file of the same keys (e.g. "

@@ -29,7 +29,8 @@ def _opt(default, help: str, *, group: str = "", metavar: str | None = None,
          flag: str | None = None, kind: str | None = None):
     """A config field: its default plus what the CLI and the docs need to describe it.
 
-    ``kind`` names a list parser for the CLI: ``ints`` (``32,64``) or ``fprs`` (``1%,5%``).
+    ``kind`` names a CLI parser: ``ints`` (``32,64``), ``fprs`` (``1%,5%``) or ``flag`` (a
+    switch without a value).
     """
     meta = {"help": help, "group": group, "metavar": metavar, "flag": flag, "kind": kind}
     if isinstance(default, list):
@@ -66,6 +67,13 @@ class DetectorConfig:
                                     flag="target-fpr", kind="fprs")
     default_operating_point: str | None = _opt(None, "e.g. fpr@1%% or f1-max; unset = the first "
                                                "fpr@ point", group="calibration")
+    calibration_rule: str = _opt("smooth", "threshold rule of the fpr@ points: smooth "
+                                 "(interpolated, tail model beyond), conformal or pac",
+                                 group="calibration")
+    force_calibration: bool = _opt(False, "calibrate fpr@ targets that the normal reference "
+                                   "images cannot resolve (a threshold resting on fewer than 5 "
+                                   "expected false positives) instead of failing",
+                                   group="calibration", kind="flag")
     val_fraction: float = _opt(0.1, "fraction of the normal training images held out for early "
                                "stopping and calibration", group="calibration")
     epochs: int = _opt(30, "maximum training epochs", group="training")

@@ -128,6 +128,14 @@ class Detector(OutlierMixin, BaseEstimator):
         if self.aggregation not in AGGREGATIONS:
             raise expected(f"an aggregation in {AGGREGATIONS}", repr(self.aggregation),
                            cls=ConfigError)
+        from anomaly.calibration import RULES
+
+        if self.calibration_rule not in RULES:
+            raise expected(f"a calibration_rule in {RULES}", repr(self.calibration_rule),
+                           cls=ConfigError)
+        if not isinstance(self.force_calibration, bool):
+            raise expected("force_calibration as true or false", repr(self.force_calibration),
+                           cls=ConfigError)
         if self.recon_loss not in ("bce", "mse"):
             raise expected("recon_loss in ('bce', 'mse')", repr(self.recon_loss),
                            cls=ConfigError)
@@ -230,7 +238,8 @@ class Detector(OutlierMixin, BaseEstimator):
         default = self.default_operating_point or fpr_name(self.target_fprs[0])
         self.calibration_: Calibration = calibrate(normal_scores, anomaly_scores,
                                                    target_fprs=tuple(self.target_fprs),
-                                                   default=default)
+                                                   default=default, rule=self.calibration_rule,
+                                                   force=self.force_calibration)
         self.threshold_ = self.calibration_.get().threshold
         return self
 

@@ -64,7 +64,7 @@ def test_no_module_imports_one_that_imports_it_back():
         seen[node] = 1
         for nxt in sorted(graph[node]):
             if seen.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append([*path[path.index(nxt):], nxt])
             elif nxt not in seen:
                 visit(nxt, [*path, nxt])
         seen[node] = 2

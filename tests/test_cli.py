@@ -216,7 +216,7 @@ def test_fit_and_evaluate_user_data(capsys, tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("model: dense-ae\nhidden: [16]\nlatent_dim: 2\nepochs: 3\nbatch_size: 32\n"
                    "score: mse\naggregation: mean\ntarget_fprs: [0.01]\n")
-    rc, out, err = run(capsys, "fit", "--dataset", tmp_path / "shapes.npz", "--normal-class", "0",
+    rc, out, err = run(capsys, "fit", "--force-calibration", "--dataset", tmp_path / "shapes.npz", "--normal-class", "0",
                        "--config", cfg, "--epochs", "1", "--output", tmp_path / "models",
                        "--name", "shapes", "--calibration-anomalies", "10")
     assert rc == 0, err
@@ -269,7 +269,7 @@ def test_benchmark_on_user_data(capsys, tmp_path):
     x = np.concatenate([make_blobs(100, seed=6), make_bars(100, seed=6)])
     y = np.r_[np.zeros(100, int), 1 + np.arange(100) % 9]
     np.savez(tmp_path / "ten.npz", x=x, y=y)
-    rc, out, err = run(capsys, "benchmark", "--dataset", tmp_path / "ten.npz", "--classes", "0,3",
+    rc, out, err = run(capsys, "benchmark", "--force-calibration", "--dataset", tmp_path / "ten.npz", "--classes", "0,3",
                        "--model", "dense-ae", "--hidden", "16", "--latent-dim", "2", "--epochs",
                        "1", "--baselines", "--output", tmp_path / "bench")
     assert rc == 0, err
@@ -288,7 +288,7 @@ def test_evaluate_rebuilds_the_runs_own_test_split(capsys, tmp_path):
     x = np.concatenate([make_blobs(200, seed=5), make_bars(50, seed=5)])
     y = np.r_[np.zeros(200, int), np.ones(50, int)]
     np.savez(tmp_path / "shapes.npz", x=x, y=y)
-    rc, _, err = run(capsys, "fit", "--dataset", tmp_path / "shapes.npz", "--model", "dense-ae",
+    rc, _, err = run(capsys, "fit", "--force-calibration", "--dataset", tmp_path / "shapes.npz", "--model", "dense-ae",
                      "--hidden", "16", "--latent-dim", "2", "--epochs", "1", "--seed", "3",
                      "--output", tmp_path / "m", "--name", "s", "--no-report", "--quiet")
     assert rc == 0, err
@@ -309,7 +309,7 @@ def test_single_class_folder_trains_without_evaluation(capsys, tmp_path):
     good.mkdir(parents=True)
     for i, img in enumerate(make_blobs(30, seed=2)):
         Image.fromarray((img * 255).astype(np.uint8)).save(good / f"{i}.png")
-    rc, out, err = run(capsys, "fit", "--dataset", tmp_path / "imgs", "--normal-class", "good",
+    rc, out, err = run(capsys, "fit", "--force-calibration", "--dataset", tmp_path / "imgs", "--normal-class", "good",
                        "--model", "dense-ae", "--hidden", "16", "--latent-dim", "2",
                        "--epochs", "1", "--output", tmp_path / "m", "--quiet")
     assert rc == 0, err

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 def fit_run(mnist, tmp_path_factory):
     """``anomaly fit --normal-class 0`` on 2,000 training and 1,000 test images, 2 epochs."""
     out = tmp_path_factory.mktemp("e2e") / "models"
-    proc = run_cli("fit", "--normal-class", "0", "--train-limit", "200", "--test-limit", "1000",
+    proc = run_cli("fit", "--force-calibration", "--normal-class", "0", "--train-limit", "200", "--test-limit", "1000",
                    "--epochs", "2", "--output", out)
     assert proc.returncode == 0, proc.stderr
     return proc, out
@@ -148,11 +148,11 @@ def test_interrupted_fit_resumes_from_its_last_epoch(mnist, tmp_path):
     backup = tmp_path / "backup"
     interrupt = _Interrupt()
     with pytest.raises(KeyboardInterrupt):
-        Detector("conv-ae", **params).fit(x, backup_dir=backup, callbacks=[interrupt])
+        Detector("conv-ae", force_calibration=True, **params).fit(x, backup_dir=backup, callbacks=[interrupt])
     assert any(backup.iterdir())  # the state of epoch 1 is on disk
 
     recorder = _Recorder()
-    det = Detector("conv-ae", **params).fit(x, backup_dir=backup, callbacks=[recorder])
+    det = Detector("conv-ae", force_calibration=True, **params).fit(x, backup_dir=backup, callbacks=[recorder])
     assert recorder.epochs == [1, 2]  # epoch 0 was not run again
     assert len(det.history_["loss"]) == 2
     # Training started from the weights saved at the interruption, not from a fresh init.
@@ -164,7 +164,7 @@ def test_interrupted_fit_resumes_from_its_last_epoch(mnist, tmp_path):
 def test_interrupted_cli_fit_resumes(mnist, tmp_path, capsys, monkeypatch):
     """``anomaly fit`` killed after epoch 1 leaves no artifact; the same command resumes."""
     out = tmp_path / "models"
-    argv = ["fit", "--normal-class", "0", "--train-limit", "100", "--test-limit", "200",
+    argv = ["fit", "--force-calibration", "--normal-class", "0", "--train-limit", "100", "--test-limit", "200",
             "--epochs", "2", "--hidden", "8,16", "--latent-dim", "4", "--output", str(out)]
     original = keras.callbacks.BackupAndRestore.on_epoch_end
 

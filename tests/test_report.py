@@ -66,7 +66,7 @@ def _run(*argv) -> tuple[int, str]:
 def fitted_run(shapes, tmp_path_factory):
     """``anomaly fit`` of a conv-vae on two normal classes; its report is written at the end."""
     root = tmp_path_factory.mktemp("models")
-    rc, out = _run("fit", "--dataset", shapes, "--normal-class", "0,1", "--model", "conv-vae",
+    rc, out = _run("fit", "--force-calibration", "--dataset", shapes, "--normal-class", "0,1", "--model", "conv-vae",
                    *TINY_FIT, "--output", root, "--name", "shapes")
     assert rc == 0, out
     artifact = next((root / "shapes").iterdir())
@@ -156,7 +156,7 @@ def test_fit_report_files_and_numbers(fitted_run):
 
 
 def test_no_report_flag(shapes, tmp_path):
-    rc, out = _run("fit", "--dataset", shapes, "--normal-class", "0", "--model", "dense-ae",
+    rc, out = _run("fit", "--force-calibration", "--dataset", shapes, "--normal-class", "0", "--model", "dense-ae",
                    "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--quiet",
                    "--no-report", "--output", tmp_path, "--name", "n")
     assert rc == 0 and "Report:" not in out
@@ -166,7 +166,7 @@ def test_no_report_flag(shapes, tmp_path):
 def test_report_command_affine_vae(shapes, tmp_path):
     """An 8-unit code: PCA and t-SNE scatter, a principal-direction manifold, normalized
     reconstructions; ``anomaly report`` re-reads the artifact's own test split."""
-    rc, out = _run("fit", "--dataset", shapes, "--normal-class", "0", "--model", "affine-vae",
+    rc, out = _run("fit", "--force-calibration", "--dataset", shapes, "--normal-class", "0", "--model", "affine-vae",
                    *TINY_FIT, "--no-report", "--output", tmp_path / "models", "--name", "aff")
     assert rc == 0, out
     artifact = next((tmp_path / "models" / "aff").iterdir())

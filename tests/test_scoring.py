@@ -104,7 +104,7 @@ def test_a_score_does_not_depend_on_what_else_is_in_the_batch(model, normal_imag
     from anomaly import Detector
     from tests.conftest import TINY
 
-    det = Detector(model, **{k: v for k, v in TINY[model].items()
+    det = Detector(model, force_calibration=True, **{k: v for k, v in TINY[model].items()
                              if k in ("hidden", "latent_dim")},
                    epochs=1, batch_size=32).fit(normal_images)
     assert det.score == "mse+knn"
@@ -145,7 +145,7 @@ def test_mse_knn_is_standardized_sum_of_log_parts(normal_images, normal_test_ima
     """mse+knn = z(log mse) + z(log kNN distance), both standardized on normal validation."""
     from anomaly import Detector
 
-    det = Detector("dense-ae", hidden=[32], latent_dim=4, epochs=2, batch_size=32,
+    det = Detector("dense-ae", force_calibration=True, hidden=[32], latent_dim=4, epochs=2, batch_size=32,
                    score="mse+knn", aggregation="mean", knn_k=3, seed=0)
     det.fit(normal_images[:160], x_val=normal_images[160:220])
     knn = det.knn_
@@ -169,7 +169,7 @@ def test_mse_knn_is_standardized_sum_of_log_parts(normal_images, normal_test_ima
 def test_mse_knn_survives_save_and_load(tmp_path, normal_images, normal_test_images):
     from anomaly import Detector
 
-    det = Detector("dense-ae", hidden=[32], latent_dim=4, epochs=1, batch_size=32,
+    det = Detector("dense-ae", force_calibration=True, hidden=[32], latent_dim=4, epochs=1, batch_size=32,
                    score="mse+knn", knn_memory=50, seed=0).fit(
         normal_images[:160], x_val=normal_images[160:220])
     assert det.knn_.memory.shape == (50, 4)

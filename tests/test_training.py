@@ -70,7 +70,7 @@ def test_fit_under_one_device_mirrored_strategy(normal_images, anomaly_images):
         history = train(model, normal_images[:200], normal_images[200:], epochs=2,
                         batch_size=32, learning_rate=1e-3, patience=2, verbose=0)
     assert len(history["loss"]) == 2 and np.isfinite(history["val_loss"]).all()
-    det = Detector("dense-ae", latent_dim=4, hidden=[32], epochs=1, batch_size=32)
+    det = Detector("dense-ae", force_calibration=True, latent_dim=4, hidden=[32], epochs=1, batch_size=32)
     det.fit(normal_images, distribute="none")
     assert det.strategy_ == "none"
     assert det.decision_function(anomaly_images).shape == (len(anomaly_images),)
