@@ -30,9 +30,7 @@ def mounts(service: str) -> dict[str, str]:
 def test_compose_file_matches_the_compose_spec(tmp_path):
     """The Compose Specification's schema (vendored in check-jsonschema, offline), which
     rejects what `docker compose` would: unknown keys, wrong types."""
-    from tests.deploy.test_k8s import require_tool
-
-    cmd = [*require_tool("check_jsonschema", "check-jsonschema"), "--builtin-schema",
+    cmd = [*helpers.require_tool("check_jsonschema", "check-jsonschema"), "--builtin-schema",
            "vendor.compose-spec"]
     done = subprocess.run([*cmd, str(DEPLOY / "docker-compose.yml")], capture_output=True,
                           text=True, timeout=60)

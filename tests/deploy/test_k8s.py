@@ -8,12 +8,9 @@ image, the adapter's metric, the shipped rules)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ import yaml
 
 from service.settings import Settings
 from tests.deploy import helpers
-from tests.deploy.helpers import DEPLOY, REPO
+from tests.deploy.helpers import DEPLOY, REPO, require_tool
 
 K8S = DEPLOY / "k8s"
 API = {
@@ -58,16 +55,6 @@ def load() -> list[tuple[str, dict]]:
 
 
 DOCS = load()
-
-
-def require_tool(module: str, package: str) -> list[str]:
-    """``python -m module``; skip without it, except in CI, which installs the dev extra: fail."""
-    if importlib.util.find_spec(module):
-        return [sys.executable, "-m", module]
-    hint = f"{package} not installed (a dev extra: pip install -e '.[dev]')"
-    if os.environ.get("CI"):
-        pytest.fail(f"{hint}, although .ci/run installs it")
-    pytest.skip(hint)
 
 
 def run_tool(argv: list, timeout: float = 120) -> subprocess.CompletedProcess:
