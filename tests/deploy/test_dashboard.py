@@ -72,6 +72,10 @@ def test_import_asks_for_the_data_source():
     assert not bad, bad
     required = {(r["type"], r["id"]) for r in DASH["__requires"]}
     assert {("panel", p["type"]) for p in PANELS} | {("datasource", "prometheus")} <= required
+    # The Grafana it is made for: the one docker compose runs.
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    (grafana,) = [r["version"] for r in DASH["__requires"] if r["type"] == "grafana"]
+    assert compose["services"]["grafana"]["image"] == f"grafana/grafana:{grafana}"
 
 
 def test_every_query_selects_the_job_variable():

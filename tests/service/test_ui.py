@@ -411,3 +411,31 @@ def test_input_shape_comes_from_the_v2_metadata(browser, server, tmp_path, shape
     finally:
         context.close()
     assert not errors, errors
+
+
+def test_an_unanswered_metadata_request_is_asked_again(browser, server):
+    """A failed metadata request (e.g. before the API key is typed) is not remembered: the
+    next model list (typing a key reloads it) asks again and gets the shape."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    calls = []
+
+    def metadata(route):
+        calls.append(route.request.url)
+        if len(calls) == 1:
+            route.fulfill(status=401, json={"error": {"message": "unauthorized"}})
+        else:
+            route.continue_()
+
+    context.route("**/v2/models/blobs/versions/v1", metadata)
+    pg = context.new_page()
+    try:
+        pg.goto(server.url + "/ui")
+        pg.wait_for_function("document.body.dataset.inputShape === 'unknown'")
+        assert pg.locator("#pad").is_hidden()
+        pg.click("summary")  # the API key field is folded away
+        pg.fill("#apikey", "any")  # the server wants none: it is ignored
+        pg.dispatch_event("#apikey", "change")
+        pg.wait_for_function("document.body.dataset.inputShape === '28x28x1'")
+        assert pg.locator("#pad").is_visible() and len(calls) == 2
+    finally:
+        context.close()
