@@ -319,5 +319,5 @@ def traffic(service, prometheus) -> dict[str, str]:
         return all(prometheus.query(r["record"]) for r in helpers.rules() if "record" in r)
 
     wait_for(recorded, 30, "every recording rule to have data", interval=0.5)
-    return {"model": "blobs", "version": "v2", "instance": instance,
-            "__rate_interval": "5m", "__interval": "15s", "datasource": "prometheus"}
+    return {"job": "anomaly", "model": "blobs", "version": "v2", "instance": instance,
+            "__rate_interval": "5m", "__interval": "15s", "DS_PROMETHEUS": "prometheus"}

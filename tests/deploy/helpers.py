@@ -1,14 +1,19 @@
 """Small parsers for the deploy tests: PromQL operands and metric names, the Dockerfile,
-.dockerignore, the shipped rule files and the dashboard's queries."""
+.dockerignore, the shipped rule files and the dashboard's queries; and the validators
+(kubernetes-validate, check-jsonschema) as commands."""
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
+import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -16,6 +21,17 @@ DEPLOY = REPO / "deploy"
 PROM_DIR = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "anomaly.json"
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+
+
+def require_tool(module: str, package: str) -> list[str]:
+    """``python -m module``; skip without it, except in CI, which installs the dev extra: fail."""
+    if importlib.util.find_spec(module):
+        return [sys.executable, "-m", module]
+    hint = f"{package} not installed (a dev extra: pip install -e '.[dev]')"
+    if os.environ.get("CI"):
+        pytest.fail(f"{hint}, although .ci/run installs it")
+    pytest.skip(hint)
+
 
 # -- PromQL -----------------------------------------------------------------------------------
 KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",

@@ -1,7 +1,10 @@
-"""deploy/docker-compose.yml: the service, Prometheus with the shipped rules, Grafana with the
-shipped provisioning, every path it mounts present (checked without Docker)."""
+"""deploy/docker-compose.yml, valid for the Compose Specification: the service, Prometheus
+with the shipped rules, Grafana with the shipped provisioning, every path it mounts present
+(checked without Docker)."""
 
 from __future__ import annotations
+
+import subprocess
 
 import yaml
 
@@ -22,6 +25,20 @@ def split_volume(volume: str) -> tuple[str, str]:
 def mounts(service: str) -> dict[str, str]:
     """host path -> container path (options like :ro dropped) of a service's volumes."""
     return dict(split_volume(v) for v in SERVICES[service].get("volumes", []))
+
+
+def test_compose_file_matches_the_compose_spec(tmp_path):
+    """The Compose Specification's schema (vendored in check-jsonschema, offline), which
+    rejects what `docker compose` would: unknown keys, wrong types."""
+    cmd = [*helpers.require_tool("check_jsonschema", "check-jsonschema"), "--builtin-schema",
+           "vendor.compose-spec"]
+    done = subprocess.run([*cmd, str(DEPLOY / "docker-compose.yml")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    bad = tmp_path / "docker-compose.yml"  # it can fail: a misspelt key
+    bad.write_text((DEPLOY / "docker-compose.yml").read_text().replace("read_only:", "readonly:", 1))
+    done = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "'readonly' was unexpected" in done.stdout, done.stdout
 
 
 def test_services_and_pinned_images():

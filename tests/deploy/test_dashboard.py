@@ -31,13 +31,65 @@ def exprs(panel: dict) -> list[str]:
 def test_fixed_uid_variables_and_rows():
     assert DASH["uid"] == "anomaly-service" and DASH["title"]
     variables = {v["name"]: v for v in DASH["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    job = variables["job"]
+    assert job["type"] == "query" and not job["multi"] and not job["includeAll"]
+    assert job["current"]["value"] == "anomaly"  # prometheus.yml's job name, the k8s Service's
+    assert helpers.variable_queries(DASH)["job"] == "label_values(anomaly_build_info, job)"
     for name in ("model", "version", "instance"):
         v = variables[name]
         assert v["type"] == "query" and v["multi"] and v["includeAll"], name
         assert v["allValue"] == ".*", f"{name}: 'All' must also match the '' and _other labels"
     rows = [p["title"].split(":")[0] for p in DASH["panels"] if p["type"] == "row"]
     assert rows == ["RED", "Saturation", "ML"]
+
+
+def test_import_asks_for_the_data_source():
+    """Grafana's import replaces ``${DS_PROMETHEUS}`` with the data source picked for the
+    ``__inputs`` entry; file provisioning does not read ``__inputs`` and resolves the same
+    ``${DS_PROMETHEUS}`` as the data source variable of that name instead (defaulting to the
+    default Prometheus). Both work only if every reference is ``${DS_PROMETHEUS}``."""
+    (ds,) = DASH["__inputs"]
+    assert (ds["name"], ds["type"], ds["pluginId"]) == ("DS_PROMETHEUS", "datasource", "prometheus")
+    variables = {v["name"]: v for v in DASH["templating"]["list"]}
+    assert variables[ds["name"]]["type"] == "datasource"
+    refs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("datasource"), dict | str):
+                refs.append(node["datasource"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk({k: v for k, v in DASH.items() if k != "__inputs"})
+    assert len(refs) >= len(PANELS) + len(helpers.variable_queries(DASH))
+    bad = [r for r in refs if r != {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}]
+    assert not bad, bad
+    required = {(r["type"], r["id"]) for r in DASH["__requires"]}
+    assert {("panel", p["type"]) for p in PANELS} | {("datasource", "prometheus")} <= required
+    # The Grafana it is made for: the one docker compose runs.
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    (grafana,) = [r["version"] for r in DASH["__requires"] if r["type"] == "grafana"]
+    assert compose["services"]["grafana"]["image"] == f"grafana/grafana:{grafana}"
+
+
+def test_every_query_selects_the_job_variable():
+    """No hard-coded job: each metric selector of each panel and variable query carries
+    ``job=~"$job"`` (except the job variable's own query), so the dashboard works whatever
+    the scrape job is called and never mixes two deployments scraped by one Prometheus."""
+    queries = [e for _, e in helpers.dashboard_queries(DASH)]
+    queries += [q[q.index("(") + 1: q.rindex(",")]  # label_values(SELECTOR, label)
+                for name, q in helpers.variable_queries(DASH).items() if name != "job"]
+    for expr in queries:
+        assert 'job="' not in expr, expr
+        for name in helpers.metric_names(expr):
+            selectors = re.findall(rf"(?<![\w:]){re.escape(name)}(\{{[^}}]*\}})?", expr)
+            assert selectors and all('job=~"$job"' in s for s in selectors), (name, expr)
 
 
 def test_layout_ids_and_datasource():
@@ -52,11 +104,11 @@ def test_layout_ids_and_datasource():
                 assert (x, y) not in cells, f"{p['title']} overlaps another panel"
                 cells.add((x, y))
     for p in PANELS:
-        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert p["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
         assert p["targets"] and p.get("description"), p["title"]
         for t in p["targets"]:
             for var in re.findall(r"\$\{?(\w+)", t["expr"]):
-                assert var in {"model", "version", "instance", "__rate_interval"}, (p["title"], var)
+                assert var in {"job", "model", "version", "instance", "__rate_interval"}, (p["title"], var)
 
 
 def test_red_panels():
@@ -80,7 +132,7 @@ def test_saturation_panels():
 
 def test_ml_panels():
     rate = exprs(by_title("anomaly rate vs expected"))
-    assert "anomaly_anomalies_total" in rate[0] and "anomaly_images_scored_total" in rate[0]
+    assert "anomaly_flagged_images_total" in rate[0] and "anomaly_images_scored_total" in rate[0]
     assert "anomaly_expected_anomaly_ratio" in rate[1]
     heat = by_title("score distribution")
     assert heat["type"] == "heatmap" and heat["targets"][0]["format"] == "heatmap"
