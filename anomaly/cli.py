@@ -258,7 +258,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from anomaly.benchmark import run_benchmark
 
     cfg = _resolve_config(args)
-    run_benchmark(cfg, classes=args.classes, baselines=args.baselines, output=args.output)
+    seeds = tuple(args.seeds) if args.seeds else (cfg.detector.seed,)
+    run_benchmark(cfg, classes=args.classes, seeds=seeds, baselines=args.baselines,
+                  output=args.output, tag=args.tag)
     return 0
 
 
@@ -355,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="0-9", help="normal classes to run, e.g. 0-9 or 1,3")
     p.add_argument("--baselines", action="store_true",
                    help="also run PCA (32 components) and IsolationForest")
-    p.add_argument("--output", default="bench/results", help="folder for the CSV/markdown")
+    p.add_argument("--seeds", type=_int_list, metavar="S,S,..",
+                   help="seeds to run each class with, e.g. 0,1,2 (default: --seed)")
+    p.add_argument("--output", default="bench/results",
+                   help="folder for the CSV/markdown (default bench/results)")
+    p.add_argument("--tag", help="file name of the results (default DATASET-MODEL)")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("report", help="write an HTML report with figures for an artifact")

@@ -270,17 +270,18 @@ def test_benchmark_on_user_data(capsys, tmp_path):
     y = np.r_[np.zeros(100, int), 1 + np.arange(100) % 9]
     np.savez(tmp_path / "ten.npz", x=x, y=y)
     rc, out, err = run(capsys, "benchmark", "--force-calibration", "--dataset", tmp_path / "ten.npz", "--classes", "0,3",
-                       "--model", "dense-ae", "--hidden", "16", "--latent-dim", "2", "--epochs",
-                       "1", "--baselines", "--output", tmp_path / "bench")
+                       "--model", "dense-ae", "--aggregation", "mean", "--hidden", "16", "--latent-dim", "2", "--epochs",
+                       "3", "--baselines", "--seeds", "0,1", "--output", tmp_path / "bench")
     assert rc == 0, err
     table = pd.read_csv(tmp_path / "bench" / "ten.npz-dense-ae.csv")
-    assert table["class"].tolist() == [0, 3]
-    blobs = table.set_index("class").loc[0]
+    assert table["class"].tolist() == [0, 0, 3, 3] and table["seed"].tolist() == [0, 1, 0, 1]
+    assert {"fpr@1%", "z@1%", "fpr@5%", "z@5%", "score_per_s"} <= set(table.columns)
+    blobs = table[table["class"] == 0].mean(numeric_only=True)
     assert blobs["pca_auroc"] > 0.9 and blobs["auroc"] > 0.75  # bars are far from every blob
     assert (table["auroc"] - table["pca_auroc"]).abs().max() > 0  # two methods, two columns
-    assert (table["epochs"] == 1).all()
+    assert (table["epochs"] == 3).all()
     md = (tmp_path / "bench" / "ten.npz-dense-ae.md").read_text()
-    assert "| **mean** |" in md and md in out
+    assert "| **mean** |" in md and md in out and "std of the 10-class mean across seeds" in md
 
 
 def test_evaluate_rebuilds_the_runs_own_test_split(capsys, tmp_path):
