@@ -212,6 +212,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from anomaly.recalibrate import run_calibrate
+
+    out = run_calibrate(args.artifact, normal=args.normal, anomalies=args.anomalies,
+                        feedback=args.feedback, target_fprs=args.target_fprs, rule=args.rule,
+                        force=bool(args.force_calibration), output=args.output)
+    print(f"Recalibrated on {out.n_normal} normal images and {out.n_anomalies} anomalies: "
+          f"{out.path}")
+    for name, t in out.lineage["thresholds"].items():
+        before = "-" if t["before"] is None else f"{t['before']:.6g}"
+        after = "-" if t["after"] is None else f"{t['after']:.6g}"
+        print(f"  {name:<12} threshold {before} -> {after}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from anomaly.data.builtin import DATASETS, default_cache_dir, load_dataset
 
@@ -337,6 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "is_anomaly (+ label, label_name for labelled input); - for standard output")
     p.add_argument("--operating-point", help="default: the artifact's default")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("calibrate", help="choose the operating points again from new data, "
+                       "without retraining; writes a new version")
+    p.add_argument("artifact", help=_ARTIFACT_HELP)
+    p.add_argument("--normal", metavar="PATH", help="normal images (.npy/.npz, .csv, image "
+                   "file or folder)")
+    p.add_argument("--anomalies", metavar="PATH", help="labelled anomalies: add the f1-max and "
+                   "youden points")
+    p.add_argument("--feedback", action="store_true", help="also use the label feedback "
+                   "stored for this model (POST /v1/models/NAME/feedback)")
+    p.add_argument("--target-fpr", dest="target_fprs", type=_fpr_list, metavar="FPRS",
+                   help="e.g. 1%%,5%% (default: the artifact's targets)")
+    p.add_argument("--rule", help="smooth, conformal or pac (default: the artifact's)")
+    p.add_argument("--force-calibration", action="store_true",
+                   help="calibrate targets the images cannot resolve instead of failing")
+    p.add_argument("--output", metavar="MODELS", help="models directory to write the new "
+                   "version into (default: the artifact's)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("data", help="built-in data sets")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser,

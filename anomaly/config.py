@@ -53,6 +53,10 @@ class DetectorConfig:
     recon_loss: str = _opt("bce", "training reconstruction loss: bce or mse", group="model")
     denoise: float = _opt(0.0, "train as a denoising autoencoder with this input noise std "
                           "(0 = off)", group="model", metavar="STD")
+    transforms: str = _opt("none", "attribute restoration (ARNet): train to restore each image "
+                           "from transformed copies and score the restoration error over "
+                           "all of them: none, rot4 (90-degree rotations, square images) or "
+                           "flip4 (flips)", group="model")
     score: str = _opt("mse+knn", "anomaly score: mse, bce, elbo (VAEs) or mse+knn "
                       "(reconstruction error plus latent kNN distance)", group="score")
     aggregation: str = _opt("top10", "per-pixel error aggregation: mean, sum, max or top10 (mean "

@@ -161,7 +161,7 @@ class Detector(OutlierMixin, BaseEstimator):
 
         return Autoencoder(self.model, image_shape, latent_dim=self.latent_dim,
                            hidden=self.hidden, beta=self.beta, recon_loss=self.recon_loss,
-                           denoise=self.denoise, seed=self.seed)
+                           denoise=self.denoise, transforms=self.transforms, seed=self.seed)
 
     # -- fitting ------------------------------------------------------------------------------
 

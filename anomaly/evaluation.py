@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
-from anomaly.calibration import Calibration
+from anomaly.calibration import Calibration, check_measured_fpr
 
 
 @dataclass
@@ -60,10 +60,18 @@ def evaluate(scores: np.ndarray, y_true: np.ndarray, calibration: Calibration,
         "default_operating_point": calibration.default,
         "operating_points": {},
     }
+    n_normal = int((y_true == 0).sum())
     for name, op in calibration.operating_points.items():
         pm = point_metrics(y_true, calibration.decide(scores, name))
-        metrics["operating_points"][name] = {"threshold": op.threshold,
-                                             "expected_fpr": op.expected_fpr, **pm}
+        entry = {"threshold": op.threshold, "expected_fpr": op.expected_fpr,
+                 "fpr_interval": list(op.fpr_interval) if op.fpr_interval else None,
+                 "n_reference": op.n_reference, **pm}
+        if n_normal:
+            check = check_measured_fpr(op, pm["fp"], n_normal)
+            entry["fpr_check"] = {"p_value": check.p_value, "outside": bool(check.outside),
+                                  "predicted_range": list(check.predicted_range),
+                                  "message": check.message()}
+        metrics["operating_points"][name] = entry
     rows = []
     if classes is None:
         classes = y_true
@@ -89,14 +97,23 @@ def format_report(ev: Evaluation) -> str:
         lines.append(f"AUROC {m['auroc']:.4f}   average precision {m['average_precision']:.4f}"
                      f"   ({m['n_test']} test images, {m['n_anomalies']} anomalies)")
     header = f"{'operating point':<16}{'threshold':>12}{'precision':>11}{'recall':>9}{'F1':>8}" \
-             f"{'FPR':>8}{'exp. FPR':>10}   tn/fp/fn/tp"
+             f"{'FPR':>8}   {'expected FPR (95%, n ref)':<27}tn/fp/fn/tp"
     lines += ["", header, "-" * len(header)]
+    warnings = []
     for name, p in m["operating_points"].items():
         star = "*" if name == m["default_operating_point"] else " "
+        lo, hi = p.get("fpr_interval") or (None, None)
+        expected = (f"{p['expected_fpr']:.2%} ({lo:.2%}-{hi:.2%}, {p['n_reference']})"
+                    if lo is not None else f"{p['expected_fpr']:.2%}")
         lines.append(f"{name + star:<16}{p['threshold']:>12.5g}{p['precision']:>11.3f}"
-                     f"{p['recall']:>9.3f}{p['f1']:>8.3f}{p['fpr']:>8.3f}{p['expected_fpr']:>10.3f}"
-                     f"   {p['tn']}/{p['fp']}/{p['fn']}/{p['tp']}")
+                     f"{p['recall']:>9.3f}{p['f1']:>8.3f}{p['fpr']:>8.3f}   {expected:<27}"
+                     f"{p['tn']}/{p['fp']}/{p['fn']}/{p['tp']}")
+        check = p.get("fpr_check")
+        if check and check["outside"]:
+            warnings.append(f"warning: {check['message']}: the data drifted from the reference "
+                            "images, or there were too few of them")
     lines.append("(* default operating point; anomalous when score > threshold)")
+    lines += warnings
     df = ev.per_class.copy()
     default_col = f"flagged@{m['default_operating_point']}"
     table = df[["class", "name", "role", "n", "mean_score", default_col]].rename(

@@ -24,6 +24,11 @@ A score is computed in two steps, so nothing is hidden:
    ``(log_mse - m1) / s1 + (log_knn - m2) / s2``. An anomaly that the decoder happens to
    reconstruct well still lands far from the normal codes.
 
+A model trained for attribute restoration (``transforms``, :mod:`anomaly.models.transforms`)
+is scored on every transform of the image: the per-pixel error map is the mean over the
+transforms of the restoration errors against the image, the reconstruction is the restoration
+of the image itself, and the latent code (for ``log_knn``) is the image's own.
+
 Aggregations over the per-pixel errors: ``mean``, ``sum``, ``max`` and ``top10`` (mean of the
 largest 10% of pixel errors, a fraction of the image's pixels, which favours small, local
 defects).
@@ -50,6 +55,7 @@ from keras import ops
 
 from anomaly.errors import ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder
+from anomaly.models.transforms import TRANSFORMS, all_transforms
 
 SCORES = ("mse", "bce", "elbo", "mse+knn")
 AGGREGATIONS = ("mean", "sum", "max", "top10")
@@ -93,6 +99,9 @@ def check_score_settings(model: Autoencoder, score: str, aggregation: str, mc_sa
         raise expected(f"an aggregation in {AGGREGATIONS}", repr(aggregation), cls=ConfigError)
     if not isinstance(mc_samples, int) or mc_samples < 0:
         raise expected("mc_samples as an integer >= 0", repr(mc_samples), cls=ConfigError)
+    if mc_samples and getattr(model, "transforms", "none") != "none":
+        raise expected("mc_samples 0 for a restoration model (transforms)",
+                       f"mc_samples={mc_samples}", cls=ConfigError)
 
 
 def _bernoulli_kl(x, logits):
@@ -209,15 +218,36 @@ class Scorer:
         nearest = -ops.top_k(-exact, k, sorted=True)[0]
         return ops.mean(nearest, axis=1)
 
+    def _restore(self, x):
+        """Attribute restoration: every transform of ``x`` through the network; the per-pixel
+        errors of the restorations against ``x``, averaged over the transforms."""
+        m, name = self.model, self.model.transforms
+        count = TRANSFORMS[name]
+        inputs = ops.reshape(all_transforms(x, name), (-1, *self.image_shape))
+        z_all, _ = m.encode(inputs)
+        logits = m.decode_logits(z_all)
+        target = ops.reshape(ops.repeat(x[None], count, axis=0), (-1, *self.image_shape))
+        if self.score in ("mse", "mse+knn"):
+            err = ops.square(target - ops.sigmoid(logits))
+        else:
+            err = _bernoulli_kl(target, logits)
+        err = ops.mean(ops.reshape(err, (count, -1, *self.image_shape)), axis=0)
+        first = ops.shape(x)[0]
+        return ops.sigmoid(logits[:first]), err
+
     def _graph(self, x):
         m = self.model
         z_mean, z_log_var = m.encode(x)
-        logits = m.decode_logits(z_mean)
-        recon = ops.sigmoid(logits)
-        if self.score in ("mse", "mse+knn"):
-            err = ops.square(x - recon)
+        if m.transforms != "none":
+            recon, err = self._restore(x)
+            logits = None
         else:
-            err = _bernoulli_kl(x, logits)
+            logits = m.decode_logits(z_mean)
+            recon = ops.sigmoid(logits)
+            if self.score in ("mse", "mse+knn"):
+                err = ops.square(x - recon)
+            else:
+                err = _bernoulli_kl(x, logits)
         if self.score == "mse+knn":
             log_r = ops.log(self._aggregate(err) + 1e-12)
             log_d = ops.log(self.knn_distance(z_mean) + 1e-12)

@@ -7,6 +7,8 @@ real MNIST.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -341,3 +343,39 @@ def test_paths_of_the_wrong_kind_are_one_error_line(capsys, tmp_path, saved_arti
     assert_error(capsys, ["fit", "--config", tmp_path], "Expected a config file",
                  "(a folder)")
     assert_error(capsys, ["models", tmp_path / "x.npy"], "(not a folder)", code=1)
+
+
+def test_calibrate_writes_a_new_verified_version_with_its_lineage(capsys, saved_artifact,
+                                                                  tmp_path):
+    """New operating points from new data, the same weights; thresholds move only when the
+    data do."""
+    models = tmp_path / "models"
+    shutil.copytree(saved_artifact.parent, models / "blobs")
+    parent = models / "blobs" / "1"
+    np.save(tmp_path / "normal.npy", make_blobs(120, seed=21))
+    np.save(tmp_path / "other.npy", make_blobs(120, seed=22))
+    np.save(tmp_path / "bars.npy", make_bars(30, seed=21))
+    versions = []
+    for normal in ("normal.npy", "normal.npy", "other.npy"):
+        rc, out, err = run(capsys, "calibrate", parent, "--normal", tmp_path / normal,
+                           "--force-calibration")
+        assert rc == 0, err
+        versions.append(Path(out.split(": ", 1)[1].splitlines()[0]))
+    assert len({v.name for v in versions}) == 3 and all(v.parent == parent.parent
+                                                        for v in versions)
+    dets = [Detector.load(v) for v in versions]  # each verifies against its manifest
+    thresholds = [d.calibration_.get("fpr@1%").threshold for d in dets]
+    assert thresholds[0] == thresholds[1] != thresholds[2]
+    lineage = dets[0].metadata_["lineage"]
+    assert lineage["parent"]["version"] == "1" and lineage["n_reference"]["after"] == 120
+    assert lineage["data"][0]["path"].endswith("normal.npy")
+    original = Detector.load(parent)
+    x = make_blobs(5, seed=30)
+    np.testing.assert_array_equal(dets[0].decision_function(x), original.decision_function(x))
+
+    rc, out, err = run(capsys, "calibrate", parent, "--normal", tmp_path / "normal.npy",
+                       "--anomalies", tmp_path / "bars.npy", "--force-calibration")
+    assert rc == 0, err
+    assert "f1-max" in out and "youden" in out
+    assert_error(capsys, ["calibrate", parent], "Expected normal images to calibrate on",
+                 code=1)

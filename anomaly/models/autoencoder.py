@@ -17,6 +17,12 @@ from keras import ops
 from anomaly.errors import ConfigError, expected
 from anomaly.models import networks
 from anomaly.models.layers import PACKAGE, Sampling
+from anomaly.models.transforms import (
+    TRANSFORMS,
+    all_transforms,
+    check_transforms,
+    random_transform,
+)
 
 RECON_LOSSES = ("bce", "mse")
 
@@ -75,6 +81,8 @@ class Autoencoder(keras.Model):
         beta: weight of the KL term (variational models only).
         recon_loss: ``"bce"`` (Bernoulli likelihood) or ``"mse"`` (summed squared error).
         denoise: standard deviation of Gaussian noise added to training inputs (0 = off).
+        transforms: attribute restoration (:mod:`anomaly.models.transforms`): ``"none"``,
+            ``"rot4"`` or ``"flip4"``.
         seed: seed of the sampling and noise generators.
 
     Inputs are images ``(batch, H, W, C)`` in [0, 1]; ``call`` returns reconstructions of the
@@ -84,7 +92,8 @@ class Autoencoder(keras.Model):
     def __init__(self, architecture: str, image_shape: tuple[int, int, int],
                  latent_dim: int | None = None,
                  hidden: list[int] | tuple[int, ...] | None = None, beta: float = 1.0,
-                 recon_loss: str = "bce", denoise: float = 0.0, seed: int | None = None,
+                 recon_loss: str = "bce", denoise: float = 0.0, transforms: str = "none",
+                 seed: int | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         spec = get_spec(architecture)
@@ -102,6 +111,8 @@ class Autoencoder(keras.Model):
         self.hidden = tuple(int(h) for h in (hidden or spec.hidden))
         self.beta, self.recon_loss, self.denoise, self.seed = float(beta), recon_loss, float(
             denoise), seed
+        check_transforms(transforms, self.image_shape)
+        self.transforms = transforms
         if self.latent_dim < 1 or not self.hidden or min(self.hidden) < 1:
             raise expected("a positive latent_dim and positive hidden sizes",
                            f"latent_dim={latent_dim}, hidden={hidden}", cls=ConfigError)
@@ -118,6 +129,7 @@ class Autoencoder(keras.Model):
         self.code_dim = code
         self.sampler = Sampling(seed=seed, name="sampling")
         self.noise_gen = keras.random.SeedGenerator(None if seed is None else seed + 1)
+        self.transform_gen = keras.random.SeedGenerator(None if seed is None else seed + 2)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.recon_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_tracker = keras.metrics.Mean(name="kl_loss")
@@ -173,10 +185,22 @@ class Autoencoder(keras.Model):
         ``noisy``: corrupt the inputs (denoising models); default: while training.
         """
         x = ops.cast(x, "float32")
-        x_in = x
+        if self.transforms != "none":
+            # Restoration: the target is the image itself, the input a transformed copy (one
+            # drawn at random while training, every one of them for validation).
+            if training:
+                x_in = random_transform(x, self.transforms, self.transform_gen)
+            else:
+                stacked = all_transforms(x, self.transforms)
+                x_in = ops.reshape(stacked, (-1, *self.image_shape))
+                x = ops.reshape(ops.repeat(x[None], TRANSFORMS[self.transforms], axis=0),
+                                (-1, *self.image_shape))
+        else:
+            x_in = x
         if (training if noisy is None else noisy) and self.denoise > 0:
-            noise = keras.random.normal(ops.shape(x), stddev=self.denoise, seed=self.noise_gen)
-            x_in = ops.clip(x + noise, 0.0, 1.0)
+            noise = keras.random.normal(ops.shape(x_in), stddev=self.denoise,
+                                        seed=self.noise_gen)
+            x_in = ops.clip(x_in + noise, 0.0, 1.0)
         z_mean, z_log_var = self.encode(x_in, training=training)
         if self.variational:
             z = self.sampler([z_mean, z_log_var]) if training else z_mean
@@ -225,5 +249,6 @@ class Autoencoder(keras.Model):
             "beta": self.beta,
             "recon_loss": self.recon_loss,
             "denoise": self.denoise,
+            "transforms": self.transforms,
             "seed": self.seed,
         }
