@@ -13,10 +13,11 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
-from service.errors import error_body
+from service.errors import ServiceError, expect
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_READINESS = frozenset({"/readyz", "/v2/health/ready"})
 _MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/]+)")
 
 
@@ -71,19 +72,27 @@ class MetricsMiddleware:
             route = _route_template(scope, self.router)
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             model = _model_label(scope)
-            outcome = ("success" if status < 400 else "client_error" if status < 500
-                       else "server_error")
+            if route in _READINESS and status in (400, 503):
+                # "Not ready" is a correct answer of a readiness probe (while loading or
+                # draining), not a failure of the service.
+                outcome = "not_ready"
+            else:
+                outcome = ("success" if status < 400 else "client_error" if status < 500
+                           else "server_error")
             metrics.REQUESTS.labels(route, method, model, str(status), outcome).inc()
             metrics.REQUEST_DURATION.labels(route, method, model).observe(
                 time.perf_counter() - start)
 
 
 class BodyLimitMiddleware:
-    """Reads request bodies up to ``max_bytes``; answers 413 as soon as one is larger.
+    """Caps request bodies at ``max_bytes`` (413), reading nothing itself.
 
-    The declared Content-Length is checked first; chunked uploads (no Content-Length) are
-    counted as they arrive and cut off at the cap, so neither can make the server buffer more
-    than ``max_bytes``. The buffered body is then replayed to the app.
+    The body is counted as the app reads it: a route reads its body only after its
+    dependencies (the API-key checks) passed, so a request without a valid key is refused
+    from its headers alone, before any of its body is read. A declared Content-Length above
+    the cap is refused at the first read, before any byte of the body is received; chunked
+    uploads (no Content-Length) are counted as they arrive and cut off at the cap, so neither
+    can make the server buffer more than ``max_bytes``.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -97,49 +106,33 @@ class BodyLimitMiddleware:
         declared = None
         for key, value in scope["headers"]:
             if key == b"content-length":
-                declared = value
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
                 break
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                size = -1
-            if size > self.max_bytes:
-                await self._reject(scope, send, f"{size} bytes")
-                return
-        chunks: list[bytes] = []
         total = 0
-        while True:
+        first = True
+
+        async def limited() -> Message:
+            nonlocal total, first
+            if first:
+                first = False
+                if declared is not None and declared > self.max_bytes:
+                    raise self._too_large(f"{declared} bytes")
             message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left; nobody to answer
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.max_bytes:
-                await self._reject(scope, send, f"more than {self.max_bytes} bytes (chunked)")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    raise self._too_large(f"more than {self.max_bytes} bytes (chunked)")
+            return message
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        await self.app(scope, limited, send)
 
-        await self.app(scope, replay, send)
-
-    async def _reject(self, scope: Scope, send: Send, received: str) -> None:
-        metrics.INPUT_REJECTIONS.labels(_model_label(scope), "payload_too_large").inc()
-        body = error_body(scope.get("path", ""), "payload_too_large",
-                          f"Expected a request body of at most {self.max_bytes} bytes "
-                          f"(ANOMALY_MAX_BODY_BYTES). Received: {received}")
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    def _too_large(self, received: str) -> ServiceError:
+        # Raised inside the route's body read, so the app's error handlers answer it (in the
+        # route's format, counted under its model); the rest of the body is never read, so the
+        # connection is closed after the answer.
+        return expect(f"a request body of at most {self.max_bytes} bytes "
+                      "(ANOMALY_MAX_BODY_BYTES)", received, code="payload_too_large",
+                      status_code=413, headers={"Connection": "close"})
