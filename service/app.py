@@ -12,8 +12,10 @@ target), not with ``--workers``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,11 +28,13 @@ from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.registry import Registry
 from service.routers import admin, health, models, ui, v2
 from service.routers import metrics as metrics_router
+from service.schemas import install_openapi
+from service.scoring import Admission
 from service.settings import Settings, load_settings
 from service.shutdown import install_drain_handler
 
-DESCRIPTION = """Scores 28x28 grayscale images with the autoencoder anomaly detectors that
-`anomaly fit` writes. **Scores: higher = more anomalous**; `is_anomaly` is `score > threshold`
+DESCRIPTION = """Scores images with the autoencoder anomaly detectors that `anomaly fit` writes
+(each model's image shape is in `GET /v1/models/{name}`). **Scores: higher = more anomalous**; `is_anomaly` is `score > threshold`
 at the chosen operating point.
 
 Errors are `{"error": {"code": ..., "message": "Expected X. Received: Y"}}` (under `/v2`:
@@ -60,18 +64,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         registry = Registry(settings)
         app.state.registry = registry
+        app.state.cpu_pool = ThreadPoolExecutor(settings.cpu_threads,
+                                                thread_name_prefix="anomaly-cpu")
         metrics.set_build_info()
         registry.start()
+        # FastAPI builds the OpenAPI document on first request, on the event loop (~0.1 s of
+        # CPU): build it now in a worker thread instead.
+        asyncio.get_running_loop().run_in_executor(app.state.cpu_pool, app.openapi)
         restore_sigterm = install_drain_handler(registry.drain, settings.shutdown_drain_seconds)
         try:
             yield
         finally:
             restore_sigterm()
             await registry.close()
+            app.state.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="anomaly scoring service", version=__version__,
                   description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.admission = Admission(settings.max_queued_images)
     app.state.scoring_key_digests = key_digests(settings.api_keys)
     app.state.admin_key_digests = key_digests(settings.admin_api_keys)
     errors.install(app)
@@ -79,7 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               ui.router):
         app.include_router(r)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, router=app.router)  # outermost: sees 413s too
+    app.add_middleware(MetricsMiddleware, router=app.router)  # outermost: sees every answer
+    install_openapi(app, settings)
     return app
 
 

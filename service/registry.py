@@ -33,6 +33,7 @@ from anomaly.errors import AnomalyError
 from service import metrics
 from service.batching import MicroBatcher
 from service.errors import ServiceError, expect
+from service.inputs import image_shape, pixel_shape
 from service.settings import Settings
 
 log = logging.getLogger("anomaly.service")
@@ -412,11 +413,11 @@ class Registry:
         started = time.perf_counter()
         try:
             det = Detector.load(path)
-            scorer = det.scorer
+            pixels = pixel_shape(image_shape(det))
             for n in _WARMUP_SIZES:
-                x = np.zeros((min(n, self.settings.max_batch_images), 28, 28), np.float32)
+                x = np.zeros((min(n, self.settings.max_batch_images), *pixels), np.float32)
                 for full in (False, True):
-                    out = scorer(x, reconstruction=full, error_map=full)
+                    out = det.detect(x, reconstruction=full, error_map=full, validated=True)
                     if not np.isfinite(out.scores).all():
                         raise ValueError("warm-up produced non-finite scores")
         except Exception as exc:
@@ -425,10 +426,10 @@ class Registry:
 
         batch_size = metrics.INFERENCE_BATCH_SIZE.labels(name)
 
-        def run(x: np.ndarray, full: bool):
+        def run(x: np.ndarray, operating_point: str, full: bool):
             batch_size.observe(len(x))
-            out = scorer(x, reconstruction=full, error_map=full)
-            return out.scores, out.reconstruction, out.error_map
+            return det.detect(x, operating_point=operating_point, reconstruction=full,
+                              error_map=full, validated=True)
 
         batcher = MicroBatcher(run, self._infer_pool, max_images=self.settings.max_batch_images,
                                enabled=self.settings.micro_batching)

@@ -1,27 +1,47 @@
-"""The scoring path shared by the v1 and V2 routes: queue for the model, decide, count.
+"""The scoring path shared by the v1 and V2 routes: admit, queue for the model, count.
 
-Scores come from the artifact's compiled scorer (``Detector.scorer``, one graph execution per
-model call, no ``model.predict``), run in the registry's inference thread through the model's
-micro-batcher; normalized scores and decisions use the artifact's calibration exactly as
-``Detector.detect`` does, so they equal ``anomaly score`` on the same images.
+Results come from ``Detector.detect`` itself (scores, normalized scores, decisions at the
+operating point, reconstructions), run in the registry's inference thread through the model's
+micro-batcher, so they equal ``anomaly score`` on the same images; the service adds no scoring
+logic of its own.
+
+Load shedding: :class:`Admission` bounds the images in flight (decoded and waiting for, or in, a
+model call). Over ``ANOMALY_MAX_QUEUED_IMAGES`` a scoring request gets 503 with ``Retry-After``
+at once instead of queueing without limit, so an overloaded replica answers quickly and a load
+balancer or client can retry elsewhere. CPU work of a request (parsing, validation, decoding,
+encoding) runs in the app's CPU pool (:func:`off_loop`), never on the event loop, so health
+checks and /metrics answer while it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import functools
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from fastapi import Request
 
 from service import metrics
+from service.errors import ServiceError
 from service.registry import LoadedModel
+
+RETRY_AFTER_SECONDS = "1"
 
 
 @dataclass
 class Scored:
-    """Results for one request's images."""
+    """Results for one request's images (``n`` of them).
+
+    Attributes:
+        scores, normalized: ``(n,)`` float64; is_anomaly: ``(n,)`` bool.
+        reconstruction, error_map: ``(n, *image)`` float32, when asked for.
+    """
 
     model: LoadedModel
     operating_point: str
@@ -33,9 +53,50 @@ class Scored:
     error_map: np.ndarray | None
 
 
+class Admission:
+    """A bounded count of the images admitted for scoring in this process.
+
+    Runs on the event loop only (no lock needed). A request that finds the service idle is
+    admitted whatever its size, so a limit below the batch size never refuses everything.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.images = 0
+
+    def _overloaded(self, n: int) -> ServiceError:
+        return ServiceError(503, "overloaded", f"Expected at most {self.limit} images in "
+                            f"flight (ANOMALY_MAX_QUEUED_IMAGES); retry after "
+                            f"{RETRY_AFTER_SECONDS} s. Received: {n} more with {self.images} "
+                            "in flight", headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+    def check(self) -> None:
+        """Refuse at once, before the body is read, when the service is already full."""
+        if self.images >= self.limit:
+            raise self._overloaded(0)
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        """Admit ``n`` images for the duration of the block, or refuse with a 503."""
+        if self.images and self.images + n > self.limit:
+            raise self._overloaded(n)
+        self.images += n
+        try:
+            yield
+        finally:
+            self.images -= n
+
+
+async def off_loop(request: Request, fn: Callable, *args, **kwargs):
+    """Run CPU-bound ``fn`` in the app's CPU pool so the event loop stays free."""
+    pool = getattr(request.app.state, "cpu_pool", None)
+    return await asyncio.get_running_loop().run_in_executor(
+        pool, functools.partial(fn, *args, **kwargs))
+
+
 async def score_images(model: LoadedModel, x: np.ndarray, operating_point: str | None, *,
                        full: bool, decode_s: float) -> Scored:
-    """Score validated images ``(n, 28, 28)`` float32 in [0, 1] with ``model``.
+    """Score validated images ``(n, *image)`` float32 in [0, 1] with ``model``.
 
     Args:
         operating_point: a name of the model's calibration, or ``None`` for its default.
@@ -43,22 +104,21 @@ async def score_images(model: LoadedModel, x: np.ndarray, operating_point: str |
         decode_s: seconds spent decoding the request, for the stage histogram.
     """
     op = model.operating_point(operating_point)  # unknown names fail before queueing
-    res = await model.batcher.submit(x, full=full)
-    scores = res.scores
-    flagged = scores > op.threshold
-    normalized = model.calibration.normalize(scores)
+    res = await model.batcher.submit(x, key=op.name, full=full)
+    out = res.output
     name = model.name
     metrics.STAGE_DURATION.labels(name, "decode").observe(decode_s)
     metrics.STAGE_DURATION.labels(name, "queue").observe(res.queue_s)
     metrics.STAGE_DURATION.labels(name, "predict").observe(res.predict_s)
     metrics.REQUEST_BATCH_SIZE.labels(name).observe(len(x))
-    metrics.observe_scores(name, model.version, op.name, scores, int(flagged.sum()))
-    return Scored(model, op.name, float(op.threshold), scores, normalized, flagged,
-                  res.reconstruction, res.error_map)
+    metrics.observe_scores(name, model.version, out.operating_point, out.scores,
+                           int(np.count_nonzero(out.is_anomaly)))
+    return Scored(model, out.operating_point, float(out.threshold), out.scores, out.normalized,
+                  out.is_anomaly, out.reconstruction, out.error_map)
 
 
 def png_base64(img: np.ndarray, *, scale_to_max: bool = False) -> str:
-    """A ``(28, 28)`` float image as a base64 grayscale PNG (values in [0, 1] -> 0..255)."""
+    """A ``(H, W)`` float image as a base64 grayscale PNG (values in [0, 1] -> 0..255)."""
     from PIL import Image
 
     a = np.asarray(img, dtype=np.float32)

@@ -27,7 +27,7 @@ from service.schemas import (
     ScoreResponse,
     VersionInfo,
 )
-from service.scoring import encode_v1, score_images
+from service.scoring import encode_v1, off_loop, score_images
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ScoringAuth],
                    responses=ERROR_RESPONSES)
@@ -43,7 +43,7 @@ _SCORE_BODY = {
             "properties": {
                 "images": {"type": "array", "items": {"type": "string", "format": "binary"},
                            "description": "PNG/JPEG files (any size: converted to grayscale "
-                           "and resized to 28x28)"},
+                           "and resized to the model's image shape)"},
                 "operating_point": {"type": "string"},
                 "return_reconstruction": {"type": "boolean"},
                 "return_error_map": {"type": "boolean"},
@@ -105,26 +105,41 @@ async def score_version(name: str, version: str, request: Request, registry: Reg
 
 
 async def _score(request: Request, model, settings, query: dict) -> Response:
+    admission = request.app.state.admission
+    admission.check()  # full: refuse before reading (or paying for) the body
     start = time.perf_counter()
+    shape = inputs.image_shape(model.detector)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
-        x, options = _parse_json(await request.body(), settings, query)
+        body = await request.body()
+        x, options = await off_loop(request, _parse_json, body, settings, query, shape)
     elif media_type == "multipart/form-data":
-        x, options = await _parse_form(request, settings, query)
+        files, options = await _read_form(request, settings, query)
+        x = await off_loop(request, inputs.decode_files, files, shape=shape,
+                           max_images=settings.max_batch_images,
+                           max_pixels=settings.max_image_pixels,
+                           max_request_pixels=settings.max_request_pixels)
     else:
         raise expect("Content-Type application/json or multipart/form-data",
-                     repr(media_type) if media_type else "no Content-Type",
-                     code="unsupported_media_type", status_code=415)
+                     preview_media_type(media_type), code="unsupported_media_type",
+                     status_code=415)
     decoded = time.perf_counter()
     full = options.return_reconstruction or options.return_error_map
-    scored = await score_images(model, x, options.operating_point, full=full,
-                                decode_s=decoded - start)
+    with admission.hold(len(x)):
+        scored = await score_images(model, x, options.operating_point, full=full,
+                                    decode_s=decoded - start)
     encode_start = time.perf_counter()
-    body = encode_v1(scored, reconstruction=options.return_reconstruction,
-                     error_map=options.return_error_map, image_format=options.image_format)
+    body = await off_loop(request, encode_v1, scored, reconstruction=options.return_reconstruction,
+                          error_map=options.return_error_map, image_format=options.image_format)
     metrics.STAGE_DURATION.labels(model.name, "encode").observe(
         time.perf_counter() - encode_start)
     return Response(body, media_type="application/json")
+
+
+def preview_media_type(media_type: str) -> str:
+    if not media_type:
+        return "no Content-Type"
+    return repr(media_type[:60] + ("..." if len(media_type) > 60 else ""))
 
 
 def _options(query: dict, given: dict) -> ScoreOptions:
@@ -134,25 +149,30 @@ def _options(query: dict, given: dict) -> ScoreOptions:
         return ScoreOptions.model_validate(merged)
     except ValidationError as exc:
         raise ServiceError(422, "validation_error",
-                           describe_pydantic_error(exc.errors()[0])) from None
+                           describe_pydantic_error(exc.errors(include_url=False)[0])) from None
 
 
-def _parse_json(body: bytes, settings, query: dict):
-    req = parse_body(body, ScoreRequest, 'body like {"images": [...]}')
+def _parse_json(body: bytes, settings, query: dict, shape):
+    """Body -> (images, options); CPU-bound, run off the event loop."""
+    req = parse_body(body, ScoreRequest, 'body like {"images": [...]}',
+                     max_depth=settings.max_json_depth, max_keys=settings.max_json_keys)
     options = _options(query, {k: getattr(req, k) for k in req.model_fields_set
                                if k in _OPTION_FIELDS})
-    x = inputs.decode_json_images(req.images, max_images=settings.max_batch_images,
-                                  max_pixels=settings.max_image_pixels)
+    x = inputs.decode_json_images(req.images, shape=shape, max_images=settings.max_batch_images,
+                                  max_pixels=settings.max_image_pixels,
+                                  max_request_pixels=settings.max_request_pixels)
     return x, options
 
 
-async def _parse_form(request: Request, settings, query: dict):
+async def _read_form(request: Request, settings, query: dict):
     try:
         form = await request.form(max_files=settings.max_batch_images * 4, max_fields=32)
+    except ServiceError:
+        raise  # the body limit
     except Exception as exc:  # malformed multipart of any kind is the client's
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
-        raise expect("a valid multipart/form-data body", detail, code="invalid_multipart",
-                     status_code=400) from None
+        raise expect("a valid multipart/form-data body", str(detail)[:200],
+                     code="invalid_multipart", status_code=400) from None
     try:
         files: list[tuple[str, bytes]] = []
         fields: dict[str, str] = {}
@@ -160,16 +180,17 @@ async def _parse_form(request: Request, settings, query: dict):
             if isinstance(value, UploadFile):
                 if key != "images":
                     raise expect("image files in fields named 'images'",
-                                 f"a file in the field {key!r}", code="validation_error")
+                                 f"a file in the field {key[:40]!r}", code="validation_error")
                 files.append((value.filename or "upload", await value.read()))
+            elif key == "images":
+                raise expect("the 'images' fields to be files (a filename in their "
+                             "Content-Disposition)", "a plain text field 'images'",
+                             code="validation_error")
             elif key in _OPTION_FIELDS:
                 fields[key] = value
             else:
                 raise expect(f"form fields 'images' (files) and {list(_OPTION_FIELDS)}",
-                             f"the field {key!r}", code="validation_error")
+                             f"the field {key[:40]!r}", code="validation_error")
     finally:
         await form.close()
-    options = _options(query, fields)
-    x = inputs.decode_files(files, max_images=settings.max_batch_images,
-                            max_pixels=settings.max_image_pixels)
-    return x, options
+    return files, _options(query, fields)
