@@ -22,8 +22,9 @@ from fastapi import FastAPI
 
 from anomaly import __version__
 from anomaly.errors import AnomalyError
-from service import errors, metrics
+from service import errors
 from service.deps import key_digests
+from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.registry import Registry
 from service.routers import admin, health, models, ui, v2
@@ -62,11 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        registry = Registry(settings)
+        registry = Registry(settings, app.state.metrics)
         app.state.registry = registry
         app.state.cpu_pool = ThreadPoolExecutor(settings.cpu_threads,
                                                 thread_name_prefix="anomaly-cpu")
-        metrics.set_build_info()
+        app.state.metrics.set_build_info()
         registry.start()
         # FastAPI builds the OpenAPI document on first request, on the event loop (~0.1 s of
         # CPU): build it now in a worker thread instead.
@@ -83,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.admission = Admission(settings.max_queued_images)
+    app.state.metrics = metrics = ServiceMetrics(settings.drift_window)
     app.state.scoring_key_digests = key_digests(settings.api_keys)
     app.state.admin_key_digests = key_digests(settings.admin_api_keys)
     errors.install(app)
@@ -90,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               ui.router):
         app.include_router(r)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, router=app.router)  # outermost: sees every answer
+    app.add_middleware(MetricsMiddleware, metrics=metrics, router=app.router)  # outermost: sees every answer
     install_openapi(app, settings)
     return app
 

@@ -1,4 +1,5 @@
-"""FastAPI dependencies as ``Annotated`` aliases: settings, registry and API-key checks.
+"""FastAPI dependencies as ``Annotated`` aliases (settings, registry, metrics, API-key checks)
+and the HTTP lookups of models and versions (404/503).
 
 API keys are optional bearer tokens (``Authorization: Bearer KEY``), one set for the scoring and
 model routes (``ANOMALY_API_KEYS``, empty = open) and one for the admin routes
@@ -19,8 +20,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.errors import expect
-from service.registry import Registry
+from service.errors import ServiceError, expect
+from service.metrics import ServiceMetrics
+from service.registry import LoadedModel, ModelEntry, Registry
 from service.settings import Settings
 
 
@@ -36,8 +38,51 @@ def get_registry(request: Request) -> Registry:
     return registry
 
 
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+
+
+def find_entry(registry: Registry, name: str) -> ModelEntry:
+    """The model's entry; 404 when the directory has no such model (503 while loading)."""
+    snap = registry.snapshot
+    entry = snap.models.get(name)
+    if entry is None:
+        if not snap.loaded:
+            raise ServiceError(503, "not_ready", "Expected the models to be loaded. "
+                               "Received: a request while they are still loading",
+                               headers={"Retry-After": "1"})
+        raise expect(f"a model in {sorted(snap.models)}", repr(name[:100]),
+                     code="model_not_found", status_code=404)
+    return entry
+
+
+def find_model(registry: Registry, name: str, version: str | None = None) -> LoadedModel:
+    """The model version to score with (the default version when ``version`` is None)."""
+    entry = find_entry(registry, name)
+    if version is None:
+        if entry.default is None:
+            refused = "; ".join(f"{v}: {e}" for v, e in sorted(entry.refused.items()))
+            raise ServiceError(503, "model_not_ready",
+                               f"Expected a loadable version of {name!r}. Received: none "
+                               f"loaded ({refused or 'no versions'})")
+        return entry.versions[entry.default]
+    model = entry.versions.get(version)
+    if model is None:
+        shown = repr(version[:100])
+        if version in entry.available:
+            why = entry.refused.get(version) or (
+                f"not among the {registry.settings.versions_per_model} newest loaded "
+                "(ANOMALY_VERSIONS_PER_MODEL)")
+            raise expect(f"a loaded version of {name!r} in {sorted(entry.versions)}",
+                         f"{shown} ({why})", code="version_not_loaded", status_code=404)
+        raise expect(f"a version of {name!r} in {sorted(entry.versions)}", shown,
+                     code="version_not_found", status_code=404)
+    return model
 
 
 def key_digests(keys) -> tuple[bytes, ...]:

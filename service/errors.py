@@ -21,7 +21,6 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomaly.errors import AnomalyError
-from service import metrics
 
 log = logging.getLogger("anomaly.service")
 
@@ -80,7 +79,8 @@ def _model_label(request: Request) -> str:
 
 def _respond(request: Request, err: ServiceError) -> Response:
     if err.code in INPUT_ERROR_CODES:
-        metrics.INPUT_REJECTIONS.labels(model=_model_label(request), reason=err.code).inc()
+        request.app.state.metrics.input_rejections.labels(model=_model_label(request),
+                                                          reason=err.code).inc()
     status = err.status_code
     if status == 422 and is_v2(request.url.path):
         status = 400  # V2 servers (Triton, KServe) answer 400 for every invalid request

@@ -12,7 +12,7 @@ are not numbers, pixel budgets of encoded images), and maps the validator's
 - an image with any floating-point value (``0.5``, ``1.0``, FP32 tensors) is read as [0, 1]
   intensities when no value exceeds 1, else as 0-255 intensities.
 
-The image shape is the model's (:func:`image_shape`); nothing here assumes 28x28. Everything here
+The image shape is the model's (:func:`service.shapes.image_shape`); nothing here assumes 28x28. Everything here
 is CPU work: the routes call it off the event loop.
 """
 
@@ -21,13 +21,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 
 import numpy as np
 
 from anomaly.data.images import decode_image_bytes, to_unit_float
 from anomaly.errors import DataError
 from service.errors import ServiceError, expect, json_type
+from service.shapes import pixel_shape, shape_text
 
 _DATA_URL = "data:"
 
@@ -38,22 +38,6 @@ _DATA_ERROR_CODES = (
     ("numeric", "invalid_dtype"), ("rectangular", "invalid_shape"), ("shape", "invalid_shape"),
     ("height and width", "invalid_shape"), ("at least one image", "empty_batch"),
 )
-
-
-def image_shape(detector) -> tuple[int, int, int]:
-    """The ``(height, width, channels)`` of the images ``detector`` scores: the one place the
-    service reads it."""
-    return tuple(getattr(detector, "image_shape_", (28, 28, 1)))
-
-
-def pixel_shape(shape: tuple[int, int, int]) -> tuple[int, ...]:
-    """One image's array shape for a model shape: ``(H, W)`` for grayscale, else ``(H, W, C)``."""
-    h, w, c = shape
-    return (h, w) if c == 1 else (h, w, c)
-
-
-def shape_text(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
 
 
 def data_error(exc: DataError) -> ServiceError:
@@ -228,12 +212,6 @@ def decode_files(files: list[tuple[str, bytes]], *, shape: tuple[int, int, int],
                for i, (filename, data) in enumerate(files)}
     _decode_encoded(encoded, out, shape, PixelBudget(max_pixels, max_request_pixels))
     return out
-
-
-def tensor_shapes(shape: tuple[int, int, int]) -> list[list[int]]:
-    """The V2 input shapes accepted for a model shape (``-1`` = any batch size): the images
-    as they are, and flattened."""
-    return [[-1, *pixel_shape(shape)], [-1, math.prod(shape)]]
 
 
 def tensor_images(a: np.ndarray, shape: tuple[int, int, int],

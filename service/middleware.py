@@ -12,8 +12,8 @@ import time
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
 from service.errors import ServiceError, expect
+from service.metrics import OTHER_MODEL, ServiceMetrics
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -23,7 +23,7 @@ _MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/]+)")
 
 def _route_template(scope: Scope, router) -> str:
     route = scope.get("route")
-    if route is None and router is not None:  # rejected before routing (413): match it here
+    if route is None and router is not None:  # not routed (404, 405): match it here
         for r in router.routes:
             match, _ = r.matches(scope)
             if match is not Match.NONE:
@@ -36,19 +36,20 @@ def _model_label(scope: Scope) -> str:
     registry = getattr(scope["app"].state, "registry", None) if "app" in scope else None
     params = scope.get("path_params") or {}
     name = params.get("name") or params.get("model_name")
-    if name is None and "route" not in scope:  # not routed (413): read it off the path
+    if name is None and "route" not in scope:  # not routed: read it off the path
         m = _MODEL_IN_PATH.match(scope.get("path", ""))
         name = m.group(1) if m else None
     if name is None:
         return ""
-    return registry.model_label(name) if registry is not None else metrics.OTHER_MODEL
+    return registry.model_label(name) if registry is not None else OTHER_MODEL
 
 
 class MetricsMiddleware:
     """Counts every request by route template, method, model and status; times it."""
 
-    def __init__(self, app: ASGIApp, router=None) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, router=None) -> None:
         self.app = app
+        self.metrics = metrics
         self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,11 +65,12 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        metrics.IN_FLIGHT.inc()
+        metrics = self.metrics
+        metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_status)
         finally:
-            metrics.IN_FLIGHT.dec()
+            metrics.in_flight.dec()
             route = _route_template(scope, self.router)
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             model = _model_label(scope)
@@ -79,8 +81,8 @@ class MetricsMiddleware:
             else:
                 outcome = ("success" if status < 400 else "client_error" if status < 500
                            else "server_error")
-            metrics.REQUESTS.labels(route, method, model, str(status), outcome).inc()
-            metrics.REQUEST_DURATION.labels(route, method, model).observe(
+            metrics.requests.labels(route, method, model, str(status), outcome).inc()
+            metrics.request_duration.labels(route, method, model).observe(
                 time.perf_counter() - start)
 
 

@@ -105,6 +105,9 @@ class VersionInfo(BaseModel):
     normal_classes: list[Any] | None = None
     class_names: list[str] | None = None
     model_type: str | None = None
+    image_shape: list[int] = Field(description="(height, width, channels) of the images the "
+                                   "model scores; nested-list images must have it (height "
+                                   "rows of width pixels).")
     score: str
     aggregation: str
     created_at: str | None = None
@@ -273,7 +276,7 @@ V2_BINARY_NOTE = (
 
 
 def _loaded_shapes(app) -> frozenset | None:
-    from service.inputs import image_shape
+    from service.shapes import image_shape
 
     registry = getattr(app.state, "registry", None)
     if registry is None or not registry.snapshot.loaded:
@@ -293,8 +296,8 @@ def install_openapi(app, settings) -> None:
     """
     import copy
 
-    from service.inputs import pixel_shape, tensor_shapes
     from service.routers.v2 import _DTYPES, DEFAULT_OUTPUTS, OUTPUTS
+    from service.shapes import pixel_shape, tensor_shapes
 
     base = app.openapi
     cache: dict = {}
@@ -334,3 +337,55 @@ def install_openapi(app, settings) -> None:
         return doc
 
     app.openapi = openapi
+
+
+def describe_version(model, *, default: bool) -> dict:
+    """A :class:`~service.registry.LoadedModel` as :class:`VersionInfo` (``/v1/models``)."""
+    det, meta, cal = model.detector, model.metadata, model.calibration
+    return {
+        "version": model.version,
+        "default": default,
+        "dataset": meta.get("dataset"),
+        "normal_classes": meta.get("normal_classes"),
+        "class_names": meta.get("class_names"),
+        "model_type": meta.get("model_type", det.model),
+        "image_shape": list(_image_shape(det)),
+        "score": det.resolved_score,
+        "aggregation": det.aggregation,
+        "created_at": meta.get("created_at"),
+        "artifact_sha256": model.sha256,
+        "default_operating_point": cal.default,
+        "operating_points": [
+            {"name": p.name, "threshold": p.threshold, "method": p.method,
+             "expected_fpr": p.expected_fpr, "expected_tpr": p.expected_tpr,
+             "target_fpr": p.target_fpr}
+            for p in cal.operating_points.values()],
+        "metrics": det.metrics_,
+        "loaded_at": model.loaded_at,
+    }
+
+
+def describe_model(entry) -> dict:
+    """A :class:`~service.registry.ModelEntry` as :class:`ModelInfo` (``/v1/models``)."""
+    from anomaly.artifact import version_key
+
+    def newest_first(items):
+        return sorted(items, key=lambda kv: version_key(kv[0]), reverse=True)
+
+    return {
+        "name": entry.name,
+        "ready": entry.ready,
+        "default_version": entry.default,
+        "pinned_version": entry.pinned,
+        "versions": [describe_version(m, default=v == entry.default)
+                     for v, m in newest_first(entry.versions.items())],
+        "available_versions": list(entry.available),
+        "refused_versions": [{"version": v, "error": e}
+                             for v, e in newest_first(entry.refused.items())],
+    }
+
+
+def _image_shape(detector) -> tuple[int, int, int]:
+    from service.shapes import image_shape
+
+    return image_shape(detector)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import Request
 
-from service import metrics
-from service.errors import ServiceError
+from service.errors import ServiceError, expect
+from service.metrics import ServiceMetrics
 from service.registry import LoadedModel
 
 RETRY_AFTER_SECONDS = "1"
@@ -94,23 +94,35 @@ async def off_loop(request: Request, fn: Callable, *args, **kwargs):
         pool, functools.partial(fn, *args, **kwargs))
 
 
-async def score_images(model: LoadedModel, x: np.ndarray, operating_point: str | None, *,
-                       full: bool, decode_s: float) -> Scored:
+def operating_point(model: LoadedModel, name: str | None):
+    """The named operating point of ``model`` (its default when ``None``); 422 when unknown."""
+    cal = model.calibration
+    if name is not None and name not in cal.operating_points:
+        raise expect(f"an operating point of {model.name}/{model.version} in "
+                     f"{sorted(cal.operating_points)}", repr(name[:100]),
+                     code="unknown_operating_point")
+    return cal.get(name)
+
+
+async def score_images(metrics: ServiceMetrics, model: LoadedModel, x: np.ndarray,
+                       operating_point_name: str | None, *, full: bool,
+                       decode_s: float) -> Scored:
     """Score validated images ``(n, *image)`` float32 in [0, 1] with ``model``.
 
     Args:
+        metrics: the app's metrics (stage times, batch sizes, scores).
         operating_point: a name of the model's calibration, or ``None`` for its default.
         full: also compute reconstructions and error maps.
         decode_s: seconds spent decoding the request, for the stage histogram.
     """
-    op = model.operating_point(operating_point)  # unknown names fail before queueing
+    op = operating_point(model, operating_point_name)  # unknown names fail before queueing
     res = await model.batcher.submit(x, key=op.name, full=full)
     out = res.output
     name = model.name
-    metrics.STAGE_DURATION.labels(name, "decode").observe(decode_s)
-    metrics.STAGE_DURATION.labels(name, "queue").observe(res.queue_s)
-    metrics.STAGE_DURATION.labels(name, "predict").observe(res.predict_s)
-    metrics.REQUEST_BATCH_SIZE.labels(name).observe(len(x))
+    metrics.stage_duration.labels(name, "decode").observe(decode_s)
+    metrics.stage_duration.labels(name, "queue").observe(res.queue_s)
+    metrics.stage_duration.labels(name, "predict").observe(res.predict_s)
+    metrics.request_batch_size.labels(name).observe(len(x))
     metrics.observe_scores(name, model.version, out.operating_point, out.scores,
                            int(np.count_nonzero(out.is_anomaly)))
     return Scored(model, out.operating_point, float(out.threshold), out.scores, out.normalized,

@@ -14,8 +14,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from service import inputs, metrics
-from service.deps import RegistryDep, ScoringAuth, SettingsDep
+from service import inputs
+from service.deps import MetricsDep, RegistryDep, ScoringAuth, SettingsDep, find_entry, find_model
 from service.errors import ServiceError, describe_pydantic_error, expect, parse_body
 from service.schemas import (
     ERROR_RESPONSES,
@@ -26,8 +26,11 @@ from service.schemas import (
     ScoreRequest,
     ScoreResponse,
     VersionInfo,
+    describe_model,
+    describe_version,
 )
 from service.scoring import encode_v1, off_loop, score_images
+from service.shapes import image_shape
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ScoringAuth],
                    responses=ERROR_RESPONSES)
@@ -58,22 +61,22 @@ async def list_models(registry: RegistryDep) -> dict:
     """Every model in the directory: loaded versions (with data set, normal classes, model
     type, operating points, evaluation metrics, artifact hash), available and refused ones."""
     snap = registry.snapshot
-    return {"models": [e.describe() for _, e in sorted(snap.models.items())],
+    return {"models": [describe_model(e) for _, e in sorted(snap.models.items())],
             "problems": list(snap.problems)}
 
 
 @router.get("/{name}", response_model=ModelInfo, summary="Describe a model")
 async def get_model(name: str, registry: RegistryDep) -> dict:
     """One model, as in the list."""
-    return registry.entry(name).describe()
+    return describe_model(find_entry(registry, name))
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionInfo,
             summary="Describe a model version")
 async def get_version(name: str, version: str, registry: RegistryDep) -> dict:
     """One loaded version of a model."""
-    entry = registry.entry(name)
-    return registry.get(name, version).describe(default=version == entry.default)
+    entry = find_entry(registry, name)
+    return describe_version(find_model(registry, name, version), default=version == entry.default)
 
 
 Opt = Annotated[str | None, Query(description="Operating point, e.g. fpr@1%")]
@@ -84,31 +87,31 @@ Fmt = Annotated[ImageFormat | None, Query()]
 @router.post("/{name}/score", response_model=ScoreResponse, summary="Score images",
              openapi_extra={"requestBody": _SCORE_BODY})
 async def score(name: str, request: Request, registry: RegistryDep, settings: SettingsDep,
-                operating_point: Opt = None, return_reconstruction: Flag = None,
+                metrics: MetricsDep, operating_point: Opt = None, return_reconstruction: Flag = None,
                 return_error_map: Flag = None, image_format: Fmt = None) -> Response:
     """Score images with the model's default version (newest, or pinned)."""
     query = {"operating_point": operating_point, "return_reconstruction": return_reconstruction,
              "return_error_map": return_error_map, "image_format": image_format}
-    return await _score(request, registry.get(name), settings, query)
+    return await _score(request, find_model(registry, name), settings, metrics, query)
 
 
 @router.post("/{name}/versions/{version}/score", response_model=ScoreResponse,
              summary="Score images with a version", openapi_extra={"requestBody": _SCORE_BODY})
 async def score_version(name: str, version: str, request: Request, registry: RegistryDep,
-                        settings: SettingsDep, operating_point: Opt = None,
+                        settings: SettingsDep, metrics: MetricsDep, operating_point: Opt = None,
                         return_reconstruction: Flag = None, return_error_map: Flag = None,
                         image_format: Fmt = None) -> Response:
     """Score images with a named loaded version."""
     query = {"operating_point": operating_point, "return_reconstruction": return_reconstruction,
              "return_error_map": return_error_map, "image_format": image_format}
-    return await _score(request, registry.get(name, version), settings, query)
+    return await _score(request, find_model(registry, name, version), settings, metrics, query)
 
 
-async def _score(request: Request, model, settings, query: dict) -> Response:
+async def _score(request: Request, model, settings, metrics, query: dict) -> Response:
     admission = request.app.state.admission
     admission.check()  # full: refuse before reading (or paying for) the body
     start = time.perf_counter()
-    shape = inputs.image_shape(model.detector)
+    shape = image_shape(model.detector)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         body = await request.body()
@@ -126,12 +129,12 @@ async def _score(request: Request, model, settings, query: dict) -> Response:
     decoded = time.perf_counter()
     full = options.return_reconstruction or options.return_error_map
     with admission.hold(len(x)):
-        scored = await score_images(model, x, options.operating_point, full=full,
+        scored = await score_images(metrics, model, x, options.operating_point, full=full,
                                     decode_s=decoded - start)
     encode_start = time.perf_counter()
     body = await off_loop(request, encode_v1, scored, reconstruction=options.return_reconstruction,
                           error_map=options.return_error_map, image_format=options.image_format)
-    metrics.STAGE_DURATION.labels(model.name, "encode").observe(
+    metrics.stage_duration.labels(model.name, "encode").observe(
         time.perf_counter() - encode_start)
     return Response(body, media_type="application/json")
 

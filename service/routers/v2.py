@@ -34,11 +34,12 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from anomaly import __version__
-from service import inputs, metrics
-from service.deps import RegistryDep, ScoringAuth, SettingsDep
+from service import inputs
+from service.deps import MetricsDep, RegistryDep, ScoringAuth, SettingsDep, find_entry, find_model
 from service.errors import expect, parse_body, preview
 from service.schemas import V2_ERROR_RESPONSES, V2InferRequest, V2InferResponse
 from service.scoring import off_loop, score_images
+from service.shapes import image_shape, tensor_shapes
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"],
                    responses=V2_ERROR_RESPONSES)
@@ -80,8 +81,8 @@ def _flag(params: dict, name: str, default: bool) -> bool:
 
 
 def _metadata(model) -> dict:
-    shape = inputs.image_shape(model.detector)
-    accepted = inputs.tensor_shapes(shape)
+    shape = image_shape(model.detector)
+    accepted = tensor_shapes(shape)
     return {
         "name": model.name,
         "versions": [model.version],
@@ -100,19 +101,19 @@ def _metadata(model) -> dict:
 
 @router.get("/models/{model_name}", summary="Model metadata", dependencies=[ScoringAuth])
 async def model_metadata(model_name: str, registry: RegistryDep) -> dict:
-    meta = _metadata(registry.get(model_name))
-    meta["versions"] = sorted(registry.entry(model_name).versions, reverse=True)
+    meta = _metadata(find_model(registry, model_name))
+    meta["versions"] = sorted(find_entry(registry, model_name).versions, reverse=True)
     return meta
 
 
 @router.get("/models/{model_name}/versions/{version}", summary="Model version metadata",
             dependencies=[ScoringAuth])
 async def model_version_metadata(model_name: str, version: str, registry: RegistryDep) -> dict:
-    return _metadata(registry.get(model_name, version))
+    return _metadata(find_model(registry, model_name, version))
 
 
 def _model_ready(registry, model_name: str, version: str | None) -> JSONResponse:
-    entry = registry.entry(model_name)  # 404 for an unknown model
+    entry = find_entry(registry, model_name)  # 404 for an unknown model
     ok = entry.ready if version is None else version in entry.versions
     return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 400)
 
@@ -136,18 +137,18 @@ _INFER_DOC = {"requestBody": {"required": True, "content": {"application/json": 
 @router.post("/models/{model_name}/infer", summary="Infer", response_model=V2InferResponse,
              dependencies=[ScoringAuth], openapi_extra=_INFER_DOC)
 async def infer(model_name: str, request: Request, registry: RegistryDep,
-                settings: SettingsDep) -> Response:
+                settings: SettingsDep, metrics: MetricsDep) -> Response:
     """Score ``images`` with the model's default version."""
-    return await _infer(request, registry.get(model_name), settings)
+    return await _infer(request, find_model(registry, model_name), settings, metrics)
 
 
 @router.post("/models/{model_name}/versions/{version}/infer", summary="Infer with a version",
              response_model=V2InferResponse, dependencies=[ScoringAuth],
              openapi_extra=_INFER_DOC)
 async def infer_version(model_name: str, version: str, request: Request, registry: RegistryDep,
-                        settings: SettingsDep) -> Response:
+                        settings: SettingsDep, metrics: MetricsDep) -> Response:
     """Score ``images`` with a named loaded version."""
-    return await _infer(request, registry.get(model_name, version), settings)
+    return await _infer(request, find_model(registry, model_name, version), settings, metrics)
 
 
 def _bad(what: str, received: object, code: str = "invalid_tensor", status: int = 400):
@@ -194,7 +195,7 @@ def _read_input(req: V2InferRequest, binary: memoryview, max_images: int,
     if dtype is None:
         raise _bad(f"input {INPUT!r} of datatype {sorted(_DTYPES)}", preview(t.datatype),
                    code="invalid_dtype")
-    accepted = inputs.tensor_shapes(shape)
+    accepted = tensor_shapes(shape)
     tensor_shape = t.shape
     if len(tensor_shape) < 2 or not any(
             tensor_shape[1:] == a[1:] for a in accepted):
@@ -301,7 +302,7 @@ def _respond(req: V2InferRequest, model, scored, wanted, raw_shape) -> tuple[byt
     return json.dumps(resp, allow_nan=False).encode(), b"".join(blobs)
 
 
-async def _infer(request: Request, model, settings) -> Response:
+async def _infer(request: Request, model, settings, metrics) -> Response:
     admission = request.app.state.admission
     admission.check()  # full: refuse before reading (or paying for) the body
     start = time.perf_counter()
@@ -309,14 +310,14 @@ async def _infer(request: Request, model, settings) -> Response:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     req, wanted, op_name, raw, x = await off_loop(
         request, _parse, body, encoding, request.headers.get("inference-header-content-length"),
-        settings, inputs.image_shape(model.detector))
+        settings, image_shape(model.detector))
     full = any(name == "reconstruction" for name, _ in wanted)
     with admission.hold(len(x)):
-        scored = await score_images(model, x, op_name, full=full,
+        scored = await score_images(metrics, model, x, op_name, full=full,
                                     decode_s=time.perf_counter() - start)
     encode_start = time.perf_counter()
     head, blobs = await off_loop(request, _respond, req, model, scored, wanted, raw.shape)
-    metrics.STAGE_DURATION.labels(model.name, "encode").observe(
+    metrics.stage_duration.labels(model.name, "encode").observe(
         time.perf_counter() - encode_start)
     if not blobs:
         return Response(head, media_type="application/json")

@@ -270,3 +270,18 @@ def test_micro_batcher_merges_only_requests_of_the_same_key():
     # All eight wait for the first call: the "a"s share one call and the "b"s another.
     assert calls == [4, 4], calls
     pool.shutdown()
+
+
+def test_registry_and_loading_import_no_http_framework():
+    """Issue #8's seam: scanning, loading, warm-up and the registry know nothing of HTTP."""
+    import subprocess
+    import sys
+
+    from tests.service.conftest import REPO
+
+    code = ("import sys, service.registry, service.loading, service.gauges; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -57,6 +57,11 @@ def test_health_metadata_and_readiness(client):
     v2_error(client.get("/v2/models/nope/ready"), 404)
     meta = client.get("/v2/models/blobs").json()
     assert meta["versions"] == ["v2", "v1"] and meta["inputs"][0]["shape"] == [-1, 28, 28]
+    # What is accepted, not only the preferred form: every datatype and both shapes.
+    accepted = meta["inputs"][0]["parameters"]
+    assert accepted == {"datatypes": ["FP32", "FP64", "UINT8"],
+                        "shapes": [[-1, 28, 28], [-1, 784]]}
+    assert meta["parameters"]["default_outputs"] == ["anomaly_score", "is_anomaly"]
     assert client.get("/v2/models/blobs/versions/v1").json()["versions"] == ["v1"]
     v2_error(client.get("/v2/models/nope"), 404)
     v2_error(client.get("/v2/nowhere"), 404)
