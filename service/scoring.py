@@ -56,8 +56,12 @@ class Scored:
 class Admission:
     """A bounded count of the images admitted for scoring in this process.
 
-    Runs on the event loop only (no lock needed). A request that finds the service idle is
-    admitted whatever its size, so a limit below the batch size never refuses everything.
+    A scoring request holds a :meth:`ticket` from before its body is read until its response
+    is built: one image while its body is read and decoded (its size is not known yet), then
+    its real image count. So requests waiting for the CPU pool count too, and the whole queue
+    (decode, model, encode) is bounded. Runs on the event loop only (no lock needed). A request
+    that finds the service idle is admitted whatever its size, so a limit below the batch size
+    never refuses everything.
     """
 
     def __init__(self, limit: int):
@@ -70,21 +74,36 @@ class Admission:
                             f"{RETRY_AFTER_SECONDS} s. Received: {n} more with {self.images} "
                             "in flight", headers={"Retry-After": RETRY_AFTER_SECONDS})
 
-    def check(self) -> None:
-        """Refuse at once, before the body is read, when the service is already full."""
-        if self.images >= self.limit:
-            raise self._overloaded(0)
-
     @contextlib.contextmanager
-    def hold(self, n: int):
-        """Admit ``n`` images for the duration of the block, or refuse with a 503."""
-        if self.images and self.images + n > self.limit:
-            raise self._overloaded(n)
-        self.images += n
+    def ticket(self):
+        """Admit a request (as one image) for the block, or refuse it with a 503 at once;
+        yields a :class:`Ticket` to :meth:`~Ticket.resize` once its images are known."""
+        if self.images >= self.limit:
+            raise self._overloaded(1)
+        ticket = Ticket(self)
+        self.images += 1
         try:
-            yield
+            yield ticket
         finally:
-            self.images -= n
+            self.images -= ticket.held
+
+
+class Ticket:
+    """One admitted request's share of :class:`Admission`."""
+
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self.held = 1
+
+    def resize(self, n: int) -> None:
+        """Hold ``n`` images instead; 503 when that goes over the limit (unless the request
+        is alone)."""
+        adm = self.admission
+        extra = n - self.held
+        if extra > 0 and adm.images > self.held and adm.images + extra > adm.limit:
+            raise adm._overloaded(n)
+        adm.images += extra
+        self.held = n
 
 
 async def off_loop(request: Request, fn: Callable, *args, **kwargs):

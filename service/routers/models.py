@@ -108,8 +108,13 @@ async def score_version(name: str, version: str, request: Request, registry: Reg
 
 
 async def _score(request: Request, model, settings, metrics, query: dict) -> Response:
-    admission = request.app.state.admission
-    admission.check()  # full: refuse before reading (or paying for) the body
+    # Full: refused before the body is read (or paid for).
+    with request.app.state.admission.ticket() as ticket:
+        return await _score_admitted(request, model, settings, metrics, query, ticket)
+
+
+async def _score_admitted(request: Request, model, settings, metrics, query: dict,
+                          ticket) -> Response:
     start = time.perf_counter()
     shape = image_shape(model.detector)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -128,9 +133,9 @@ async def _score(request: Request, model, settings, metrics, query: dict) -> Res
                      status_code=415)
     decoded = time.perf_counter()
     full = options.return_reconstruction or options.return_error_map
-    with admission.hold(len(x)):
-        scored = await score_images(metrics, model, x, options.operating_point, full=full,
-                                    decode_s=decoded - start)
+    ticket.resize(len(x))
+    scored = await score_images(metrics, model, x, options.operating_point, full=full,
+                                decode_s=decoded - start)
     encode_start = time.perf_counter()
     body = await off_loop(request, encode_v1, scored, reconstruction=options.return_reconstruction,
                           error_map=options.return_error_map, image_format=options.image_format)

@@ -303,8 +303,12 @@ def _respond(req: V2InferRequest, model, scored, wanted, raw_shape) -> tuple[byt
 
 
 async def _infer(request: Request, model, settings, metrics) -> Response:
-    admission = request.app.state.admission
-    admission.check()  # full: refuse before reading (or paying for) the body
+    # Full: refused before the body is read (or paid for).
+    with request.app.state.admission.ticket() as ticket:
+        return await _infer_admitted(request, model, settings, metrics, ticket)
+
+
+async def _infer_admitted(request: Request, model, settings, metrics, ticket) -> Response:
     start = time.perf_counter()
     body = await request.body()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -312,9 +316,9 @@ async def _infer(request: Request, model, settings, metrics) -> Response:
         request, _parse, body, encoding, request.headers.get("inference-header-content-length"),
         settings, image_shape(model.detector))
     full = any(name == "reconstruction" for name, _ in wanted)
-    with admission.hold(len(x)):
-        scored = await score_images(metrics, model, x, op_name, full=full,
-                                    decode_s=time.perf_counter() - start)
+    ticket.resize(len(x))
+    scored = await score_images(metrics, model, x, op_name, full=full,
+                                decode_s=time.perf_counter() - start)
     encode_start = time.perf_counter()
     head, blobs = await off_loop(request, _respond, req, model, scored, wanted, raw.shape)
     metrics.stage_duration.labels(model.name, "encode").observe(

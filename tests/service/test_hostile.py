@@ -9,7 +9,6 @@ hostile request ran (see :meth:`Probe.check`): one request must never stall the 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -433,20 +432,25 @@ def test_over_the_in_flight_limit_is_503_with_retry_after_then_recovers(keyed):
     assert "Traceback" not in keyed.output()
 
 
-def test_admission_counts_images_and_admits_a_lone_large_request():
+def test_admission_counts_requests_then_images_and_admits_a_lone_large_request():
     from service.errors import ServiceError
     from service.scoring import Admission
 
     adm = Admission(4)
-    with adm.hold(10):  # idle: admitted whatever its size
-        with pytest.raises(ServiceError) as exc, adm.hold(1):
+    with adm.ticket() as alone:
+        alone.resize(10)  # idle: admitted whatever its size
+        assert adm.images == 10
+        with pytest.raises(ServiceError) as exc, adm.ticket():
             pass
         assert exc.value.status_code == 503 and exc.value.headers["Retry-After"] == "1"
-        with pytest.raises(ServiceError):
-            adm.check()
     assert adm.images == 0
-    with adm.hold(2), adm.hold(2):
+    with adm.ticket() as a, adm.ticket() as b:
+        assert adm.images == 2  # a request being read or decoded counts as one image
+        a.resize(2)
+        with pytest.raises(ServiceError):
+            b.resize(3)  # 2 + 3 > 4
+        b.resize(2)
         assert adm.images == 4
-        with contextlib.suppress(ServiceError), adm.hold(1):
-            raise AssertionError("admitted over the limit")
+        with pytest.raises(ServiceError), adm.ticket():
+            pass
     assert adm.images == 0
