@@ -176,6 +176,20 @@ class V2Error(BaseModel):
     error: str
 
 
+class V2Ready(BaseModel):
+    """A V2 readiness answer (200 ready, 400 not ready, as the V2 spec says)."""
+
+    name: str | None = Field(None, description="The model (model readiness only).")
+    ready: bool
+    error: str | None = Field(None, description="Why not (server readiness only).")
+
+
+V2_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": V2Ready, "description": "Ready"},
+    400: {"model": V2Ready, "description": "Not ready"},
+}
+
+
 class V2Tensor(BaseModel):
     name: str
     datatype: str
@@ -220,6 +234,10 @@ def v2_request_schema(outputs: tuple[str, ...], datatypes: tuple[str, ...],
     else:
         shape = {"type": "array", "items": {"type": "integer"}, "minItems": 2}
     flag = {"type": "boolean"}
+    pixel = {"type": "number", "minimum": 0, "maximum": 255}
+    data: dict = pixel
+    for _ in range(3):  # flat, or nested like the shape (at most [N, H, W, C])
+        data = {"anyOf": [pixel, {"type": "array", "items": data}]}
     return {
         "type": "object", "required": ["inputs"],
         "properties": {
@@ -234,8 +252,9 @@ def v2_request_schema(outputs: tuple[str, ...], datatypes: tuple[str, ...],
                     "name": {"const": "images"},
                     "datatype": {"enum": list(datatypes)},
                     "shape": shape,
-                    "data": {"type": "array", "description": "The pixels, flat or nested "
-                             "(row-major), as many as the shape says; integers for UINT8"},
+                    "data": {"type": "array", "items": data, "description": "The pixels, flat "
+                             "or nested (row-major), as many as the shape says; integers for "
+                             "UINT8"},
                     "parameters": {"type": "object"}}}},
             "outputs": {"type": "array", "minItems": 1, "items": {
                 "type": "object", "required": ["name"],
@@ -273,6 +292,21 @@ V2_BINARY_NOTE = (
     "`parameters.binary_data_size` on the input instead of `data`; outputs come back binary "
     "when they ask for `binary_data` (or `parameters.binary_data_output` is true). Bodies may "
     "be gzip/deflate-compressed (`Content-Encoding`).")
+
+
+def _security_as_configured(doc: dict, settings) -> None:
+    """Document the bearer keys only where this server asks for them: scoring routes only when
+    ANOMALY_API_KEYS is set, admin routes unless they are opened (ANOMALY_ADMIN_OPEN=1 without
+    an admin key)."""
+    open_scoring = not settings.api_keys
+    open_admin = not settings.admin_api_keys and settings.admin_open
+    for item in doc["paths"].values():
+        for op in item.values():
+            names = {name for req in op.get("security", ()) for name in req}
+            if ("scoringKey" in names and open_scoring) or ("adminKey" in names and open_admin):
+                del op["security"]
+                for code in ("401", "403"):
+                    op.get("responses", {}).pop(code, None)
 
 
 def _loaded_shapes(app) -> frozenset | None:
@@ -320,6 +354,7 @@ def install_openapi(app, settings) -> None:
             images.update(items=image_schema(pixel_shape(shape) if shape else None),
                           minItems=1, maxItems=settings.max_batch_images)
             form = content["multipart/form-data"]
+            form["schema"]["additionalProperties"] = False
             form["schema"]["properties"]["images"].update(minItems=1,
                                                           maxItems=settings.max_batch_images)
             form["encoding"] = {"images": {"contentType": _MULTIPART_TYPES}}
@@ -332,6 +367,7 @@ def install_openapi(app, settings) -> None:
                 f"Outputs to return; without it: {list(DEFAULT_OUTPUTS)}.")
             op["requestBody"] = {"required": True, "description": V2_BINARY_NOTE,
                                  "content": {"application/json": {"schema": schema}}}
+        _security_as_configured(doc, settings)
         cache.clear()
         cache[key] = doc
         return doc

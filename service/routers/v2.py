@@ -37,7 +37,12 @@ from anomaly import __version__
 from service import inputs
 from service.deps import MetricsDep, RegistryDep, ScoringAuth, SettingsDep, find_entry, find_model
 from service.errors import expect, parse_body, preview
-from service.schemas import V2_ERROR_RESPONSES, V2InferRequest, V2InferResponse
+from service.schemas import (
+    V2_ERROR_RESPONSES,
+    V2_READY_RESPONSES,
+    V2InferRequest,
+    V2InferResponse,
+)
 from service.scoring import off_loop, score_images
 from service.shapes import image_shape, tensor_shapes
 
@@ -63,7 +68,7 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get("/health/ready", summary="Server ready", responses=V2_READY_RESPONSES)
 async def ready(registry: RegistryDep) -> JSONResponse:
     """200 when every model is loaded and warmed up, else 400 (the V2 spec's 4xx)."""
     ok = registry.ready
@@ -118,12 +123,13 @@ def _model_ready(registry, model_name: str, version: str | None) -> JSONResponse
     return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 400)
 
 
-@router.get("/models/{model_name}/ready", summary="Model ready")
+@router.get("/models/{model_name}/ready", summary="Model ready", responses=V2_READY_RESPONSES)
 async def model_ready(model_name: str, registry: RegistryDep) -> JSONResponse:
     return _model_ready(registry, model_name, None)
 
 
-@router.get("/models/{model_name}/versions/{version}/ready", summary="Model version ready")
+@router.get("/models/{model_name}/versions/{version}/ready", summary="Model version ready",
+            responses=V2_READY_RESPONSES)
 async def model_version_ready(model_name: str, version: str,
                               registry: RegistryDep) -> JSONResponse:
     return _model_ready(registry, model_name, version)
