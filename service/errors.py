@@ -264,8 +264,10 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 async def _http_error(request: Request, exc: StarletteHTTPException):
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     if exc.status_code == 404:
+        path = request.url.path
+        shown = path if len(path) <= 120 else path[:117] + "..."
         message = (f"Expected a route of this service (see /docs). Received: "
-                   f"{request.method} {request.url.path}")
+                   f"{request.method} {shown}")
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         message = f"Expected one of the methods {allowed}. Received: {request.method}"

@@ -4,14 +4,17 @@ Existing V2 clients work unchanged: tritonclient's HTTP client (which sends tens
 data by default), KServe, Seldon MLServer's clients. The model ``{m}`` has one input and three
 outputs:
 
-- input ``images``: FP32, FP64 or UINT8, shape ``[N, 28, 28]`` or ``[N, 784]`` (pixel scale
-  decided per image by the same rule as everywhere, see :mod:`service.inputs`);
+- input ``images``: FP32, FP64 or UINT8, shape ``[N, H, W]`` or ``[N, H*W]`` for the model's
+  image shape (``[N, 28, 28]`` or ``[N, 784]`` today; the model metadata lists both, and every
+  datatype, under ``inputs[0].parameters``); pixel scale decided per image by the same rule as
+  everywhere, see :mod:`service.inputs`;
 - outputs ``anomaly_score`` (FP64 ``[N]``, higher = more anomalous), ``is_anomaly`` (BOOL
   ``[N]``, at the operating point given as the request parameter ``operating_point``, else the
   model's default) and ``reconstruction`` (FP32, the input's shape).
 
-The requested ``outputs`` are honoured (all three when none are named, as the spec says), a
-request ``id`` is echoed, and errors are ``{"error": "..."}``. Binary data: a request whose
+The requested ``outputs`` are honoured; without ``outputs`` the reply carries
+:data:`DEFAULT_OUTPUTS` (score and decision: a reconstruction is as large as the input and
+costs a decoder pass, so it is sent only when named). A request ``id`` is echoed, and errors are ``{"error": "..."}``. Binary data: a request whose
 ``Inference-Header-Content-Length`` header is set carries its JSON header first and then the
 raw little-endian tensors of the inputs that declare ``binary_data_size``; outputs are returned
 binary when they ask for ``binary_data`` (or the request parameter ``binary_data_output`` is
