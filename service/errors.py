@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from anomaly.errors import AnomalyError
 
@@ -278,6 +279,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return _respond(request, ServiceError(exc.status_code, code, message, headers=exc.headers))
 
 
+async def _disconnected(request: Request, exc: ClientDisconnect):
+    # The client left while its body was being read: nobody reads this answer, and it is not
+    # a failure of the service (no traceback, counted as a client error).
+    return error_response(request.url.path, 400, "client_disconnected",
+                          "Expected the whole request body. Received: a disconnect")
+
+
 async def _unexpected(request: Request, exc: Exception):
     log.exception("unhandled error in %s %s", request.method, request.url.path)
     return error_response(request.url.path, 500, "internal_error",
@@ -290,4 +298,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(AnomalyError, _anomaly_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(Exception, _unexpected)

@@ -313,6 +313,20 @@ def test_request_without_key_is_refused_from_its_headers(keyed, framing):
     assert b'"unauthorized"' in reply and time.perf_counter() - t0 < 2
 
 
+def test_client_leaving_mid_body_is_no_server_error(keyed):
+    for path in (SCORE, INFER):
+        head = (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {KEY}\r\nContent-Length: 100000\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", keyed.port), timeout=5) as s:
+            s.sendall(head + b'{"images": [[[0, 1')
+            time.sleep(0.2)
+        time.sleep(0.3)
+    with httpx.Client(base_url=keyed.url, timeout=10) as c:
+        assert c.get("/healthz").status_code == 200
+        assert 'outcome="server_error"' not in c.get("/metrics").text
+    assert "Traceback" not in keyed.output()
+
+
 def test_oversized_declared_body_with_a_key_is_413_without_reading_it(keyed):
     head = (f"POST {SCORE} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {KEY}\r\nContent-Length: 999999999\r\n\r\n").encode()
