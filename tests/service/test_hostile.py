@@ -271,6 +271,16 @@ def test_a_million_unknown_keys_are_counted_not_validated(keyed):
     assert time.perf_counter() - t0 < 10
 
 
+def test_a_gzip_bomb_is_cut_off_at_the_body_limit(keyed, tc):
+    import gzip
+
+    bomb = gzip.compress(b" " * (64 << 20), compresslevel=9)  # 64 MiB of spaces, ~64 KiB
+    headers = {**JSON, "content-encoding": "gzip"}
+    resp = post_hostile(keyed, INFER, content=bomb, headers=headers)
+    assert "ANOMALY_MAX_BODY_BYTES" in check(resp, 413, None)
+    check(tc.post(INFER, content=bomb, headers=headers), 413, None)
+
+
 def test_unknown_keys_in_testclient(tc):
     body = million_keys_body(5000)
     check(tc.post(SCORE, content=body, headers=JSON), 400, "json_too_complex")
