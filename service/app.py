@@ -12,25 +12,30 @@ target), not with ``--workers``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from anomaly import __version__
 from anomaly.errors import AnomalyError
-from service import errors, metrics
+from service import errors
 from service.deps import key_digests
+from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.registry import Registry
 from service.routers import admin, health, models, ui, v2
 from service.routers import metrics as metrics_router
+from service.schemas import install_openapi
+from service.scoring import Admission
 from service.settings import Settings, load_settings
 from service.shutdown import install_drain_handler
 
-DESCRIPTION = """Scores 28x28 grayscale images with the autoencoder anomaly detectors that
-`anomaly fit` writes. **Scores: higher = more anomalous**; `is_anomaly` is `score > threshold`
+DESCRIPTION = """Scores images with the autoencoder anomaly detectors that `anomaly fit` writes
+(each model's image shape is in `GET /v1/models/{name}`). **Scores: higher = more anomalous**; `is_anomaly` is `score > threshold`
 at the chosen operating point.
 
 Errors are `{"error": {"code": ..., "message": "Expected X. Received: Y"}}` (under `/v2`:
@@ -58,20 +63,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        registry = Registry(settings)
+        registry = Registry(settings, app.state.metrics)
         app.state.registry = registry
-        metrics.set_build_info()
+        app.state.cpu_pool = ThreadPoolExecutor(settings.cpu_threads,
+                                                thread_name_prefix="anomaly-cpu")
+        app.state.metrics.set_build_info()
         registry.start()
+        # FastAPI builds the OpenAPI document on first request, on the event loop (~0.1 s of
+        # CPU): build it now in a worker thread instead.
+        asyncio.get_running_loop().run_in_executor(app.state.cpu_pool, app.openapi)
         restore_sigterm = install_drain_handler(registry.drain, settings.shutdown_drain_seconds)
         try:
             yield
         finally:
             restore_sigterm()
             await registry.close()
+            app.state.cpu_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="anomaly scoring service", version=__version__,
                   description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
+    app.state.admission = Admission(settings.max_queued_images)
+    app.state.metrics = metrics = ServiceMetrics(settings.drift_window)
     app.state.scoring_key_digests = key_digests(settings.api_keys)
     app.state.admin_key_digests = key_digests(settings.admin_api_keys)
     errors.install(app)
@@ -79,7 +92,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               ui.router):
         app.include_router(r)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, router=app.router)  # outermost: sees 413s too
+    app.add_middleware(MetricsMiddleware, metrics=metrics, router=app.router)  # outermost: sees every answer
+    install_openapi(app, settings)
     return app
 
 

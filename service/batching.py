@@ -13,9 +13,10 @@ requests that already hold the old model finish on it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -27,15 +28,13 @@ class BatchResult:
     """One request's part of a model call.
 
     Attributes:
-        scores: ``(n,)`` float64 anomaly scores.
-        reconstruction, error_map: ``(n, 28, 28)`` float32, when the call computed them.
+        output: the call's result (``Detector.detect``'s ``DetectorOutput``) cut to the
+            request's ``n`` images: every array field of length N in the call becomes ``(n, ...)``.
         queue_s: seconds the request waited for the model; predict_s: the call's duration.
         batch_images: images in the call the request ran in.
     """
 
-    scores: np.ndarray
-    reconstruction: np.ndarray | None
-    error_map: np.ndarray | None
+    output: object
     queue_s: float
     predict_s: float
     batch_images: int
@@ -44,17 +43,32 @@ class BatchResult:
 @dataclass
 class _Job:
     x: np.ndarray
+    key: Hashable
     full: bool
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-#: ``run(x, full)`` -> ``(scores, reconstruction | None, error_map | None)``.
-RunFn = Callable[[np.ndarray, bool], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]
+#: ``run(x, key, full)`` -> a dataclass whose array fields have one row per image of ``x``
+#: (``Detector.detect`` at the operating point ``key``, reconstructions when ``full``).
+RunFn = Callable[[np.ndarray, Hashable, bool], object]
+
+
+def _rows(out, sl: slice, total: int):
+    """``out`` (a dataclass) with each of its per-image array fields cut to ``sl``."""
+    changes = {}
+    for f in dataclasses.fields(out):
+        value = getattr(out, f.name)
+        if isinstance(value, np.ndarray) and value.ndim and len(value) == total:
+            changes[f.name] = value[sl]
+    return dataclasses.replace(out, **changes)
 
 
 class MicroBatcher:
     """Serializes the model calls of one model version and merges waiting requests.
+
+    Only requests with the same ``key`` (the operating point) are merged, so one call answers
+    each of them exactly as a call of its own would.
 
     Args:
         run: the model call, executed in ``executor`` (it must release the GIL while it works,
@@ -73,24 +87,32 @@ class MicroBatcher:
         self._pending: deque[_Job] = deque()
         self._task: asyncio.Task | None = None
 
-    async def submit(self, x: np.ndarray, *, full: bool = False) -> BatchResult:
-        """Score ``x`` ``(n, 28, 28)`` float32; ``full`` also returns reconstructions."""
+    async def submit(self, x: np.ndarray, *, key: Hashable = None,
+                     full: bool = False) -> BatchResult:
+        """Run ``x`` ``(n, ...)`` float32 through the model call with ``key``; ``full`` also
+        asks for reconstructions (a merged call computes them when any request wants them)."""
         loop = asyncio.get_running_loop()
-        job = _Job(x, full, loop.create_future())
+        job = _Job(x, key, full, loop.create_future())
         self._pending.append(job)
         if self._task is None:
             self._task = loop.create_task(self._drain())
         return await job.future
 
     def _take(self) -> list[_Job]:
-        jobs = [self._pending.popleft()]
+        first = self._pending.popleft()
+        jobs = [first]
         if not self._enabled:
             return jobs
-        total = len(jobs[0].x)
-        while self._pending and total + len(self._pending[0].x) <= self._max_images:
+        total = len(first.x)
+        rest: deque[_Job] = deque()
+        while self._pending:  # the oldest requests of the same key join, the others wait
             job = self._pending.popleft()
-            jobs.append(job)
-            total += len(job.x)
+            if job.key == first.key and total + len(job.x) <= self._max_images:
+                jobs.append(job)
+                total += len(job.x)
+            else:
+                rest.append(job)
+        self._pending = rest
         return jobs
 
     async def _drain(self) -> None:
@@ -104,8 +126,8 @@ class MicroBatcher:
                 x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
                 start = time.perf_counter()
                 try:
-                    scores, recon, err = await loop.run_in_executor(
-                        self._executor, self._run, x, full)
+                    out = await loop.run_in_executor(self._executor, self._run, x, jobs[0].key,
+                                                     full)
                 except asyncio.CancelledError:
                     for j in jobs:
                         j.future.cancel()
@@ -123,10 +145,9 @@ class MicroBatcher:
                     offset += n
                     if j.future.done():
                         continue
-                    j.future.set_result(BatchResult(
-                        scores[sl], recon[sl] if recon is not None else None,
-                        err[sl] if err is not None else None, start - j.enqueued, predict_s,
-                        len(x)))
+                    part = out if len(jobs) == 1 else _rows(out, sl, len(x))
+                    j.future.set_result(BatchResult(part, start - j.enqueued, predict_s,
+                                                    len(x)))
         finally:
             self._task = None
             if self._pending:  # cancelled mid-way: the waiting callers must not hang

@@ -12,15 +12,16 @@ import contextlib
 import json
 import logging
 
+import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from anomaly.errors import AnomalyError
-from service import metrics
 
 log = logging.getLogger("anomaly.service")
 
@@ -31,6 +32,7 @@ INPUT_ERROR_CODES = frozenset({
     "empty_batch", "batch_too_large", "invalid_shape", "invalid_dtype", "non_finite",
     "out_of_range", "invalid_base64", "invalid_image", "image_too_large",
     "unknown_operating_point", "invalid_multipart", "invalid_tensor", "unknown_output",
+    "json_too_complex", "too_many_pixels",
 })
 
 
@@ -78,17 +80,61 @@ def _model_label(request: Request) -> str:
 
 def _respond(request: Request, err: ServiceError) -> Response:
     if err.code in INPUT_ERROR_CODES:
-        metrics.INPUT_REJECTIONS.labels(model=_model_label(request), reason=err.code).inc()
+        request.app.state.metrics.input_rejections.labels(model=_model_label(request),
+                                                          reason=err.code).inc()
     status = err.status_code
     if status == 422 and is_v2(request.url.path):
         status = 400  # V2 servers (Triton, KServe) answer 400 for every invalid request
     return error_response(request.url.path, status, err.code, err.message, err.headers)
 
 
-def parse_json(body: bytes, what: str = "a JSON body"):
-    """``json.loads`` whose every failure is a 400 ``invalid_json`` naming where it broke."""
+def check_json_structure(body: bytes, *, max_depth: int, max_keys: int) -> None:
+    """Refuse a JSON body nested deeper than ``max_depth`` or with more than ``max_keys``
+    object keys, from its bytes alone, before any parser or validator spends time on it.
+
+    Vectorized (numpy, which releases the GIL on large arrays, so a worker thread running it
+    does not stall the event loop): quotes that an odd run of backslashes escapes are dropped,
+    the parity of the remaining quotes marks what is inside strings, and the brackets and
+    colons outside strings are counted.
+    """
+    a = np.frombuffer(body, np.uint8)
+    quote = a == 34  # "
+    if b"\\" in body:
+        runs = np.diff(np.concatenate(([0], (a == 92).view(np.int8), [0])))  # backslashes
+        starts, ends = np.flatnonzero(runs == 1), np.flatnonzero(runs == -1)
+        escaped = ends[((ends - starts) & 1 == 1) & (ends < len(a))]
+        quote[escaped] = False  # the character after an odd run is escaped
+    outside = ~np.logical_xor.accumulate(quote)  # quotes themselves are never structural
+    keys = int(np.count_nonzero((a == 58) & outside))  # :
+    if keys > max_keys:
+        raise expect(f"a JSON body with at most {max_keys} object keys (ANOMALY_MAX_JSON_KEYS)",
+                     f"{keys} keys", code="json_too_complex", status_code=400)
+    opens = ((a == 91) | (a == 123)) & outside  # [ {
+    closes = ((a == 93) | (a == 125)) & outside  # ] }
+    if np.count_nonzero(opens) <= max_depth:
+        return
+    step = opens.view(np.int8) - closes.view(np.int8)
+    level, depth = 0, 0
+    for start in range(0, len(step), 1 << 20):  # bounded temporaries, early exit
+        running = np.cumsum(step[start : start + (1 << 20)], dtype=np.int32) + level
+        depth, level = max(depth, int(running.max())), int(running[-1])
+        if depth > max_depth:
+            break
+    if depth > max_depth:
+        raise expect(f"JSON nested at most {max_depth} levels deep (ANOMALY_MAX_JSON_DEPTH)",
+                     f"{depth} levels", code="json_too_complex", status_code=400)
+
+
+def parse_json(body: bytes, what: str = "a JSON body", *, max_depth: int = 32,
+               max_keys: int = 1000):
+    """``json.loads`` whose every failure is a 400 naming where it broke.
+
+    The body's nesting depth and key count are limited before it is parsed
+    (:func:`check_json_structure`). CPU-bound: call it off the event loop for large bodies.
+    """
     if not body:
         raise expect(what, "an empty body", code="invalid_json", status_code=400)
+    check_json_structure(body, max_depth=max_depth, max_keys=max_keys)
     # orjson parses a 64-image JSON batch several times faster than json, which is most of the
     # cost of serving batched JSON requests. It refuses NaN/Infinity literals, so a body it
     # refuses is read again by json, which accepts them (to be refused later, naming the
@@ -103,25 +149,87 @@ def parse_json(body: bytes, what: str = "a JSON body"):
         detail = "bytes that are not UTF-8"
     except RecursionError:
         detail = "nested too deeply"
+    except ValueError:  # e.g. an integer literal beyond Python's 4300-digit conversion limit
+        detail = "a number too long to convert"
     raise expect(what, f"invalid JSON ({detail})", code="invalid_json", status_code=400)
 
 
-def parse_body(body: bytes, model, what: str, *, status_code: int = 422):
+def parse_body(body: bytes, model, what: str, *, status_code: int = 422, max_depth: int = 32,
+               max_keys: int = 1000):
     """A JSON object body validated as the pydantic ``model``; every failure a ServiceError."""
-    obj = parse_json(body, f"a JSON {what}")
+    obj = parse_json(body, f"a JSON {what}", max_depth=max_depth, max_keys=max_keys)
     if not isinstance(obj, dict):
-        raise expect(f"a JSON object {what}", f"a JSON {type(obj).__name__}",
+        raise expect(f"a JSON object {what}", f"a JSON {json_type(obj)}",
                      code="validation_error", status_code=status_code)
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
         raise ServiceError(status_code, "validation_error",
-                           describe_pydantic_error(exc.errors()[0])) from None
+                           describe_pydantic_error(exc.errors(include_url=False)[0])) from None
+
+
+def json_type(v) -> str:
+    """The JSON name of a parsed value's type ("array", "object", "string", ...)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int | float):
+        return "number"
+    if isinstance(v, dict):
+        return "object"
+    if isinstance(v, list | tuple):
+        return "array"
+    if isinstance(v, str):
+        return "string"
+    return type(v).__name__
+
+
+def preview(value, limit: int = 60) -> str:
+    """A client's value described for an error message: its JSON type and a truncated
+    rendering, bounded in depth and length (``repr`` of a value nested 1000 levels deep
+    raises RecursionError, and of a large one echoes it all)."""
+    text = _render(value, limit + 1, 0)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"a JSON {json_type(value)} {text}"
+
+
+def _render(v, budget: int, depth: int) -> str:
+    if isinstance(v, str):
+        return json.dumps(v[:budget])
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        digits = len(str(v)) if abs(v) < 10**40 else None
+        return str(v) if digits is not None else f"<a {v.bit_length()}-bit integer>"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, list | tuple | dict):
+        opener, closer = ("{", "}") if isinstance(v, dict) else ("[", "]")
+        if not v:
+            return opener + closer
+        if depth >= 3:  # bounded recursion: deeper levels are elided
+            return opener + "..." + closer
+        items = v.items() if isinstance(v, dict) else ((None, x) for x in v)
+        parts: list[str] = []
+        used = 2
+        for key, item in items:
+            if used >= budget:
+                parts.append("...")
+                break
+            part = _render(item, budget - used, depth + 1)
+            if key is not None:
+                part = f"{json.dumps(str(key)[:budget])}: {part}"
+            parts.append(part)
+            used += len(part) + 2
+        return opener + ", ".join(parts) + closer
+    return f"<{type(v).__name__}>"
 
 
 def describe_pydantic_error(err: dict) -> str:
-    """One pydantic error as "Expected X. Received: Y"."""
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
+    """One pydantic error as "Expected X. Received: Y" (the value bounded, never recursed)."""
+    loc = [str(p)[:40] for p in err.get("loc", ()) if p not in ("body",)]
     where = ".".join(loc) or "the body"
     kind = err.get("type", "")
     if kind == "missing":
@@ -130,10 +238,7 @@ def describe_pydantic_error(err: dict) -> str:
         return f"Expected only the documented fields (see /docs). Received: unknown field '{where}'"
     msg = str(err.get("msg", "a valid value"))
     msg = msg.removeprefix("Input should be ").removeprefix("Value error, ")
-    received = repr(err.get("input"))
-    if len(received) > 80:
-        received = received[:77] + "..."
-    return f"Expected {where} to be {msg}. Received: {received}"
+    return f"Expected {where} to be {msg}. Received: {preview(err.get('input'))}"
 
 
 async def _service_error(request: Request, exc: ServiceError):
@@ -160,8 +265,10 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 async def _http_error(request: Request, exc: StarletteHTTPException):
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     if exc.status_code == 404:
+        path = request.url.path
+        shown = path if len(path) <= 120 else path[:117] + "..."
         message = (f"Expected a route of this service (see /docs). Received: "
-                   f"{request.method} {request.url.path}")
+                   f"{request.method} {shown}")
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         message = f"Expected one of the methods {allowed}. Received: {request.method}"
@@ -170,6 +277,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     else:
         message = str(exc.detail)
     return _respond(request, ServiceError(exc.status_code, code, message, headers=exc.headers))
+
+
+async def _disconnected(request: Request, exc: ClientDisconnect):
+    # The client left while its body was being read: nobody reads this answer, and it is not
+    # a failure of the service (no traceback, counted as a client error).
+    return error_response(request.url.path, 400, "client_disconnected",
+                          "Expected the whole request body. Received: a disconnect")
 
 
 async def _unexpected(request: Request, exc: Exception):
@@ -184,4 +298,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(AnomalyError, _anomaly_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _disconnected)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,18 +1,19 @@
-"""Request images -> validated float32 pixels ``(N, 28, 28)`` in [0, 1].
+"""Request images -> validated float32 pixels ``(N, H, W)`` in [0, 1], for the model's shape.
 
-Pixel scale is decided **per image** by :func:`anomaly.data.images.to_unit_float`, the one rule
-the CLI and the Python API use, so the service scores exactly what ``anomaly score`` scores:
+Pixel validation and scale are the project's one rule, :func:`anomaly.data.images.to_unit_float`
+(the CLI and the Python API use it too), so the service scores exactly what ``anomaly score``
+scores; this module only brings each request format to arrays, checks the request-format rules
+the validator cannot know (an exact shape for JSON arrays and tensors, batch size, JSON booleans
+are not numbers, pixel budgets of encoded images), and maps the validator's
+:class:`~anomaly.errors.DataError` to an HTTP error code. The scale rule, decided per image:
 
 - an image whose values are all integers (JSON numbers written without a decimal point or
   exponent, UINT8 tensors, PNG/JPEG pixels) is read as 0-255 intensities;
 - an image with any floating-point value (``0.5``, ``1.0``, FP32 tensors) is read as [0, 1]
   intensities when no value exceeds 1, else as 0-255 intensities.
 
-Deciding per image (not per request) means one image's scale never depends on the other images
-sent with it. Before the scale rule, each image is checked here so that every rejection names
-its image and reason: shape exactly 28x28 (JSON arrays; encoded PNG/JPEG files of other sizes
-are converted to grayscale and resized like ``anomaly score`` does), numbers only, finite, and
-within 0..255.
+The image shape is the model's (:func:`service.shapes.image_shape`); nothing here assumes 28x28. Everything here
+is CPU work: the routes call it off the event loop.
 """
 
 from __future__ import annotations
@@ -25,10 +26,38 @@ import numpy as np
 
 from anomaly.data.images import decode_image_bytes, to_unit_float
 from anomaly.errors import DataError
-from service.errors import ServiceError, expect
+from service.errors import ServiceError, expect, json_type
+from service.shapes import pixel_shape, shape_text
 
-SHAPE = (28, 28)
 _DATA_URL = "data:"
+
+#: Validator message -> error code, matched on the "Expected ..." part only (never on the
+#: client's data). The validator's own ``code`` attribute wins where it has one.
+_DATA_ERROR_CODES = (
+    ("finite", "non_finite"), ("0..255", "out_of_range"), (">= 0", "out_of_range"),
+    ("numeric", "invalid_dtype"), ("rectangular", "invalid_shape"), ("shape", "invalid_shape"),
+    ("height and width", "invalid_shape"), ("at least one image", "empty_batch"),
+)
+
+
+def data_error(exc: DataError) -> ServiceError:
+    """The validator's error as a 422 with the code of its reason."""
+    message = str(exc)
+    code = getattr(exc, "code", None)
+    if not code:
+        head = message.partition(". Received:")[0]
+        code = next((c for key, c in _DATA_ERROR_CODES if key in head), "invalid_image")
+    return ServiceError(422, code, message)
+
+
+def validated(a: np.ndarray, what: str) -> np.ndarray:
+    """Pixels ``(n, ...)`` -> float32 in [0, 1] by the shared rule; its errors as 422s."""
+    if a.dtype == bool:  # JSON true/false: a request-format error, not a 0/255 mask
+        raise expect(f"numeric pixel values in {what}", "true/false", code="invalid_dtype")
+    try:
+        return to_unit_float(a, what=what)
+    except DataError as exc:
+        raise data_error(exc) from None
 
 
 def check_batch_size(n: int, max_images: int, *, what: str = "'images'") -> None:
@@ -40,103 +69,123 @@ def check_batch_size(n: int, max_images: int, *, what: str = "'images'") -> None
                      "split the batch", f"{n} images", code="batch_too_large")
 
 
-def check_pixels(a: np.ndarray, what: str) -> None:
-    """Reject non-numeric, non-finite and out-of-range pixel arrays, naming ``what``."""
-    if a.dtype == bool or a.dtype.kind not in "uif":
-        kind = {"U": "strings", "S": "bytes", "O": "null, nested objects or integers beyond "
-                "64 bits", "b": "true/false"}.get(a.dtype.kind, f"dtype {a.dtype}")
-        raise expect(f"numeric pixel values in {what}", kind, code="invalid_dtype")
-    if a.size == 0:
-        raise expect(f"{what} with pixels", f"shape {a.shape}", code="invalid_shape")
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise expect(f"finite pixel values in {what}", "NaN or Infinity", code="non_finite")
-    lo, hi = a.min(), a.max()
-    if lo < 0:
-        raise expect(f"pixel values >= 0 in {what}", f"minimum {lo:g}", code="out_of_range")
-    if hi > 255:
-        raise expect(f"pixel values in 0..255 (integers) or [0, 1] (floats) in {what}",
-                     f"maximum {hi:g}", code="out_of_range")
+class PixelBudget:
+    """The decoded-pixel allowance of one request's PNG/JPEG images, spent from their headers
+    before any of them is decoded (a few small files can expand to gigabytes)."""
+
+    def __init__(self, per_image: int, per_request: int):
+        self.per_image = per_image
+        self.per_request = per_request
+        self.spent = 0
+
+    def spend(self, width: int, height: int, what: str) -> None:
+        pixels = width * height
+        if pixels > self.per_image:
+            raise expect(f"{what} of at most {self.per_image} pixels (ANOMALY_MAX_IMAGE_PIXELS)",
+                         f"{width}x{height}", code="image_too_large")
+        self.spent += pixels
+        if self.spent > self.per_request:
+            raise expect(f"at most {self.per_request} decoded pixels per request "
+                         "(ANOMALY_MAX_REQUEST_PIXELS); split the batch",
+                         f"{self.spent} pixels up to {what}", code="too_many_pixels")
 
 
-def to_unit(a: np.ndarray, what: str) -> np.ndarray:
-    """Checked pixels ``(n, 28, 28)`` of one scale -> float32 in [0, 1] (the shared rule)."""
-    check_pixels(a, what)
-    try:
-        return to_unit_float(a, what=what)
-    except DataError as exc:  # the checks above should leave nothing for it to reject
-        raise ServiceError(422, "invalid_image", str(exc)) from None
-
-
-def array_image(item: list, index: int) -> np.ndarray:
-    """One JSON nested list ``28 x 28`` -> float32 ``(28, 28)`` in [0, 1]."""
+def array_image(item: list, index: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """One JSON nested list of the model's image shape -> float32 in [0, 1]."""
     what = f"images[{index}]"
+    want = pixel_shape(shape)
+    form = f"{what} as a {shape_text(want)} nested list ({want[0]} rows of {want[1]} numbers)"
     try:
         a = np.asarray(item)
     except (ValueError, TypeError):
-        raise expect(f"{what} as a 28x28 nested list (28 rows of 28 numbers)",
-                     "rows of different lengths or nesting", code="invalid_shape") from None
-    if a.ndim != 2 or a.shape != SHAPE:
-        depth = f"nesting depth {a.ndim}" if a.ndim != 2 else "nesting depth 2"
-        raise expect(f"{what} as a 28x28 nested list (28 rows of 28 numbers)",
-                     f"{depth}, shape {a.shape}", code="invalid_shape")
-    return to_unit(a[None], what)[0]
+        raise expect(form, "rows of different lengths or nesting", code="invalid_shape") from None
+    if a.shape != want:
+        raise expect(form, f"nesting depth {a.ndim}, shape {a.shape}", code="invalid_shape")
+    return validated(a[None], what)[0]
 
 
-def encoded_image(data: bytes, what: str, max_pixels: int) -> np.ndarray:
-    """PNG/JPEG/... file bytes -> float32 ``(28, 28)`` in [0, 1] (grayscale, resized)."""
+def image_size(data: bytes, what: str) -> tuple[int, int]:
+    """``(width, height)`` of an encoded image from its header alone, decoding no pixels."""
     from PIL import Image
 
-    try:  # the header alone: refuse decompression bombs before decoding any pixels
+    try:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
+            return img.size
     except Exception:
         raise expect(f"{what} to be a PNG, JPEG or other image file", "undecodable bytes "
                      f"({len(data)} bytes)", code="invalid_image") from None
-    if width * height > max_pixels:
-        raise expect(f"{what} of at most {max_pixels} pixels (ANOMALY_MAX_IMAGE_PIXELS)",
-                     f"{width}x{height}", code="image_too_large")
+
+
+def encoded_image(data: bytes, what: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """PNG/JPEG/... file bytes -> float32 of the model's shape (grayscale, resized).
+
+    Call :meth:`PixelBudget.spend` with :func:`image_size` first: decoding is the expensive
+    part and a small file can hold a huge image.
+    """
     try:
         gray = decode_image_bytes(data, name=what)
     except DataError as exc:
         raise ServiceError(422, "invalid_image", str(exc)) from None
-    return to_unit(gray[None], what)[0]
-
-
-def base64_image(text: str, index: int, max_pixels: int) -> np.ndarray:
-    """A base64 PNG/JPEG string (optionally a ``data:image/...;base64,`` URL) -> pixels."""
-    what = f"images[{index}]"
-    if text.startswith(_DATA_URL):
-        text = text.partition(",")[2]
-    try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        shown = text[:24] + ("..." if len(text) > 24 else "")
-        raise expect(f"{what} as a 28x28 nested list or a base64-encoded PNG/JPEG string",
-                     f"a string that is not valid base64 ({shown!r})",
-                     code="invalid_base64") from None
-    return encoded_image(data, what, max_pixels)
-
-
-def decode_json_images(items: list, *, max_images: int, max_pixels: int) -> np.ndarray:
-    """The ``images`` list of a JSON score request -> ``(N, 28, 28)`` float32 in [0, 1]."""
-    check_batch_size(len(items), max_images)
-    fast = _all_integer_images(items)
-    if fast is not None:
-        return fast
-    out = np.empty((len(items), *SHAPE), np.float32)
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            out[i] = base64_image(item, i, max_pixels)
-        elif isinstance(item, list):
-            out[i] = array_image(item, i)
-        else:
-            raise expect(f"images[{i}] as a 28x28 nested list of numbers or a base64-encoded "
-                         "PNG/JPEG string", f"a JSON {_json_type(item)}", code="invalid_image")
+    out = validated(gray[None], what)[0]
+    if out.shape != pixel_shape(shape):
+        raise expect(f"{what} convertible to the model's {shape_text(pixel_shape(shape))} "
+                     f"images", f"{gray.shape[1]}x{gray.shape[0]} pixels giving {out.shape}",
+                     code="invalid_image")
     return out
 
 
-def _all_integer_images(items: list) -> np.ndarray | None:
-    """The common case in one vectorized step: every image a valid 28x28 list of 0..255 ints.
+def base64_bytes(text: str, index: int) -> bytes:
+    """A base64 PNG/JPEG string (optionally a ``data:image/...;base64,`` URL) -> file bytes."""
+    if text.startswith(_DATA_URL):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        shown = text[:24] + ("..." if len(text) > 24 else "")
+        raise expect(f"images[{index}] as a nested list or a base64-encoded PNG/JPEG string",
+                     f"a string that is not valid base64 ({shown!r})",
+                     code="invalid_base64") from None
+
+
+def _decode_encoded(encoded: dict[int, tuple[str, bytes]], out: np.ndarray,
+                    shape: tuple[int, int, int], budget: PixelBudget) -> None:
+    """Decode ``{index: (what, bytes)}`` into ``out[index]``: every header is read and the
+    whole request's pixels are counted before the first image is decoded."""
+    for what, data in encoded.values():
+        budget.spend(*image_size(data, what), what)
+    for i, (what, data) in encoded.items():
+        out[i] = encoded_image(data, what, shape)
+
+
+def decode_json_images(items: list, *, shape: tuple[int, int, int], max_images: int,
+                       max_pixels: int, max_request_pixels: int) -> np.ndarray:
+    """The ``images`` list of a JSON score request -> ``(N, *pixel_shape)`` float32 in [0, 1].
+
+    Args:
+        items: each a nested list of the model's image shape or a base64 PNG/JPEG string.
+        shape: the model's ``(H, W, C)``.
+        max_pixels, max_request_pixels: encoded images' pixel caps, per image and in all.
+    """
+    check_batch_size(len(items), max_images)
+    fast = _all_integer_images(items, shape)
+    if fast is not None:
+        return fast
+    out = np.empty((len(items), *pixel_shape(shape)), np.float32)
+    encoded: dict[int, tuple[str, bytes]] = {}
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            encoded[i] = (f"images[{i}]", base64_bytes(item, i))
+        elif isinstance(item, list):
+            out[i] = array_image(item, i, shape)
+        else:
+            raise expect(f"images[{i}] as a nested list of numbers or a base64-encoded "
+                         "PNG/JPEG string", f"a JSON {json_type(item)}", code="invalid_image")
+    _decode_encoded(encoded, out, shape, PixelBudget(max_pixels, max_request_pixels))
+    return out
+
+
+def _all_integer_images(items: list, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """The common case in one vectorized step: every image a valid list of 0..255 ints.
 
     All-integer images are 0-255 each, so converting the batch at once gives exactly the
     per-image result. Anything else returns ``None`` and takes the per-image path, whose
@@ -148,49 +197,27 @@ def _all_integer_images(items: list) -> np.ndarray | None:
         a = np.asarray(items)
     except (ValueError, TypeError):
         return None
-    if a.dtype.kind not in "iu" or a.shape[1:] != SHAPE or a.min() < 0 or a.max() > 255:
+    if a.dtype.kind not in "iu" or a.shape[1:] != pixel_shape(shape) or a.min() < 0 or (
+            a.max() > 255):
         return None
-    return to_unit(a, "'images'")
+    return validated(a, "'images'")
 
 
-def decode_files(files: list[tuple[str, bytes]], *, max_images: int,
-                 max_pixels: int) -> np.ndarray:
-    """Uploaded image files ``(filename, bytes)`` -> ``(N, 28, 28)`` float32 in [0, 1]."""
+def decode_files(files: list[tuple[str, bytes]], *, shape: tuple[int, int, int],
+                 max_images: int, max_pixels: int, max_request_pixels: int) -> np.ndarray:
+    """Uploaded image files ``(filename, bytes)`` -> ``(N, *pixel_shape)`` float32 in [0, 1]."""
     check_batch_size(len(files), max_images, what="the 'images' file fields")
-    out = np.empty((len(files), *SHAPE), np.float32)
-    for i, (filename, data) in enumerate(files):
-        out[i] = encoded_image(data, f"images[{i}] ({filename})", max_pixels)
+    out = np.empty((len(files), *pixel_shape(shape)), np.float32)
+    encoded = {i: (f"images[{i}] ({filename[:64]})", data)
+               for i, (filename, data) in enumerate(files)}
+    _decode_encoded(encoded, out, shape, PixelBudget(max_pixels, max_request_pixels))
     return out
 
 
-def tensor_images(a: np.ndarray, what: str = "input 'images'") -> np.ndarray:
-    """A V2 tensor ``(N, 28, 28)`` or ``(N, 784)`` -> float32 ``(N, 28, 28)`` in [0, 1].
+def tensor_images(a: np.ndarray, shape: tuple[int, int, int],
+                  what: str = "input 'images'") -> np.ndarray:
+    """A V2 tensor of one of :func:`tensor_shapes` -> float32 ``(N, *pixel_shape)`` in [0, 1].
 
-    Each image is scaled on its own (see the module docstring).
+    Each image is scaled on its own, by the shared rule.
     """
-    n = a.shape[0]
-    flat = a.reshape(n, 28, 28)
-    check_pixels(flat, what)
-    if a.dtype.kind != "f":
-        return to_unit(flat, what)
-    # Per-image scale with at most two calls of the shared rule: the images whose maximum is
-    # <= 1 are [0, 1] as a group exactly when each is on its own, and likewise the others.
-    big = flat.reshape(n, -1).max(axis=1) > 1.0
-    if not big.any() or big.all():
-        return to_unit(flat, what)
-    out = np.empty((n, 28, 28), np.float32)
-    out[~big] = to_unit(flat[~big], what)
-    out[big] = to_unit(flat[big], what)
-    return out
-
-
-def _json_type(v) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int | float):
-        return "number"
-    if isinstance(v, dict):
-        return "object"
-    return type(v).__name__
+    return validated(a.reshape(a.shape[0], *pixel_shape(shape)), what)

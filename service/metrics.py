@@ -1,4 +1,7 @@
-"""Every Prometheus metric of the service, defined here and nowhere else.
+"""Every Prometheus metric of the service, defined here and nowhere else, as one
+:class:`ServiceMetrics` object per app (``app.state.metrics``, reached through the
+``MetricsDep`` dependency): no module-level metric, so two apps in one process (tests) never
+share or erase each other's series.
 
 Conventions: prefix ``anomaly_``, base units (seconds), counters end in ``_total``, latency and
 size distributions are histograms (aggregatable across replicas, unlike summaries). Label values
@@ -24,7 +27,7 @@ ML monitoring (for the alert rules and dashboard of the monitoring issue):
   how many live scores the statistics are based on; the statistics appear once it is > 0.
 - ``anomaly_expected_anomaly_ratio`` is the operating point's ``expected_fpr`` (the fraction of
   normal validation images it flags), to compare with
-  ``rate(anomaly_anomalies_total[..]) / rate(anomaly_images_scored_total[..])``.
+  ``rate(anomaly_flagged_images_total[..]) / rate(anomaly_images_scored_total[..])``.
 """
 
 from __future__ import annotations
@@ -48,85 +51,11 @@ from prometheus_client.exposition import choose_encoder
 # The *_created series double the exposition for little use (Prometheus ignores them).
 disable_created_metrics()
 
-#: The service's own registry (not the global one), so importing other libraries that register
-#: metrics cannot change what /metrics exports. Process CPU/memory come with it.
-REGISTRY = CollectorRegistry(auto_describe=True)
-ProcessCollector(registry=REGISTRY)
-PlatformCollector(registry=REGISTRY)
-GCCollector(registry=REGISTRY)
-
 #: Latency buckets in seconds: fine below 20 ms, where the single-image target lies.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
                    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OTHER_MODEL = "_other"
-
-# -- HTTP (RED) ------------------------------------------------------------------------------
-REQUESTS = Counter(
-    "anomaly_requests", "HTTP requests by route template, method, model, status code and outcome "
-    "(success, client_error, server_error).",
-    ["route", "method", "model", "code", "outcome"], registry=REGISTRY)
-REQUEST_DURATION = Histogram(
-    "anomaly_request_duration_seconds", "HTTP request latency from the first byte received by "
-    "the app to the response, by route template, method and model.",
-    ["route", "method", "model"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
-IN_FLIGHT = Gauge("anomaly_requests_in_flight", "HTTP requests being handled now.",
-                  registry=REGISTRY)
-INPUT_REJECTIONS = Counter(
-    "anomaly_input_rejections", "Requests rejected for their content (4xx), by model and reason "
-    "(the error code: invalid_shape, non_finite, out_of_range, invalid_base64, invalid_image, "
-    "empty_batch, batch_too_large, payload_too_large, invalid_json, unsupported_media_type, ...).",
-    ["model", "reason"], registry=REGISTRY)
-
-# -- Model execution ------------------------------------------------------------------------
-STAGE_DURATION = Histogram(
-    "anomaly_stage_duration_seconds", "Time per scoring request in each stage: decode (body to "
-    "validated pixels), queue (waiting for the model), predict (the model call the request's "
-    "images ran in), encode (building the response).",
-    ["model", "stage"], buckets=LATENCY_BUCKETS, registry=REGISTRY)
-REQUEST_BATCH_SIZE = Histogram(
-    "anomaly_request_batch_size", "Images per scoring request.", ["model"],
-    buckets=BATCH_BUCKETS, registry=REGISTRY)
-INFERENCE_BATCH_SIZE = Histogram(
-    "anomaly_inference_batch_size", "Images per model call, after micro-batching concurrent "
-    "requests.", ["model"], buckets=BATCH_BUCKETS, registry=REGISTRY)
-
-# -- ML -----------------------------------------------------------------------------------------
-IMAGES_SCORED = Counter(
-    "anomaly_images_scored", "Images scored, by model, version and operating point.",
-    ["model", "version", "operating_point"], registry=REGISTRY)
-ANOMALIES = Counter(
-    "anomaly_anomalies", "Images flagged anomalous (score > threshold), by model, version and "
-    "operating point.", ["model", "version", "operating_point"], registry=REGISTRY)
-EXPECTED_ANOMALY_RATIO = Gauge(
-    "anomaly_expected_anomaly_ratio", "Fraction of normal validation images the operating point "
-    "flags (its expected false-positive rate): the anomaly ratio to expect on normal traffic.",
-    ["model", "version", "operating_point"], registry=REGISTRY)
-
-# -- Registry ---------------------------------------------------------------------------------
-MODEL_INFO = Gauge(
-    "anomaly_model_info", "1 for each loaded model version; default='true' marks the version "
-    "served when none is named.",
-    ["model", "version", "sha256", "model_type", "dataset", "default"], registry=REGISTRY)
-MODEL_READY = Gauge("anomaly_model_ready", "1 when the model has a loaded, warmed-up version.",
-                    ["model"], registry=REGISTRY)
-MODEL_REFUSED_VERSIONS = Gauge(
-    "anomaly_model_refused_versions", "Versions in the models directory refused at the last "
-    "reload (failed verification, loading or warm-up); the previous ones keep serving.",
-    ["model"], registry=REGISTRY)
-MODEL_LOAD_FAILURES = Counter(
-    "anomaly_model_load_failures", "Version loads refused (failed verification, loading or "
-    "warm-up).", ["model"], registry=REGISTRY)
-MODEL_RELOADS = Counter(
-    "anomaly_model_reloads", "Registry reloads by outcome: success, partial (some versions "
-    "refused), error (the directory could not be read; nothing changed).",
-    ["outcome"], registry=REGISTRY)
-MODEL_LAST_RELOAD = Gauge("anomaly_model_last_reload_timestamp_seconds",
-                          "Unix time of the last registry reload.", registry=REGISTRY)
-READY = Gauge("anomaly_ready", "1 when every model in the directory is loaded and warmed up "
-              "(what /readyz reports).", registry=REGISTRY)
-BUILD_INFO = Gauge("anomaly_build_info", "1, with the service and library versions as labels.",
-                   ["version", "tensorflow", "keras"], registry=REGISTRY)
 
 
 def score_buckets(reference: np.ndarray, thresholds: list[float]) -> np.ndarray:
@@ -208,29 +137,24 @@ class ScoreMonitor:
     each model needs its own, so this collector keeps the counts itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = 1000) -> None:
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], _ScoreSeries] = {}
-        self._owners: dict[tuple[str, str], int] = {}
-        self.window = 1000
+        self.window = window
 
-    def add(self, model: str, version: str, reference: np.ndarray, thresholds: list[float],
-            *, owner: object = None) -> None:
-        """Start (or restart) the series of a model version loaded as ``owner``."""
+    def add(self, model: str, version: str, reference: np.ndarray,
+            thresholds: list[float]) -> None:
+        """Start (or restart) the series of a model version (reference scores ``(M,)``)."""
         with self._lock:
             self._series[(model, version)] = _ScoreSeries(reference, thresholds, self.window)
-            self._owners[(model, version)] = id(owner)
 
-    def has(self, model: str, version: str, owner: object = None) -> bool:
-        """Whether the series exists (for this loaded ``owner``, when given)."""
+    def has(self, model: str, version: str) -> bool:
         with self._lock:
-            key = (model, version)
-            return key in self._series and (owner is None or self._owners[key] == id(owner))
+            return (model, version) in self._series
 
     def remove(self, model: str, version: str) -> None:
         with self._lock:
             self._series.pop((model, version), None)
-            self._owners.pop((model, version), None)
 
     def observe(self, model: str, version: str, scores: np.ndarray) -> None:
         with self._lock:
@@ -280,47 +204,116 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-SCORES = ScoreMonitor()
-REGISTRY.register(SCORES)
+class ServiceMetrics:
+    """The metrics of one app, on their own ``CollectorRegistry`` (with process CPU/memory).
 
+    The service's own registry (not prometheus_client's global one), so importing other
+    libraries that register metrics cannot change what /metrics exports.
+    """
 
-def set_build_info() -> None:
-    """Export ``anomaly_build_info`` (called once the libraries are imported)."""
-    from importlib import metadata
+    def __init__(self, drift_window: int = 1000) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        # -- HTTP (RED) ------------------------------------------------------------------------
+        self.requests = Counter(
+            "anomaly_requests", "HTTP requests by route template, method, model, status code "
+            "and outcome (success, client_error, server_error; not_ready for a readiness "
+            "probe's 'not ready' answer).",
+            ["route", "method", "model", "code", "outcome"], registry=r)
+        self.request_duration = Histogram(
+            "anomaly_request_duration_seconds", "HTTP request latency from the first byte "
+            "received by the app to the response, by route template, method and model.",
+            ["route", "method", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("anomaly_requests_in_flight", "HTTP requests being handled now.",
+                               registry=r)
+        self.input_rejections = Counter(
+            "anomaly_input_rejections", "Requests rejected for their content (4xx), by model and "
+            "reason (the error code: invalid_shape, non_finite, out_of_range, invalid_base64, "
+            "invalid_image, empty_batch, batch_too_large, payload_too_large, invalid_json, "
+            "json_too_complex, too_many_pixels, unsupported_media_type, ...).",
+            ["model", "reason"], registry=r)
+        # -- Model execution -------------------------------------------------------------------
+        self.stage_duration = Histogram(
+            "anomaly_stage_duration_seconds", "Time per scoring request in each stage: decode "
+            "(body to validated pixels), queue (waiting for the model), predict (the model call "
+            "the request's images ran in), encode (building the response).",
+            ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.request_batch_size = Histogram(
+            "anomaly_request_batch_size", "Images per scoring request.", ["model"],
+            buckets=BATCH_BUCKETS, registry=r)
+        self.inference_batch_size = Histogram(
+            "anomaly_inference_batch_size", "Images per model call, after micro-batching "
+            "concurrent requests.", ["model"], buckets=BATCH_BUCKETS, registry=r)
+        # -- ML --------------------------------------------------------------------------------
+        self.images_scored = Counter(
+            "anomaly_images_scored", "Images scored, by model, version and operating point.",
+            ["model", "version", "operating_point"], registry=r)
+        self.flagged_images = Counter(
+            "anomaly_flagged_images", "Images flagged anomalous (score > threshold), by model, "
+            "version and operating point.", ["model", "version", "operating_point"], registry=r)
+        self.expected_anomaly_ratio = Gauge(
+            "anomaly_expected_anomaly_ratio", "Fraction of normal validation images the "
+            "operating point flags (its expected false-positive rate): the anomaly ratio to "
+            "expect on normal traffic.", ["model", "version", "operating_point"], registry=r)
+        self.scores = ScoreMonitor(drift_window)
+        r.register(self.scores)
+        # -- Registry --------------------------------------------------------------------------
+        self.model_info = Gauge(
+            "anomaly_model_info", "1 for each loaded model version; default='true' marks the "
+            "version served when none is named.",
+            ["model", "version", "sha256", "model_type", "dataset", "default"], registry=r)
+        self.model_ready = Gauge("anomaly_model_ready", "1 when the model has a loaded, "
+                                 "warmed-up version.", ["model"], registry=r)
+        self.model_refused_versions = Gauge(
+            "anomaly_model_refused_versions", "Versions in the models directory refused at the "
+            "last reload (failed verification, loading or warm-up); the previous ones keep "
+            "serving.", ["model"], registry=r)
+        self.model_load_failures = Counter(
+            "anomaly_model_load_failures", "Version loads refused (failed verification, "
+            "loading or warm-up).", ["model"], registry=r)
+        self.model_reloads = Counter(
+            "anomaly_model_reloads", "Registry reloads by outcome: success, partial (some "
+            "versions refused), error (the directory could not be read; nothing changed).",
+            ["outcome"], registry=r)
+        self.model_last_reload = Gauge("anomaly_model_last_reload_timestamp_seconds",
+                                       "Unix time of the last registry reload.", registry=r)
+        self.ready = Gauge("anomaly_ready", "1 when every model in the directory is loaded and "
+                           "warmed up (what /readyz reports).", registry=r)
+        self.build_info = Gauge("anomaly_build_info", "1, with the service and library "
+                                "versions as labels.", ["version", "tensorflow", "keras"],
+                                registry=r)
 
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "unknown"
+    def set_build_info(self) -> None:
+        """Export ``anomaly_build_info`` (called once the libraries are imported)."""
+        from importlib import metadata
 
-    BUILD_INFO.clear()
-    BUILD_INFO.labels(version=version("anomaly"), tensorflow=version("tensorflow"),
-                      keras=version("keras")).set(1)
+        def version(dist: str) -> str:
+            try:
+                return metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                return "unknown"
 
+        self.build_info.clear()
+        self.build_info.labels(version=version("anomaly"), tensorflow=version("tensorflow"),
+                               keras=version("keras")).set(1)
 
-def observe_scores(model: str, version: str, operating_point: str, scores: np.ndarray,
-                   flagged: int) -> None:
-    """Count one request's scored images and decisions, and feed the histogram and drift."""
-    n = len(scores)
-    IMAGES_SCORED.labels(model, version, operating_point).inc(n)
-    ANOMALIES.labels(model, version, operating_point).inc(flagged)
-    SCORES.observe(model, version, scores)
+    def observe_scores(self, model: str, version: str, operating_point: str,
+                       scores: np.ndarray, flagged: int) -> None:
+        """Count one request's scored images ``(n,)`` and decisions; feed histogram and drift."""
+        self.images_scored.labels(model, version, operating_point).inc(len(scores))
+        self.flagged_images.labels(model, version, operating_point).inc(flagged)
+        self.scores.observe(model, version, scores)
 
+    def forget_version(self, model: str, version: str) -> None:
+        """Drop the series of a version this app no longer serves."""
+        self.scores.remove(model, version)
+        labels = {"model": model, "version": version}
+        for metric in (self.images_scored, self.flagged_images):
+            metric.remove_by_labels(labels)
 
-def forget_version(model: str, version: str, *, owner: object = None) -> None:
-    """Drop the series of a version that ``owner`` no longer serves."""
-    if owner is not None and not SCORES.has(model, version, owner):
-        return  # another registry in this process (tests) serves it now
-    SCORES.remove(model, version)
-    labels = {"model": model, "version": version}
-    for metric in (IMAGES_SCORED, ANOMALIES):
-        remove = getattr(metric, "remove_by_labels", None)  # prometheus_client >= 0.22
-        if remove is not None:
-            remove(labels)
-
-
-def render(accept: str | None) -> tuple[bytes, str]:
-    """The exposition of :data:`REGISTRY` in the format the scraper asked for."""
-    encoder, content_type = choose_encoder(accept or "")
-    return encoder(REGISTRY), content_type
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format the scraper asked for (text or OpenMetrics)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

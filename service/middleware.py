@@ -12,17 +12,18 @@ import time
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
-from service.errors import error_body
+from service.errors import ServiceError, expect
+from service.metrics import OTHER_MODEL, ServiceMetrics
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_READINESS = frozenset({"/readyz", "/v2/health/ready"})
 _MODEL_IN_PATH = re.compile(r"^/v[12]/models/([^/]+)")
 
 
 def _route_template(scope: Scope, router) -> str:
     route = scope.get("route")
-    if route is None and router is not None:  # rejected before routing (413): match it here
+    if route is None and router is not None:  # not routed (404, 405): match it here
         for r in router.routes:
             match, _ = r.matches(scope)
             if match is not Match.NONE:
@@ -35,19 +36,20 @@ def _model_label(scope: Scope) -> str:
     registry = getattr(scope["app"].state, "registry", None) if "app" in scope else None
     params = scope.get("path_params") or {}
     name = params.get("name") or params.get("model_name")
-    if name is None and "route" not in scope:  # not routed (413): read it off the path
+    if name is None and "route" not in scope:  # not routed: read it off the path
         m = _MODEL_IN_PATH.match(scope.get("path", ""))
         name = m.group(1) if m else None
     if name is None:
         return ""
-    return registry.model_label(name) if registry is not None else metrics.OTHER_MODEL
+    return registry.model_label(name) if registry is not None else OTHER_MODEL
 
 
 class MetricsMiddleware:
     """Counts every request by route template, method, model and status; times it."""
 
-    def __init__(self, app: ASGIApp, router=None) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, router=None) -> None:
         self.app = app
+        self.metrics = metrics
         self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,27 +65,36 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        metrics.IN_FLIGHT.inc()
+        metrics = self.metrics
+        metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_status)
         finally:
-            metrics.IN_FLIGHT.dec()
+            metrics.in_flight.dec()
             route = _route_template(scope, self.router)
             method = scope["method"] if scope["method"] in _METHODS else "OTHER"
             model = _model_label(scope)
-            outcome = ("success" if status < 400 else "client_error" if status < 500
-                       else "server_error")
-            metrics.REQUESTS.labels(route, method, model, str(status), outcome).inc()
-            metrics.REQUEST_DURATION.labels(route, method, model).observe(
+            if route in _READINESS and status in (400, 503):
+                # "Not ready" is a correct answer of a readiness probe (while loading or
+                # draining), not a failure of the service.
+                outcome = "not_ready"
+            else:
+                outcome = ("success" if status < 400 else "client_error" if status < 500
+                           else "server_error")
+            metrics.requests.labels(route, method, model, str(status), outcome).inc()
+            metrics.request_duration.labels(route, method, model).observe(
                 time.perf_counter() - start)
 
 
 class BodyLimitMiddleware:
-    """Reads request bodies up to ``max_bytes``; answers 413 as soon as one is larger.
+    """Caps request bodies at ``max_bytes`` (413), reading nothing itself.
 
-    The declared Content-Length is checked first; chunked uploads (no Content-Length) are
-    counted as they arrive and cut off at the cap, so neither can make the server buffer more
-    than ``max_bytes``. The buffered body is then replayed to the app.
+    The body is counted as the app reads it: a route reads its body only after its
+    dependencies (the API-key checks) passed, so a request without a valid key is refused
+    from its headers alone, before any of its body is read. A declared Content-Length above
+    the cap is refused at the first read, before any byte of the body is received; chunked
+    uploads (no Content-Length) are counted as they arrive and cut off at the cap, so neither
+    can make the server buffer more than ``max_bytes``.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -97,49 +108,33 @@ class BodyLimitMiddleware:
         declared = None
         for key, value in scope["headers"]:
             if key == b"content-length":
-                declared = value
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
                 break
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                size = -1
-            if size > self.max_bytes:
-                await self._reject(scope, send, f"{size} bytes")
-                return
-        chunks: list[bytes] = []
         total = 0
-        while True:
+        first = True
+
+        async def limited() -> Message:
+            nonlocal total, first
+            if first:
+                first = False
+                if declared is not None and declared > self.max_bytes:
+                    raise self._too_large(f"{declared} bytes")
             message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left; nobody to answer
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.max_bytes:
-                await self._reject(scope, send, f"more than {self.max_bytes} bytes (chunked)")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_bytes:
+                    raise self._too_large(f"more than {self.max_bytes} bytes (chunked)")
+            return message
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        await self.app(scope, limited, send)
 
-        await self.app(scope, replay, send)
-
-    async def _reject(self, scope: Scope, send: Send, received: str) -> None:
-        metrics.INPUT_REJECTIONS.labels(_model_label(scope), "payload_too_large").inc()
-        body = error_body(scope.get("path", ""), "payload_too_large",
-                          f"Expected a request body of at most {self.max_bytes} bytes "
-                          f"(ANOMALY_MAX_BODY_BYTES). Received: {received}")
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    def _too_large(self, received: str) -> ServiceError:
+        # Raised inside the route's body read, so the app's error handlers answer it (in the
+        # route's format, counted under its model); the rest of the body is never read, so the
+        # connection is closed after the answer.
+        return expect(f"a request body of at most {self.max_bytes} bytes "
+                      "(ANOMALY_MAX_BODY_BYTES)", received, code="payload_too_large",
+                      status_code=413, headers={"Connection": "close"})

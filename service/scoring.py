@@ -1,27 +1,47 @@
-"""The scoring path shared by the v1 and V2 routes: queue for the model, decide, count.
+"""The scoring path shared by the v1 and V2 routes: admit, queue for the model, count.
 
-Scores come from the artifact's compiled scorer (``Detector.scorer``, one graph execution per
-model call, no ``model.predict``), run in the registry's inference thread through the model's
-micro-batcher; normalized scores and decisions use the artifact's calibration exactly as
-``Detector.detect`` does, so they equal ``anomaly score`` on the same images.
+Results come from ``Detector.detect`` itself (scores, normalized scores, decisions at the
+operating point, reconstructions), run in the registry's inference thread through the model's
+micro-batcher, so they equal ``anomaly score`` on the same images; the service adds no scoring
+logic of its own.
+
+Load shedding: :class:`Admission` bounds the images in flight (decoded and waiting for, or in, a
+model call). Over ``ANOMALY_MAX_QUEUED_IMAGES`` a scoring request gets 503 with ``Retry-After``
+at once instead of queueing without limit, so an overloaded replica answers quickly and a load
+balancer or client can retry elsewhere. CPU work of a request (parsing, validation, decoding,
+encoding) runs in the app's CPU pool (:func:`off_loop`), never on the event loop, so health
+checks and /metrics answer while it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import functools
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from fastapi import Request
 
-from service import metrics
+from service.errors import ServiceError, expect
+from service.metrics import ServiceMetrics
 from service.registry import LoadedModel
+
+RETRY_AFTER_SECONDS = "1"
 
 
 @dataclass
 class Scored:
-    """Results for one request's images."""
+    """Results for one request's images (``n`` of them).
+
+    Attributes:
+        scores, normalized: ``(n,)`` float64; is_anomaly: ``(n,)`` bool.
+        reconstruction, error_map: ``(n, *image)`` float32, when asked for.
+    """
 
     model: LoadedModel
     operating_point: str
@@ -33,32 +53,103 @@ class Scored:
     error_map: np.ndarray | None
 
 
-async def score_images(model: LoadedModel, x: np.ndarray, operating_point: str | None, *,
-                       full: bool, decode_s: float) -> Scored:
-    """Score validated images ``(n, 28, 28)`` float32 in [0, 1] with ``model``.
+class Admission:
+    """A bounded count of the images admitted for scoring in this process.
+
+    A scoring request holds a :meth:`ticket` from before its body is read until its response
+    is built: one image while its body is read and decoded (its size is not known yet), then
+    its real image count. So requests waiting for the CPU pool count too, and the whole queue
+    (decode, model, encode) is bounded. Runs on the event loop only (no lock needed). A request
+    that finds the service idle is admitted whatever its size, so a limit below the batch size
+    never refuses everything.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.images = 0
+
+    def _overloaded(self, n: int) -> ServiceError:
+        return ServiceError(503, "overloaded", f"Expected at most {self.limit} images in "
+                            f"flight (ANOMALY_MAX_QUEUED_IMAGES); retry after "
+                            f"{RETRY_AFTER_SECONDS} s. Received: {n} more with {self.images} "
+                            "in flight", headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+    @contextlib.contextmanager
+    def ticket(self):
+        """Admit a request (as one image) for the block, or refuse it with a 503 at once;
+        yields a :class:`Ticket` to :meth:`~Ticket.resize` once its images are known."""
+        if self.images >= self.limit:
+            raise self._overloaded(1)
+        ticket = Ticket(self)
+        self.images += 1
+        try:
+            yield ticket
+        finally:
+            self.images -= ticket.held
+
+
+class Ticket:
+    """One admitted request's share of :class:`Admission`."""
+
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self.held = 1
+
+    def resize(self, n: int) -> None:
+        """Hold ``n`` images instead; 503 when that goes over the limit (unless the request
+        is alone)."""
+        adm = self.admission
+        extra = n - self.held
+        if extra > 0 and adm.images > self.held and adm.images + extra > adm.limit:
+            raise adm._overloaded(n)
+        adm.images += extra
+        self.held = n
+
+
+async def off_loop(request: Request, fn: Callable, *args, **kwargs):
+    """Run CPU-bound ``fn`` in the app's CPU pool so the event loop stays free."""
+    pool = getattr(request.app.state, "cpu_pool", None)
+    return await asyncio.get_running_loop().run_in_executor(
+        pool, functools.partial(fn, *args, **kwargs))
+
+
+def operating_point(model: LoadedModel, name: str | None):
+    """The named operating point of ``model`` (its default when ``None``); 422 when unknown."""
+    cal = model.calibration
+    if name is not None and name not in cal.operating_points:
+        raise expect(f"an operating point of {model.name}/{model.version} in "
+                     f"{sorted(cal.operating_points)}", repr(name[:100]),
+                     code="unknown_operating_point")
+    return cal.get(name)
+
+
+async def score_images(metrics: ServiceMetrics, model: LoadedModel, x: np.ndarray,
+                       operating_point_name: str | None, *, full: bool,
+                       decode_s: float) -> Scored:
+    """Score validated images ``(n, *image)`` float32 in [0, 1] with ``model``.
 
     Args:
+        metrics: the app's metrics (stage times, batch sizes, scores).
         operating_point: a name of the model's calibration, or ``None`` for its default.
         full: also compute reconstructions and error maps.
         decode_s: seconds spent decoding the request, for the stage histogram.
     """
-    op = model.operating_point(operating_point)  # unknown names fail before queueing
-    res = await model.batcher.submit(x, full=full)
-    scores = res.scores
-    flagged = scores > op.threshold
-    normalized = model.calibration.normalize(scores)
+    op = operating_point(model, operating_point_name)  # unknown names fail before queueing
+    res = await model.batcher.submit(x, key=op.name, full=full)
+    out = res.output
     name = model.name
-    metrics.STAGE_DURATION.labels(name, "decode").observe(decode_s)
-    metrics.STAGE_DURATION.labels(name, "queue").observe(res.queue_s)
-    metrics.STAGE_DURATION.labels(name, "predict").observe(res.predict_s)
-    metrics.REQUEST_BATCH_SIZE.labels(name).observe(len(x))
-    metrics.observe_scores(name, model.version, op.name, scores, int(flagged.sum()))
-    return Scored(model, op.name, float(op.threshold), scores, normalized, flagged,
-                  res.reconstruction, res.error_map)
+    metrics.stage_duration.labels(name, "decode").observe(decode_s)
+    metrics.stage_duration.labels(name, "queue").observe(res.queue_s)
+    metrics.stage_duration.labels(name, "predict").observe(res.predict_s)
+    metrics.request_batch_size.labels(name).observe(len(x))
+    metrics.observe_scores(name, model.version, out.operating_point, out.scores,
+                           int(np.count_nonzero(out.is_anomaly)))
+    return Scored(model, out.operating_point, float(out.threshold), out.scores, out.normalized,
+                  out.is_anomaly, out.reconstruction, out.error_map)
 
 
 def png_base64(img: np.ndarray, *, scale_to_max: bool = False) -> str:
-    """A ``(28, 28)`` float image as a base64 grayscale PNG (values in [0, 1] -> 0..255)."""
+    """A ``(H, W)`` float image as a base64 grayscale PNG (values in [0, 1] -> 0..255)."""
     from PIL import Image
 
     a = np.asarray(img, dtype=np.float32)

@@ -47,13 +47,29 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(256, ge=1, le=4096, description="Most images per request.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest request "
                                 "body; larger ones get 413 (chunked uploads included).")
-    max_image_pixels: int = Field(4096 * 4096, ge=784, description="Largest encoded "
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest encoded "
                                   "PNG/JPEG (width x height) accepted before resizing.")
+    max_request_pixels: int = Field(4096 * 4096, ge=1, description="Most decoded pixels "
+                                    "(width x height, summed over a request's PNG/JPEG "
+                                    "images), checked from the image headers before any "
+                                    "decoding.")
+    max_json_depth: int = Field(32, ge=4, le=512, description="Deepest nesting of arrays and "
+                                "objects in a JSON body, checked before parsing.")
+    max_json_keys: int = Field(1000, ge=16, description="Most object keys in a JSON body, "
+                               "checked before parsing.")
+    max_queued_images: int = Field(1024, ge=1, description="Most images admitted at once "
+                                   "(decoded, waiting for or in a model call); above it "
+                                   "scoring requests get 503 with Retry-After.")
+    cpu_threads: int = Field(2, ge=1, le=64, description="Threads that parse, validate and "
+                             "decode request bodies and encode responses, off the event loop.")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys for the scoring and model routes; "
         "empty = open.")
     admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="Bearer keys for the admin routes; empty = open.")
+        default_factory=list, description="Bearer keys for the admin routes; empty = "
+        "closed unless admin_open.")
+    admin_open: bool = Field(False, description="Leave the admin routes open to anyone when "
+                             "no admin key is set (for a trusted network only).")
     micro_batching: bool = Field(True, description="Merge concurrent requests for one model "
                                  "into one model call.")
     inference_threads: int = Field(1, ge=1, le=64, description="Threads running model calls.")

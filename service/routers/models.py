@@ -14,8 +14,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from service import inputs, metrics
-from service.deps import RegistryDep, ScoringAuth, SettingsDep
+from service import inputs
+from service.deps import MetricsDep, RegistryDep, ScoringAuth, SettingsDep, find_entry, find_model
 from service.errors import ServiceError, describe_pydantic_error, expect, parse_body
 from service.schemas import (
     ERROR_RESPONSES,
@@ -26,8 +26,11 @@ from service.schemas import (
     ScoreRequest,
     ScoreResponse,
     VersionInfo,
+    describe_model,
+    describe_version,
 )
-from service.scoring import encode_v1, score_images
+from service.scoring import encode_v1, off_loop, score_images
+from service.shapes import image_shape
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ScoringAuth],
                    responses=ERROR_RESPONSES)
@@ -43,7 +46,7 @@ _SCORE_BODY = {
             "properties": {
                 "images": {"type": "array", "items": {"type": "string", "format": "binary"},
                            "description": "PNG/JPEG files (any size: converted to grayscale "
-                           "and resized to 28x28)"},
+                           "and resized to the model's image shape)"},
                 "operating_point": {"type": "string"},
                 "return_reconstruction": {"type": "boolean"},
                 "return_error_map": {"type": "boolean"},
@@ -58,22 +61,22 @@ async def list_models(registry: RegistryDep) -> dict:
     """Every model in the directory: loaded versions (with data set, normal classes, model
     type, operating points, evaluation metrics, artifact hash), available and refused ones."""
     snap = registry.snapshot
-    return {"models": [e.describe() for _, e in sorted(snap.models.items())],
+    return {"models": [describe_model(e) for _, e in sorted(snap.models.items())],
             "problems": list(snap.problems)}
 
 
 @router.get("/{name}", response_model=ModelInfo, summary="Describe a model")
 async def get_model(name: str, registry: RegistryDep) -> dict:
     """One model, as in the list."""
-    return registry.entry(name).describe()
+    return describe_model(find_entry(registry, name))
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionInfo,
             summary="Describe a model version")
 async def get_version(name: str, version: str, registry: RegistryDep) -> dict:
     """One loaded version of a model."""
-    entry = registry.entry(name)
-    return registry.get(name, version).describe(default=version == entry.default)
+    entry = find_entry(registry, name)
+    return describe_version(find_model(registry, name, version), default=version == entry.default)
 
 
 Opt = Annotated[str | None, Query(description="Operating point, e.g. fpr@1%")]
@@ -84,47 +87,67 @@ Fmt = Annotated[ImageFormat | None, Query()]
 @router.post("/{name}/score", response_model=ScoreResponse, summary="Score images",
              openapi_extra={"requestBody": _SCORE_BODY})
 async def score(name: str, request: Request, registry: RegistryDep, settings: SettingsDep,
-                operating_point: Opt = None, return_reconstruction: Flag = None,
+                metrics: MetricsDep, operating_point: Opt = None, return_reconstruction: Flag = None,
                 return_error_map: Flag = None, image_format: Fmt = None) -> Response:
     """Score images with the model's default version (newest, or pinned)."""
     query = {"operating_point": operating_point, "return_reconstruction": return_reconstruction,
              "return_error_map": return_error_map, "image_format": image_format}
-    return await _score(request, registry.get(name), settings, query)
+    return await _score(request, find_model(registry, name), settings, metrics, query)
 
 
 @router.post("/{name}/versions/{version}/score", response_model=ScoreResponse,
              summary="Score images with a version", openapi_extra={"requestBody": _SCORE_BODY})
 async def score_version(name: str, version: str, request: Request, registry: RegistryDep,
-                        settings: SettingsDep, operating_point: Opt = None,
+                        settings: SettingsDep, metrics: MetricsDep, operating_point: Opt = None,
                         return_reconstruction: Flag = None, return_error_map: Flag = None,
                         image_format: Fmt = None) -> Response:
     """Score images with a named loaded version."""
     query = {"operating_point": operating_point, "return_reconstruction": return_reconstruction,
              "return_error_map": return_error_map, "image_format": image_format}
-    return await _score(request, registry.get(name, version), settings, query)
+    return await _score(request, find_model(registry, name, version), settings, metrics, query)
 
 
-async def _score(request: Request, model, settings, query: dict) -> Response:
+async def _score(request: Request, model, settings, metrics, query: dict) -> Response:
+    # Full: refused before the body is read (or paid for).
+    with request.app.state.admission.ticket() as ticket:
+        return await _score_admitted(request, model, settings, metrics, query, ticket)
+
+
+async def _score_admitted(request: Request, model, settings, metrics, query: dict,
+                          ticket) -> Response:
     start = time.perf_counter()
+    shape = image_shape(model.detector)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
-        x, options = _parse_json(await request.body(), settings, query)
+        body = await request.body()
+        x, options = await off_loop(request, _parse_json, body, settings, query, shape)
     elif media_type == "multipart/form-data":
-        x, options = await _parse_form(request, settings, query)
+        files, options = await _read_form(request, settings, query)
+        x = await off_loop(request, inputs.decode_files, files, shape=shape,
+                           max_images=settings.max_batch_images,
+                           max_pixels=settings.max_image_pixels,
+                           max_request_pixels=settings.max_request_pixels)
     else:
         raise expect("Content-Type application/json or multipart/form-data",
-                     repr(media_type) if media_type else "no Content-Type",
-                     code="unsupported_media_type", status_code=415)
+                     preview_media_type(media_type), code="unsupported_media_type",
+                     status_code=415)
     decoded = time.perf_counter()
     full = options.return_reconstruction or options.return_error_map
-    scored = await score_images(model, x, options.operating_point, full=full,
+    ticket.resize(len(x))
+    scored = await score_images(metrics, model, x, options.operating_point, full=full,
                                 decode_s=decoded - start)
     encode_start = time.perf_counter()
-    body = encode_v1(scored, reconstruction=options.return_reconstruction,
-                     error_map=options.return_error_map, image_format=options.image_format)
-    metrics.STAGE_DURATION.labels(model.name, "encode").observe(
+    body = await off_loop(request, encode_v1, scored, reconstruction=options.return_reconstruction,
+                          error_map=options.return_error_map, image_format=options.image_format)
+    metrics.stage_duration.labels(model.name, "encode").observe(
         time.perf_counter() - encode_start)
     return Response(body, media_type="application/json")
+
+
+def preview_media_type(media_type: str) -> str:
+    if not media_type:
+        return "no Content-Type"
+    return repr(media_type[:60] + ("..." if len(media_type) > 60 else ""))
 
 
 def _options(query: dict, given: dict) -> ScoreOptions:
@@ -134,25 +157,30 @@ def _options(query: dict, given: dict) -> ScoreOptions:
         return ScoreOptions.model_validate(merged)
     except ValidationError as exc:
         raise ServiceError(422, "validation_error",
-                           describe_pydantic_error(exc.errors()[0])) from None
+                           describe_pydantic_error(exc.errors(include_url=False)[0])) from None
 
 
-def _parse_json(body: bytes, settings, query: dict):
-    req = parse_body(body, ScoreRequest, 'body like {"images": [...]}')
+def _parse_json(body: bytes, settings, query: dict, shape):
+    """Body -> (images, options); CPU-bound, run off the event loop."""
+    req = parse_body(body, ScoreRequest, 'body like {"images": [...]}',
+                     max_depth=settings.max_json_depth, max_keys=settings.max_json_keys)
     options = _options(query, {k: getattr(req, k) for k in req.model_fields_set
                                if k in _OPTION_FIELDS})
-    x = inputs.decode_json_images(req.images, max_images=settings.max_batch_images,
-                                  max_pixels=settings.max_image_pixels)
+    x = inputs.decode_json_images(req.images, shape=shape, max_images=settings.max_batch_images,
+                                  max_pixels=settings.max_image_pixels,
+                                  max_request_pixels=settings.max_request_pixels)
     return x, options
 
 
-async def _parse_form(request: Request, settings, query: dict):
+async def _read_form(request: Request, settings, query: dict):
     try:
         form = await request.form(max_files=settings.max_batch_images * 4, max_fields=32)
+    except ServiceError:
+        raise  # the body limit
     except Exception as exc:  # malformed multipart of any kind is the client's
         detail = getattr(exc, "detail", None) or str(exc) or type(exc).__name__
-        raise expect("a valid multipart/form-data body", detail, code="invalid_multipart",
-                     status_code=400) from None
+        raise expect("a valid multipart/form-data body", str(detail)[:200],
+                     code="invalid_multipart", status_code=400) from None
     try:
         files: list[tuple[str, bytes]] = []
         fields: dict[str, str] = {}
@@ -160,16 +188,17 @@ async def _parse_form(request: Request, settings, query: dict):
             if isinstance(value, UploadFile):
                 if key != "images":
                     raise expect("image files in fields named 'images'",
-                                 f"a file in the field {key!r}", code="validation_error")
+                                 f"a file in the field {key[:40]!r}", code="validation_error")
                 files.append((value.filename or "upload", await value.read()))
+            elif key == "images":
+                raise expect("the 'images' fields to be files (a filename in their "
+                             "Content-Disposition)", "a plain text field 'images'",
+                             code="validation_error")
             elif key in _OPTION_FIELDS:
                 fields[key] = value
             else:
                 raise expect(f"form fields 'images' (files) and {list(_OPTION_FIELDS)}",
-                             f"the field {key!r}", code="validation_error")
+                             f"the field {key[:40]!r}", code="validation_error")
     finally:
         await form.close()
-    options = _options(query, fields)
-    x = inputs.decode_files(files, max_images=settings.max_batch_images,
-                            max_pixels=settings.max_image_pixels)
-    return x, options
+    return files, _options(query, fields)

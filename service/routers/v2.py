@@ -4,14 +4,17 @@ Existing V2 clients work unchanged: tritonclient's HTTP client (which sends tens
 data by default), KServe, Seldon MLServer's clients. The model ``{m}`` has one input and three
 outputs:
 
-- input ``images``: FP32, FP64 or UINT8, shape ``[N, 28, 28]`` or ``[N, 784]`` (pixel scale
-  decided per image by the same rule as everywhere, see :mod:`service.inputs`);
+- input ``images``: FP32, FP64 or UINT8, shape ``[N, H, W]`` or ``[N, H*W]`` for the model's
+  image shape (``[N, 28, 28]`` or ``[N, 784]`` today; the model metadata lists both, and every
+  datatype, under ``inputs[0].parameters``); pixel scale decided per image by the same rule as
+  everywhere, see :mod:`service.inputs`;
 - outputs ``anomaly_score`` (FP64 ``[N]``, higher = more anomalous), ``is_anomaly`` (BOOL
   ``[N]``, at the operating point given as the request parameter ``operating_point``, else the
   model's default) and ``reconstruction`` (FP32, the input's shape).
 
-The requested ``outputs`` are honoured (all three when none are named, as the spec says), a
-request ``id`` is echoed, and errors are ``{"error": "..."}``. Binary data: a request whose
+The requested ``outputs`` are honoured; without ``outputs`` the reply carries
+:data:`DEFAULT_OUTPUTS` (score and decision: a reconstruction is as large as the input and
+costs a decoder pass, so it is sent only when named). A request ``id`` is echoed, and errors are ``{"error": "..."}``. Binary data: a request whose
 ``Inference-Header-Content-Length`` header is set carries its JSON header first and then the
 raw little-endian tensors of the inputs that declare ``binary_data_size``; outputs are returned
 binary when they ask for ``binary_data`` (or the request parameter ``binary_data_output`` is
@@ -25,6 +28,7 @@ Health follows the spec wording: ready endpoints answer 200 when ready and 400 o
 from __future__ import annotations
 
 import json
+import math
 import time
 import zlib
 
@@ -33,17 +37,26 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from anomaly import __version__
-from service import inputs, metrics
-from service.deps import RegistryDep, ScoringAuth, SettingsDep
-from service.errors import expect, parse_body
-from service.schemas import V2_ERROR_RESPONSES, V2InferRequest, V2InferResponse
-from service.scoring import score_images
+from service import inputs
+from service.deps import MetricsDep, RegistryDep, ScoringAuth, SettingsDep, find_entry, find_model
+from service.errors import expect, parse_body, preview
+from service.schemas import (
+    V2_ERROR_RESPONSES,
+    V2_READY_RESPONSES,
+    V2InferRequest,
+    V2InferResponse,
+)
+from service.scoring import off_loop, score_images
+from service.shapes import image_shape, tensor_shapes
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"],
                    responses=V2_ERROR_RESPONSES)
 
 INPUT = "images"
 OUTPUTS = ("anomaly_score", "is_anomaly", "reconstruction")
+#: Sent when a request names no ``outputs``: the score and the decision. A reconstruction is
+#: as large as the input and costs a decoder pass, so it is sent only when asked for.
+DEFAULT_OUTPUTS = ("anomaly_score", "is_anomaly")
 _DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "UINT8": np.dtype("u1")}
 
 
@@ -58,7 +71,7 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get("/health/ready", summary="Server ready", responses=V2_READY_RESPONSES)
 async def ready(registry: RegistryDep) -> JSONResponse:
     """200 when every model is loaded and warmed up, else 400 (the V2 spec's 4xx)."""
     ok = registry.ready
@@ -70,79 +83,81 @@ def _flag(params: dict, name: str, default: bool) -> bool:
     """A boolean request parameter: JSON true/false only (the string "false" is not true)."""
     value = params.get(name, default)
     if not isinstance(value, bool):
-        raise _bad(f"the parameter {name} as a JSON boolean (true or false)", repr(value),
+        raise _bad(f"the parameter {name} as a JSON boolean (true or false)", preview(value),
                    code="validation_error")
     return value
 
 
 def _metadata(model) -> dict:
+    shape = image_shape(model.detector)
+    accepted = tensor_shapes(shape)
     return {
         "name": model.name,
         "versions": [model.version],
         "platform": "tensorflow_keras",
-        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, 28, 28]}],
+        "inputs": [{"name": INPUT, "datatype": "FP32", "shape": accepted[0],
+                    "parameters": {"datatypes": list(_DTYPES), "shapes": accepted}}],
         "outputs": [{"name": "anomaly_score", "datatype": "FP64", "shape": [-1]},
                     {"name": "is_anomaly", "datatype": "BOOL", "shape": [-1]},
-                    {"name": "reconstruction", "datatype": "FP32", "shape": [-1, 28, 28]}],
+                    {"name": "reconstruction", "datatype": "FP32", "shape": accepted[0]}],
         "parameters": {"operating_points": sorted(model.calibration.operating_points),
                        "default_operating_point": model.calibration.default,
+                       "default_outputs": list(DEFAULT_OUTPUTS),
                        "artifact_sha256": model.sha256},
     }
 
 
 @router.get("/models/{model_name}", summary="Model metadata", dependencies=[ScoringAuth])
 async def model_metadata(model_name: str, registry: RegistryDep) -> dict:
-    meta = _metadata(registry.get(model_name))
-    meta["versions"] = sorted(registry.entry(model_name).versions, reverse=True)
+    meta = _metadata(find_model(registry, model_name))
+    meta["versions"] = sorted(find_entry(registry, model_name).versions, reverse=True)
     return meta
 
 
 @router.get("/models/{model_name}/versions/{version}", summary="Model version metadata",
             dependencies=[ScoringAuth])
 async def model_version_metadata(model_name: str, version: str, registry: RegistryDep) -> dict:
-    return _metadata(registry.get(model_name, version))
+    return _metadata(find_model(registry, model_name, version))
 
 
 def _model_ready(registry, model_name: str, version: str | None) -> JSONResponse:
-    entry = registry.entry(model_name)  # 404 for an unknown model
+    entry = find_entry(registry, model_name)  # 404 for an unknown model
     ok = entry.ready if version is None else version in entry.versions
     return JSONResponse({"name": model_name, "ready": ok}, status_code=200 if ok else 400)
 
 
-@router.get("/models/{model_name}/ready", summary="Model ready")
+@router.get("/models/{model_name}/ready", summary="Model ready", responses=V2_READY_RESPONSES)
 async def model_ready(model_name: str, registry: RegistryDep) -> JSONResponse:
     return _model_ready(registry, model_name, None)
 
 
-@router.get("/models/{model_name}/versions/{version}/ready", summary="Model version ready")
+@router.get("/models/{model_name}/versions/{version}/ready", summary="Model version ready",
+            responses=V2_READY_RESPONSES)
 async def model_version_ready(model_name: str, version: str,
                               registry: RegistryDep) -> JSONResponse:
     return _model_ready(registry, model_name, version)
 
 
-_INFER_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": V2InferRequest.model_json_schema(
-        ref_template="#/components/schemas/{model}")},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                 "description": "JSON header followed by binary tensors "
-                                 "(Inference-Header-Content-Length = JSON length)"}}}}
+# The body schema is set by service.schemas.install_openapi (strict, from the loaded models).
+_INFER_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object"}}}}}
 
 
 @router.post("/models/{model_name}/infer", summary="Infer", response_model=V2InferResponse,
              dependencies=[ScoringAuth], openapi_extra=_INFER_DOC)
 async def infer(model_name: str, request: Request, registry: RegistryDep,
-                settings: SettingsDep) -> Response:
+                settings: SettingsDep, metrics: MetricsDep) -> Response:
     """Score ``images`` with the model's default version."""
-    return await _infer(request, registry.get(model_name), settings)
+    return await _infer(request, find_model(registry, model_name), settings, metrics)
 
 
 @router.post("/models/{model_name}/versions/{version}/infer", summary="Infer with a version",
              response_model=V2InferResponse, dependencies=[ScoringAuth],
              openapi_extra=_INFER_DOC)
 async def infer_version(model_name: str, version: str, request: Request, registry: RegistryDep,
-                        settings: SettingsDep) -> Response:
+                        settings: SettingsDep, metrics: MetricsDep) -> Response:
     """Score ``images`` with a named loaded version."""
-    return await _infer(request, registry.get(model_name, version), settings)
+    return await _infer(request, find_model(registry, model_name, version), settings, metrics)
 
 
 def _bad(what: str, received: object, code: str = "invalid_tensor", status: int = 400):
@@ -166,8 +181,7 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def _split_body(request: Request, body: bytes) -> tuple[bytes, memoryview]:
-    header_len = request.headers.get("inference-header-content-length")
+def _split_body(header_len: str | None, body: bytes) -> tuple[bytes, memoryview]:
     if header_len is None:
         return body, memoryview(b"")
     try:
@@ -176,27 +190,31 @@ def _split_body(request: Request, body: bytes) -> tuple[bytes, memoryview]:
         n = -1
     if not 0 < n <= len(body):
         raise _bad(f"an Inference-Header-Content-Length in 1..{len(body)} (the body size)",
-                   repr(header_len))
+                   repr(header_len[:24]))
     return body[:n], memoryview(body)[n:]
 
 
-def _read_input(req: V2InferRequest, binary: memoryview, max_images: int) -> np.ndarray:
+def _read_input(req: V2InferRequest, binary: memoryview, max_images: int,
+                shape: tuple[int, int, int]) -> np.ndarray:
     if len(req.inputs) != 1 or req.inputs[0].name != INPUT:
-        raise _bad(f"exactly one input named {INPUT!r}", [t.name for t in req.inputs])
+        raise _bad(f"exactly one input named {INPUT!r}",
+                   preview([t.name for t in req.inputs[:8]]))
     t = req.inputs[0]
     dtype = _DTYPES.get(t.datatype)
     if dtype is None:
-        raise _bad(f"input {INPUT!r} of datatype {sorted(_DTYPES)}", repr(t.datatype),
+        raise _bad(f"input {INPUT!r} of datatype {sorted(_DTYPES)}", preview(t.datatype),
                    code="invalid_dtype")
-    shape = t.shape
-    if len(shape) not in (2, 3) or shape[1:] not in ([784], [28, 28]):
-        raise _bad(f"input {INPUT!r} of shape [N, 28, 28] or [N, 784]", shape,
-                   code="invalid_shape")
-    n = shape[0]
+    accepted = tensor_shapes(shape)
+    tensor_shape = t.shape
+    if len(tensor_shape) < 2 or not any(
+            tensor_shape[1:] == a[1:] for a in accepted):
+        raise _bad(f"input {INPUT!r} of shape {' or '.join(map(str, accepted))} "
+                   "(-1: any batch size)", preview(tensor_shape), code="invalid_shape")
+    n = tensor_shape[0]
     if n < 0:
-        raise _bad(f"input {INPUT!r} with N >= 1", shape, code="invalid_shape")
+        raise _bad(f"input {INPUT!r} with N >= 1", preview(tensor_shape), code="invalid_shape")
     inputs.check_batch_size(n, max_images, what=f"input {INPUT!r}")
-    count = n * 784
+    count = n * math.prod(shape)
     params = t.parameters or {}
     size = params.get("binary_data_size")
     if size is not None:
@@ -205,8 +223,8 @@ def _read_input(req: V2InferRequest, binary: memoryview, max_images: int) -> np.
         if (not isinstance(size, int) or isinstance(size, bool)
                 or size != count * dtype.itemsize or size > len(binary)):
             raise _bad(f"{count * dtype.itemsize} bytes of binary {t.datatype} data for shape "
-                       f"{shape}", f"binary_data_size {size!r} with {len(binary)} bytes after "
-                       "the JSON header", code="invalid_shape")
+                       f"{tensor_shape}", f"binary_data_size {preview(size)} with "
+                       f"{len(binary)} bytes after the JSON header", code="invalid_shape")
         arr = np.frombuffer(binary[:size], dtype=dtype)
     else:
         if t.data is None:
@@ -220,14 +238,13 @@ def _read_input(req: V2InferRequest, binary: memoryview, max_images: int) -> np.
             raise _bad(f"numbers in the data of input {INPUT!r}", f"dtype {raw.dtype}",
                        code="invalid_dtype")
         if raw.size != count:
-            raise _bad(f"{count} values for shape {shape}", f"{raw.size}", code="invalid_shape")
-        if dtype.kind == "u":
-            if raw.dtype.kind == "f":
-                raise _bad("integers in the data of a UINT8 input", "floating-point values",
-                           code="invalid_dtype")
-            inputs.check_pixels(raw, f"input {INPUT!r}")
+            raise _bad(f"{count} values for shape {tensor_shape}", f"{raw.size}",
+                       code="invalid_shape")
+        if dtype.kind == "u" and raw.dtype.kind == "f":
+            raise _bad("integers in the data of a UINT8 input", "floating-point values",
+                       code="invalid_dtype")
         arr = raw.astype(dtype) if dtype.kind == "f" else raw
-    return arr.reshape(n, *shape[1:])
+    return arr.reshape(n, *tensor_shape[1:])
 
 
 def _encode(name: str, arr: np.ndarray, datatype: str, binary: bool,
@@ -242,35 +259,38 @@ def _encode(name: str, arr: np.ndarray, datatype: str, binary: bool,
     return out
 
 
-async def _infer(request: Request, model, settings) -> Response:
-    start = time.perf_counter()
-    body = await request.body()
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+def _parse(body: bytes, encoding: str, header_len: str | None, settings,
+           shape: tuple[int, int, int]):
+    """The whole request -> (request, wanted outputs, operating point, raw tensor, images).
+
+    CPU-bound (decompression, JSON, validation): run off the event loop.
+    """
     if encoding not in ("", "identity"):
         body = _decompress(body, encoding, settings.max_body_bytes)
-    header, binary = _split_body(request, body)
-    req = parse_body(header, V2InferRequest, "inference request", status_code=400)
+    header, binary = _split_body(header_len, body)
+    req = parse_body(header, V2InferRequest, "inference request", status_code=400,
+                     max_depth=settings.max_json_depth, max_keys=settings.max_json_keys)
     params = req.parameters or {}
     binary_default = _flag(params, "binary_data_output", False)
     if req.outputs:
         wanted = []
         for o in req.outputs:
             if o.name not in OUTPUTS:
-                raise _bad(f"outputs among {list(OUTPUTS)}", repr(o.name),
+                raise _bad(f"outputs among {list(OUTPUTS)}", preview(o.name),
                            code="unknown_output")
             wanted.append((o.name, _flag(o.parameters or {}, "binary_data", binary_default)))
     else:
-        wanted = [(name, binary_default) for name in OUTPUTS]
+        wanted = [(name, binary_default) for name in DEFAULT_OUTPUTS]
     op_name = params.get("operating_point")
     if op_name is not None and not isinstance(op_name, str):
-        raise _bad("the parameter operating_point as a string", repr(op_name),
+        raise _bad("the parameter operating_point as a string", preview(op_name),
                    code="unknown_operating_point")
-    raw = _read_input(req, binary, settings.max_batch_images)
-    x = inputs.tensor_images(raw)
-    full = any(name == "reconstruction" for name, _ in wanted)
-    scored = await score_images(model, x, op_name, full=full,
-                                decode_s=time.perf_counter() - start)
-    encode_start = time.perf_counter()
+    raw = _read_input(req, binary, settings.max_batch_images, shape)
+    return req, wanted, op_name, raw, inputs.tensor_images(raw, shape)
+
+
+def _respond(req: V2InferRequest, model, scored, wanted, raw_shape) -> tuple[bytes, bytes]:
+    """The JSON header and binary blobs of the reply; CPU-bound for reconstructions."""
     blobs: list[bytes] = []
     outputs = []
     for name, as_binary in wanted:
@@ -280,7 +300,7 @@ async def _infer(request: Request, model, settings) -> Response:
             outputs.append(_encode(name, scored.is_anomaly.astype(bool), "BOOL", as_binary,
                                    blobs))
         else:
-            recon = scored.reconstruction.astype("<f4").reshape(raw.shape)
+            recon = scored.reconstruction.astype("<f4").reshape(raw_shape)
             outputs.append(_encode(name, recon, "FP32", as_binary, blobs))
     resp = {"model_name": model.name, "model_version": model.version}
     if req.id is not None:
@@ -288,10 +308,31 @@ async def _infer(request: Request, model, settings) -> Response:
     resp["parameters"] = {"operating_point": scored.operating_point,
                           "threshold": scored.threshold}
     resp["outputs"] = outputs
-    head = json.dumps(resp, allow_nan=False).encode()
-    metrics.STAGE_DURATION.labels(model.name, "encode").observe(
+    return json.dumps(resp, allow_nan=False).encode(), b"".join(blobs)
+
+
+async def _infer(request: Request, model, settings, metrics) -> Response:
+    # Full: refused before the body is read (or paid for).
+    with request.app.state.admission.ticket() as ticket:
+        return await _infer_admitted(request, model, settings, metrics, ticket)
+
+
+async def _infer_admitted(request: Request, model, settings, metrics, ticket) -> Response:
+    start = time.perf_counter()
+    body = await request.body()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    req, wanted, op_name, raw, x = await off_loop(
+        request, _parse, body, encoding, request.headers.get("inference-header-content-length"),
+        settings, image_shape(model.detector))
+    full = any(name == "reconstruction" for name, _ in wanted)
+    ticket.resize(len(x))
+    scored = await score_images(metrics, model, x, op_name, full=full,
+                                decode_s=time.perf_counter() - start)
+    encode_start = time.perf_counter()
+    head, blobs = await off_loop(request, _respond, req, model, scored, wanted, raw.shape)
+    metrics.stage_duration.labels(model.name, "encode").observe(
         time.perf_counter() - encode_start)
     if not blobs:
         return Response(head, media_type="application/json")
-    return Response(head + b"".join(blobs), media_type="application/octet-stream",
+    return Response(head + blobs, media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(len(head))})

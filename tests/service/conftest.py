@@ -97,6 +97,8 @@ def running_app(models_dir: Path, *, ready: bool = True, **settings):
     from service.app import create_app
     from service.settings import Settings
 
+    # The admin routes are closed by default; most tests reload without keys.
+    settings.setdefault("admin_open", True)
     app = create_app(Settings(models_dir=models_dir, **settings))
     with TestClient(app, raise_server_exceptions=False) as client:
         if ready:
@@ -132,7 +134,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = models_dir.parent / f"server-{self.port}.log"
         environ = {**os.environ, "ANOMALY_LOG_LEVEL": "warning", "ANOMALY_ACCESS_LOG": "false",
-                   "PYTHONPATH": str(REPO), **env}
+                   "ANOMALY_ADMIN_OPEN": "1", "PYTHONPATH": str(REPO), **env}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "anomaly.cli", "serve", "--models", str(models_dir),

@@ -92,10 +92,17 @@ def test_non_finite_pixels(client, literal):
     assert "images[0]" in err["message"]
 
 
-@pytest.mark.parametrize("body", [b"{", b"", b"\xff\xfe\x00", b"[" * 100_000])
+@pytest.mark.parametrize("body", [b"{", b"", b"\xff\xfe\x00"])
 def test_malformed_json(client, body):
     check_error(client.post(URL, content=body, headers={"content-type": "application/json"}),
                 400, "invalid_json")
+
+
+def test_deep_nesting_is_refused_before_parsing_naming_the_limit(client):
+    err = check_error(client.post(URL, content=b"[" * 100_000,
+                                  headers={"content-type": "application/json"}),
+                      400, "json_too_complex")
+    assert "at most 32 levels" in err["message"] and "ANOMALY_MAX_JSON_DEPTH" in err["message"]
 
 
 def test_json_that_is_not_an_object(client):

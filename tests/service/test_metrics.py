@@ -42,7 +42,7 @@ def test_metric_names_types_and_units(mclient):
         "anomaly_requests_in_flight": "gauge", "anomaly_input_rejections": "counter",
         "anomaly_stage_duration_seconds": "histogram",
         "anomaly_request_batch_size": "histogram", "anomaly_inference_batch_size": "histogram",
-        "anomaly_images_scored": "counter", "anomaly_anomalies": "counter",
+        "anomaly_images_scored": "counter", "anomaly_flagged_images": "counter",
         "anomaly_expected_anomaly_ratio": "gauge", "anomaly_model_info": "gauge",
         "anomaly_model_ready": "gauge", "anomaly_model_refused_versions": "gauge",
         "anomaly_model_load_failures": "counter", "anomaly_model_reloads": "counter",
@@ -97,7 +97,7 @@ def test_metrics_move_with_requests(mclient, detector):
                  route=route, model="blobs") == 3
     labels = {"model": "blobs", "version": "v2", "operating_point": "fpr@1%"}
     assert delta("anomaly_images_scored", "anomaly_images_scored_total", **labels) == 13
-    assert delta("anomaly_anomalies", "anomaly_anomalies_total", **labels) == flagged
+    assert delta("anomaly_flagged_images", "anomaly_flagged_images_total", **labels) == flagged
     assert delta("anomaly_score", "anomaly_score_count", model="blobs", version="v2") == 13
     for reason in ("out_of_range", "empty_batch"):
         assert delta("anomaly_input_rejections", "anomaly_input_rejections_total",
@@ -159,3 +159,31 @@ def test_expected_anomaly_ratio_is_the_operating_points_fpr(mclient, detector):
     for op in detector.calibration_.operating_points.values():
         assert value(fams, "anomaly_expected_anomaly_ratio", model="blobs", version="v2",
                      operating_point=op.name) == pytest.approx(op.expected_fpr)
+
+
+def test_readiness_503_is_not_a_server_error(app_factory, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with app_factory(tmp_path / "empty", ready=False) as c:
+        for _ in range(3):
+            assert c.get("/readyz").status_code == 503
+            assert c.get("/v2/health/ready").status_code == 400
+        fams = scrape(c)
+    for route in ("/readyz", "/v2/health/ready"):
+        assert value(fams, "anomaly_requests", "anomaly_requests_total", route=route,
+                     outcome="not_ready") == 3
+        assert value(fams, "anomaly_requests", "anomaly_requests_total", route=route,
+                     outcome="server_error") == 0
+
+
+def test_two_apps_in_one_process_keep_their_own_metrics(models_root):
+    from tests.service.conftest import running_app
+
+    with running_app(models_root) as a, running_app(models_root) as b:
+        assert a.post("/v1/models/blobs/score", json={"images": blobs(3).tolist()}
+                      ).status_code == 200
+        scored = {"model": "blobs", "version": "v2", "operating_point": "fpr@1%"}
+        assert value(scrape(a), "anomaly_images_scored", "anomaly_images_scored_total",
+                     **scored) == 3
+        assert value(scrape(b), "anomaly_images_scored", "anomaly_images_scored_total",
+                     **scored) == 0
+    assert a.app.state.metrics is not b.app.state.metrics

@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -146,12 +147,21 @@ def test_metadata_names_match_manifest(models_root):
 # -- micro-batcher -----------------------------------------------------------------------------
 
 
+@dataclass
+class Out:
+    """A model call's result: per-image arrays and one per-call value (the key)."""
+
+    scores: np.ndarray
+    reconstruction: np.ndarray | None
+    key: object
+
+
 def _run_factory(calls: list, delay: float = 0.02):
-    def run(x, full):
+    def run(x, key, full):
         calls.append(len(x))
         time.sleep(delay)
         s = x.reshape(len(x), -1).sum(axis=1).astype(np.float64)
-        return s, (x if full else None), (x if full else None)
+        return Out(s, x if full else None, key)
 
     return run
 
@@ -169,10 +179,10 @@ def test_micro_batcher_merges_concurrent_requests():
 
     xs, results = asyncio.run(main())
     for x, r in zip(xs, results, strict=True):
-        np.testing.assert_array_equal(r.scores, x.reshape(len(x), -1).sum(axis=1))
+        np.testing.assert_array_equal(r.output.scores, x.reshape(len(x), -1).sum(axis=1))
         assert r.queue_s >= 0 and r.predict_s > 0
     assert len(calls) < 10 and max(calls) <= 8 and sum(calls) == sum(len(x) for x in xs)
-    assert results[3].reconstruction is not None
+    assert results[3].output.reconstruction is not None
     pool.shutdown()
 
 
@@ -204,11 +214,11 @@ def test_micro_batcher_errors_reach_callers_and_it_recovers():
     fail = threading.Event()
     fail.set()
 
-    def run(x, full):
+    def run(x, key, full):
         time.sleep(0.01)
         if fail.is_set():
             raise RuntimeError("model call failed")
-        return np.zeros(len(x)), None, None
+        return Out(np.zeros(len(x)), None, key)
 
     batcher = MicroBatcher(run, pool)
 
@@ -220,7 +230,7 @@ def test_micro_batcher_errors_reach_callers_and_it_recovers():
         fail.clear()
         return await batcher.submit(x)
 
-    assert asyncio.run(main()).scores.tolist() == [0.0]
+    assert asyncio.run(main()).output.scores.tolist() == [0.0]
     pool.shutdown()
 
 
@@ -240,5 +250,38 @@ def test_micro_batcher_survives_cancelled_callers(n):
         return r, again
 
     r, again = asyncio.run(main())
-    assert r.scores.tolist() == again.scores.tolist() == [784.0] * n
+    assert r.output.scores.tolist() == again.output.scores.tolist() == [784.0] * n
     pool.shutdown()
+
+
+def test_micro_batcher_merges_only_requests_of_the_same_key():
+    calls: list[int] = []
+    pool = ThreadPoolExecutor(1)
+    batcher = MicroBatcher(_run_factory(calls), pool, max_images=64)
+
+    async def main():
+        x = np.ones((1, 28, 28), np.float32)
+        return await asyncio.gather(*(batcher.submit(x * i, key=("a", "b")[i % 2])
+                                      for i in range(8)))
+
+    results = asyncio.run(main())
+    assert [r.output.key for r in results] == ["a", "b"] * 4
+    assert [r.output.scores.tolist() for r in results] == [[784.0 * i] for i in range(8)]
+    # All eight wait for the first call: the "a"s share one call and the "b"s another.
+    assert calls == [4, 4], calls
+    pool.shutdown()
+
+
+def test_registry_and_loading_import_no_http_framework():
+    """Issue #8's seam: scanning, loading, warm-up and the registry know nothing of HTTP."""
+    import subprocess
+    import sys
+
+    from tests.service.conftest import REPO
+
+    code = ("import sys, service.registry, service.loading, service.gauges; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'starlette'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={"PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

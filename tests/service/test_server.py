@@ -103,7 +103,9 @@ def test_tritonclient_against_v2_routes(server, detector):
 
         inp = triton.InferInput("images", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)  # binary tensor data: tritonclient's default
-        res = client.infer("blobs", [inp], request_id="req-42")
+        wanted = [triton.InferRequestedOutput(n) for n in ("anomaly_score", "is_anomaly",
+                                                            "reconstruction")]
+        res = client.infer("blobs", [inp], request_id="req-42", outputs=wanted)
         assert res.get_response()["id"] == "req-42"
         np.testing.assert_array_equal(res.as_numpy("anomaly_score"), expected.scores)
         np.testing.assert_array_equal(res.as_numpy("is_anomaly"), expected.is_anomaly)

@@ -57,18 +57,31 @@ def test_health_metadata_and_readiness(client):
     v2_error(client.get("/v2/models/nope/ready"), 404)
     meta = client.get("/v2/models/blobs").json()
     assert meta["versions"] == ["v2", "v1"] and meta["inputs"][0]["shape"] == [-1, 28, 28]
+    # What is accepted, not only the preferred form: every datatype and both shapes.
+    accepted = meta["inputs"][0]["parameters"]
+    assert accepted == {"datatypes": ["FP32", "FP64", "UINT8"],
+                        "shapes": [[-1, 28, 28], [-1, 784]]}
+    assert meta["parameters"]["default_outputs"] == ["anomaly_score", "is_anomaly"]
     assert client.get("/v2/models/blobs/versions/v1").json()["versions"] == ["v1"]
     v2_error(client.get("/v2/models/nope"), 404)
     v2_error(client.get("/v2/nowhere"), 404)
 
 
-def test_json_infer_all_outputs_and_id(client, detector):
+def test_json_infer_default_outputs_and_id(client):
+    """Without ``outputs`` the reply is the score and the decision: no reconstruction."""
     r = client.post(URL, json={"id": "abc", "inputs": [tensor(X)]})
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     body = r.json()
     assert body["id"] == "abc" and body["model_name"] == "blobs" and body["model_version"] == "v2"
-    outs = {o["name"]: o for o in body["outputs"]}
-    assert list(outs) == ["anomaly_score", "is_anomaly", "reconstruction"]
+    assert [o["name"] for o in body["outputs"]] == ["anomaly_score", "is_anomaly"]
+
+
+def test_json_infer_all_outputs(client, detector):
+    names = ["anomaly_score", "is_anomaly", "reconstruction"]
+    r = client.post(URL, json={"inputs": [tensor(X)], "outputs": [{"name": n} for n in names]})
+    assert r.status_code == 200, r.text
+    outs = {o["name"]: o for o in r.json()["outputs"]}
+    assert list(outs) == names
     expected = detector.detect(X, reconstruction=True)
     assert outs["anomaly_score"]["datatype"] == "FP64" and outs["anomaly_score"]["shape"] == [4]
     np.testing.assert_array_equal(outs["anomaly_score"]["data"], expected.scores)
@@ -113,7 +126,7 @@ def test_binary_data_output_parameter_and_gzip(client):
                                                                 "content-encoding": "gzip"})
     assert r.status_code == 200, r.text
     _, blobs_ = split_binary(r)
-    assert set(blobs_) == {"anomaly_score", "is_anomaly", "reconstruction"}
+    assert set(blobs_) == {"anomaly_score", "is_anomaly"}
     assert np.frombuffer(blobs_["is_anomaly"], bool).shape == (4,)
 
 
