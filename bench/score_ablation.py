@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomaly.config import resolve
 from anomaly.data.splits import parse_classes
-from anomaly.pipeline import prepare
+from anomaly.data.prepare import prepare
 
 
 def _raw_bce(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,11 +28,11 @@ def _raw_bce(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     bce, kl = [], []
     for i in range(0, len(x), 1024):
-        xb = x[i : i + 1024]
+        xb = x[i : i + 1024][..., None]  # (n, H, W, 1): what the network takes
         z_mean, z_log_var = model.encode(xb)
         lg = model.decode_logits(z_mean)
         pix = ops.relu(lg) - lg * xb + ops.log1p(ops.exp(-ops.abs(lg)))
-        bce.append(ops.convert_to_numpy(ops.sum(pix, axis=(1, 2))))
+        bce.append(ops.convert_to_numpy(ops.sum(pix, axis=(1, 2, 3))))
         kl.append(ops.convert_to_numpy(model.kl_divergence(z_mean, z_log_var))
                   if model.variational else np.zeros(len(xb)))
     return np.concatenate(bce), np.concatenate(kl)
@@ -51,9 +51,10 @@ def main() -> None:
     rows = []
     for c in parse_classes(args.classes, n_classes=10, leave_anomalies=False):
         cfg = resolve(None, {"dataset": args.dataset, "normal_classes": [c],
-                             "model": args.model, "epochs": args.epochs})
-        _, _, split = prepare(cfg)
-        det = Detector(**cfg.detector_params()).fit(split.x_train, split.x_val)
+                             "model": args.model, "epochs": args.epochs,
+                             "force_calibration": True})
+        split = prepare(cfg)
+        det = Detector.from_config(cfg.detector).fit(split.x_train, x_val=split.x_val)
         x, y = split.x_test, split.y_test
         model = det.model_
         row = {"class": c}
@@ -64,11 +65,9 @@ def main() -> None:
         if model.variational:
             row["raw elbo"] = roc_auc_score(y, raw_bce + model.beta * kl)
             row["elbo"] = roc_auc_score(y, Scorer(model, "elbo")(x).scores)
-        knn = det.knn_
-        parts = Scorer(model, "mse+knn", det.aggregation,
-                       knn=type(knn)(knn.memory, knn.k)).knn_components(x)
+        parts = det.scorer.parts(x)  # log mse, log knn
         row["latent knn alone"] = roc_auc_score(y, parts[:, 1])
-        row[f"mse+knn ({det.aggregation})"] = roc_auc_score(y, det.score(x))
+        row[f"mse+knn ({det.aggregation})"] = roc_auc_score(y, det.decision_function(x))
         rows.append(row)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.items()), flush=True)

@@ -50,12 +50,14 @@ def data_error(exc: DataError) -> ServiceError:
     return ServiceError(422, code, message)
 
 
-def validated(a: np.ndarray, what: str) -> np.ndarray:
-    """Pixels ``(n, ...)`` -> float32 in [0, 1] by the shared rule; its errors as 422s."""
+def validated(a: np.ndarray, what: str, shape: tuple[int, int, int] | None = None
+              ) -> np.ndarray:
+    """Pixels ``(n, ...)`` -> float32 in [0, 1] by the shared rule (brought to ``shape`` when
+    given); its errors as 422s."""
     if a.dtype == bool:  # JSON true/false: a request-format error, not a 0/255 mask
         raise expect(f"numeric pixel values in {what}", "true/false", code="invalid_dtype")
     try:
-        return to_unit_float(a, what=what)
+        return to_unit_float(a, shape=shape, what=what)
     except DataError as exc:
         raise data_error(exc) from None
 
@@ -117,16 +119,17 @@ def image_size(data: bytes, what: str) -> tuple[int, int]:
 
 
 def encoded_image(data: bytes, what: str, shape: tuple[int, int, int]) -> np.ndarray:
-    """PNG/JPEG/... file bytes -> float32 of the model's shape (grayscale, resized).
+    """PNG/JPEG/... file bytes -> float32 of the model's shape (its channels; other sizes
+    resized, with a note in the log).
 
     Call :meth:`PixelBudget.spend` with :func:`image_size` first: decoding is the expensive
     part and a small file can hold a huge image.
     """
     try:
-        gray = decode_image_bytes(data, name=what)
+        gray = decode_image_bytes(data, name=what, channels=shape[2])
     except DataError as exc:
         raise ServiceError(422, "invalid_image", str(exc)) from None
-    out = validated(gray[None], what)[0]
+    out = validated(gray[None], what, shape)[0]
     if out.shape != pixel_shape(shape):
         raise expect(f"{what} convertible to the model's {shape_text(pixel_shape(shape))} "
                      f"images", f"{gray.shape[1]}x{gray.shape[0]} pixels giving {out.shape}",

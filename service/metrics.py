@@ -47,6 +47,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.samples import Sample
 
 # The *_created series double the exposition for little use (Prometheus ignores them).
 disable_created_metrics()
@@ -118,11 +119,10 @@ class _ScoreSeries:
         self.filled = min(n, self.filled + k)
 
     def drift(self) -> tuple[float, float]:
-        live = np.sort(self.window[: self.filled])
-        both = np.concatenate([live, self.reference])
-        f_live = np.searchsorted(live, both, side="right") / len(live)
-        f_ref = np.searchsorted(self.reference, both, side="right") / len(self.reference)
-        ks = float(np.max(np.abs(f_live - f_ref)))
+        from scipy.stats import ks_2samp
+
+        live = self.window[: self.filled]
+        ks = float(ks_2samp(live, self.reference).statistic)
         eps = 1e-4
         actual = np.clip(self._fractions(live), eps, None)
         expected = np.clip(self.psi_expected, eps, None)
@@ -192,6 +192,13 @@ class ScoreMonitor:
                                                              strict=True)]
                 buckets.append(("+Inf", float(cumulative[-1])))
                 hist.add_metric([model, version], buckets, s.sum)
+                if s.bounds.size and s.bounds[0] < 0:
+                    # prometheus_client drops _count (and _sum, which OpenMetrics forbids then)
+                    # when a bucket is negative, as mse+knn scores are: keep the count, which
+                    # the dashboard and the flagged-ratio rules divide by.
+                    hist.samples.append(Sample("anomaly_score_count",
+                                               {"model": model, "version": version},
+                                               float(cumulative[-1])))
                 size.add_metric([model, version], float(s.filled))
                 if s.filled:
                     d_ks, d_psi = s.drift()

@@ -386,7 +386,7 @@ def describe_version(model, *, default: bool) -> dict:
         "class_names": meta.get("class_names"),
         "model_type": meta.get("model_type", det.model),
         "image_shape": list(_image_shape(det)),
-        "score": det.resolved_score,
+        "score": det.score,
         "aggregation": det.aggregation,
         "created_at": meta.get("created_at"),
         "artifact_sha256": model.sha256,

@@ -8,7 +8,7 @@ import math
 def image_shape(detector) -> tuple[int, int, int]:
     """The ``(height, width, channels)`` of the images ``detector`` scores: the one place the
     service reads it."""
-    return tuple(getattr(detector, "image_shape_", (28, 28, 1)))
+    return tuple(int(v) for v in detector.image_shape_)
 
 
 def pixel_shape(shape: tuple[int, int, int]) -> tuple[int, ...]:
@@ -18,7 +18,7 @@ def pixel_shape(shape: tuple[int, int, int]) -> tuple[int, ...]:
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
-    """``(28, 28)`` -> ``"28x28"``."""
+    """``(32, 48)`` -> ``"32x48"``."""
     return "x".join(map(str, shape))
 
 

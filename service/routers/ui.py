@@ -2,7 +2,7 @@
 
 One static HTML file (``service/static/ui.html``, inline CSS and JavaScript, no build step and
 no external resources) that uses only the public API: it lists the models with
-``GET /v1/models``, scores a drawing (JSON, 28x28 integers 0-255) or an uploaded file
+``GET /v1/models``, scores a drawing (JSON integers 0-255 at the model's size, for small grey models) or an uploaded file
 (multipart) with ``POST /v1/models/{name}/score`` asking for the reconstruction and error map as
 base64 PNGs, and polls ``GET /metrics`` for the live view. The page itself is open, like the
 docs; when API keys are configured it sends the key the user types as a bearer token.

@@ -5,7 +5,7 @@ data by default), KServe, Seldon MLServer's clients. The model ``{m}`` has one i
 outputs:
 
 - input ``images``: FP32, FP64 or UINT8, shape ``[N, H, W]`` or ``[N, H*W]`` for the model's
-  image shape (``[N, 28, 28]`` or ``[N, 784]`` today; the model metadata lists both, and every
+  image shape (e.g. ``[N, H, W]`` and ``[N, H*W]`` for a grey model; the metadata lists both, and every
   datatype, under ``inputs[0].parameters``); pixel scale decided per image by the same rule as
   everywhere, see :mod:`service.inputs`;
 - outputs ``anomaly_score`` (FP64 ``[N]``, higher = more anomalous), ``is_anomaly`` (BOOL

@@ -51,7 +51,8 @@ def detector():
     """The session's tiny fitted Detector (read-only)."""
     from anomaly.detector import Detector
 
-    det = Detector("dense-ae", epochs=1, batch_size=32, hidden=[32], latent_dim=4,
+    det = Detector("dense-ae", force_calibration=True, epochs=1, batch_size=32, hidden=[32],
+                   latent_dim=4,
                    target_fprs=(0.01, 0.1))
     return det.fit(blobs(200))
 

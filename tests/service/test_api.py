@@ -116,10 +116,11 @@ def test_pixel_scale_rule_per_image(client):
 def test_integer_image_of_zeros_and_ones_is_0_255(client):
     ones = np.zeros((28, 28), int)
     ones[10:18, 10:18] = 1  # all-integer: read as 0-255, i.e. almost black
-    r = client.post("/v1/models/blobs/score", json={"images": [ones.tolist(),
-                                                               np.zeros((28, 28)).tolist()]})
+    r = client.post("/v1/models/blobs/score", json={"images": [
+        ones.tolist(), (ones / 255.0).tolist(), (ones * 1.0).tolist()]})
     s = scores_of(r)
-    assert s[0] == pytest.approx(s[1], rel=1e-2)
+    assert s[0] == pytest.approx(s[1], rel=1e-6)  # the integers were read as 0-255
+    assert s[2] != pytest.approx(s[0], rel=1e-2)  # floats <= 1: a white square, not black
 
 
 def test_base64_png_jpeg_and_data_url(client, detector):
@@ -132,7 +133,7 @@ def test_base64_png_jpeg_and_data_url(client, detector):
     r = client.post("/v1/models/blobs/score", json={"images": [
         png, "data:image/png;base64," + png, jpeg, wrapped, png_b64(img, size=56)]})
     s = scores_of(r)
-    ref = detector.score(np.rint(img * 255).astype(np.uint8)[None])[0]
+    ref = detector.decision_function(np.rint(img * 255).astype(np.uint8)[None])[0]
     assert s[0] == pytest.approx(ref, rel=1e-6)
     assert s[1] == s[0] and s[3] == s[0]
     assert s[2] == pytest.approx(ref, rel=0.2) and s[4] == pytest.approx(ref, rel=0.5)

@@ -121,7 +121,7 @@ def test_tritonclient_against_v2_routes(server, detector):
         assert [o["name"] for o in res.get_response()["outputs"]] == ["anomaly_score"]
         assert res.get_response()["model_version"] == "v1"
         assert res.as_numpy("is_anomaly") is None
-        np.testing.assert_allclose(res.as_numpy("anomaly_score"), detector.score(u8.reshape(
+        np.testing.assert_allclose(res.as_numpy("anomaly_score"), detector.decision_function(u8.reshape(
             -1, 28, 28)), rtol=1e-6)
 
         # Compressed request body.
