@@ -18,8 +18,8 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from anomaly.config import resolve
-from anomaly.data.splits import parse_classes
 from anomaly.data.prepare import prepare
+from anomaly.data.splits import parse_classes
 
 
 def _raw_bce(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
