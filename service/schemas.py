@@ -10,9 +10,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 ImageFormat = Literal["array", "png", "both"]
+
+#: The V2 (Open Inference Protocol) tensors of every model: one input, three outputs.
+V2_INPUT = "images"
+V2_OUTPUTS = ("anomaly_score", "is_anomaly", "reconstruction")
+#: Sent when a request names no ``outputs``: the score and the decision. A reconstruction is
+#: as large as the input and costs a decoder pass, so it is sent only when asked for.
+V2_DEFAULT_OUTPUTS = ("anomaly_score", "is_anomaly")
+V2_DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "UINT8": np.dtype("u1")}
 
 
 def image_schema(shape: tuple[int, ...] | None) -> dict:
@@ -330,7 +339,7 @@ def install_openapi(app, settings) -> None:
     """
     import copy
 
-    from service.routers.v2 import _DTYPES, DEFAULT_OUTPUTS, OUTPUTS
+    _DTYPES, DEFAULT_OUTPUTS, OUTPUTS = V2_DTYPES, V2_DEFAULT_OUTPUTS, V2_OUTPUTS
     from service.shapes import pixel_shape, tensor_shapes
 
     base = app.openapi

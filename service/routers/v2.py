@@ -41,7 +41,11 @@ from service import inputs
 from service.deps import MetricsDep, RegistryDep, ScoringAuth, SettingsDep, find_entry, find_model
 from service.errors import expect, parse_body, preview
 from service.schemas import (
+    V2_DEFAULT_OUTPUTS,
+    V2_DTYPES,
     V2_ERROR_RESPONSES,
+    V2_INPUT,
+    V2_OUTPUTS,
     V2_READY_RESPONSES,
     V2InferRequest,
     V2InferResponse,
@@ -52,12 +56,7 @@ from service.shapes import image_shape, tensor_shapes
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"],
                    responses=V2_ERROR_RESPONSES)
 
-INPUT = "images"
-OUTPUTS = ("anomaly_score", "is_anomaly", "reconstruction")
-#: Sent when a request names no ``outputs``: the score and the decision. A reconstruction is
-#: as large as the input and costs a decoder pass, so it is sent only when asked for.
-DEFAULT_OUTPUTS = ("anomaly_score", "is_anomaly")
-_DTYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "UINT8": np.dtype("u1")}
+INPUT, OUTPUTS, DEFAULT_OUTPUTS, _DTYPES = V2_INPUT, V2_OUTPUTS, V2_DEFAULT_OUTPUTS, V2_DTYPES
 
 
 @router.get("", summary="Server metadata")

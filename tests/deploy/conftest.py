@@ -80,7 +80,7 @@ def models_dir(tmp_path_factory) -> Path:
     """``blobs/v1`` and ``blobs/v2``: one tiny dense autoencoder (1 epoch, 200 images)."""
     from anomaly.detector import Detector
 
-    det = Detector("dense-ae", epochs=1, batch_size=32, hidden=[32], latent_dim=4,
+    det = Detector("dense-ae", force_calibration=True, epochs=1, batch_size=32, hidden=[32], latent_dim=4,
                    target_fprs=(0.01, 0.1)).fit(blobs(200))
     root = tmp_path_factory.mktemp("deploy") / "models"
     save_version(det, root, "blobs", "v1")
