@@ -13,8 +13,9 @@ convention everywhere: **higher = more anomalous**.
 - ``detect(X)``: everything the service returns: scores, normalized scores, decisions at any
   operating point, reconstructions and per-pixel error maps.
 - After ``fit``: ``threshold_`` (the default operating point's), ``decision_scores_`` and
-  ``labels_`` (the training images' scores and decisions, as in PyOD; the kNN part of a training
-  image's score is optimistic, since its own code is in the memory), ``calibration_``,
+  ``labels_`` (the training images' scores and decisions, as in PyOD: optimistic, since the
+  model was fitted on them, though the kNN part leaves each image's own code out),
+  ``calibration_``,
   ``history_``, ``image_shape_``.
 
 The hyper-parameter named ``score`` takes the name that a ``score(X)`` method would have: there
@@ -209,26 +210,44 @@ class Detector(OutlierMixin, BaseEstimator):
         self.model_ = model
         self.knn_ = self.standardizer_ = None
         self._scorer = None
+        in_memory = np.ones(len(x), bool)
         if self.score == "mse+knn":
-            self.knn_ = self._fit_knn(x)
+            self.knn_, in_memory = self._fit_knn(x)
         if len(self._scorer_uncached().part_names) > 1:
             from anomaly.scoring import Standardizer
 
             self.standardizer_ = Standardizer.fit(self._scorer_uncached().parts(x_val))
         self._scorer = None
         self.calibrate(x_val, calibration_anomalies)
-        self.decision_scores_ = self.decision_function(x)
+        self.decision_scores_ = self._training_scores(x, in_memory)
         self.labels_ = self.calibration_.decide(self.decision_scores_).astype(np.int64)
         return self
 
     def _fit_knn(self, x: np.ndarray):
-        """Keep (at most ``knn_memory``) normal training codes."""
+        """Keep (at most ``knn_memory``) normal training codes.
+
+        Returns:
+            The memory and a ``(n,)`` bool mask of the training images it holds.
+        """
         from anomaly.scoring import LatentKNN
 
+        member = np.ones(len(x), bool)
         if len(x) > self.knn_memory:
             keep = np.sort(np.random.default_rng(self.seed).permutation(len(x))[: self.knn_memory])
-            x = x[keep]
-        return LatentKNN(self.encode(x).astype(np.float32), k=self.knn_k)
+            member[:] = False
+            member[keep] = True
+        return LatentKNN(self.encode(x[member]).astype(np.float32), k=self.knn_k), member
+
+    def _training_scores(self, x: np.ndarray, in_memory: np.ndarray) -> np.ndarray:
+        """Scores ``(n,)`` of the training images; the kNN part of those in the memory leaves
+        their own code out (else it would be 0), as PyOD does for ``decision_scores_``."""
+        scorer = self.scorer
+        parts = np.empty((len(x), len(scorer.part_names)))
+        if in_memory.any():
+            parts[in_memory] = scorer.parts(x[in_memory], leave_one_out=True)
+        if (~in_memory).any():
+            parts[~in_memory] = scorer.parts(x[~in_memory])
+        return scorer.combine(parts)
 
     def calibrate(self, x_normal, x_anomalies=None) -> Detector:
         """(Re)calibrate thresholds on normal images ``(n, H, W[, C])`` and optional anomalies."""

@@ -189,6 +189,8 @@ class Scorer:
         spec = [tf.TensorSpec([None, *self.image_shape], tf.float32)]
         self._parts_only = tf.function(lambda x: self._graph(x)[0], input_signature=spec,
                                        reduce_retracing=True)
+        self._parts_loo = tf.function(lambda x: self._graph(x, True)[0], input_signature=spec,
+                                      reduce_retracing=True)
         self._full = tf.function(self._graph, input_signature=spec, reduce_retracing=True)
 
     def _aggregate(self, err):
@@ -202,21 +204,22 @@ class Scorer:
         top = max(1, round(TOP_FRACTION * self._n_pixels))
         return ops.mean(ops.top_k(flat, top, sorted=False)[0], axis=1)
 
-    def knn_distance(self, z):
+    def knn_distance(self, z, leave_one_out: bool = False):
         """Mean squared distance of codes ``(batch, d)`` to their k nearest memory codes.
 
         The expansion finds candidates fast; their distances are then recomputed as exact
         differences, so an image's distance does not depend on the rest of its batch.
+        ``leave_one_out``: the codes are memory members; skip each one's nearest (itself).
         """
         n_memory = int(self._memory.shape[0])
-        k = min(self.knn.k, n_memory)
+        k = min(self.knn.k, n_memory - 1 if leave_one_out else n_memory)
         approx = (ops.sum(ops.square(z), axis=1, keepdims=True)
                   - 2.0 * ops.matmul(z, ops.transpose(self._memory)) + self._memory_sq[None, :])
         cand = ops.top_k(-approx, min(n_memory, k + _KNN_MARGIN), sorted=False)[1]
         near = ops.take(self._memory, cand, axis=0)  # (batch, candidates, d)
         exact = ops.sum(ops.square(near - z[:, None, :]), axis=2)
-        nearest = -ops.top_k(-exact, k, sorted=True)[0]
-        return ops.mean(nearest, axis=1)
+        nearest = -ops.top_k(-exact, k + int(leave_one_out), sorted=True)[0]
+        return ops.mean(nearest[:, int(leave_one_out):], axis=1)
 
     def _restore(self, x):
         """Attribute restoration: every transform of ``x`` through the network; the per-pixel
@@ -235,7 +238,7 @@ class Scorer:
         first = ops.shape(x)[0]
         return ops.sigmoid(logits[:first]), err
 
-    def _graph(self, x):
+    def _graph(self, x, leave_one_out: bool = False):
         m = self.model
         z_mean, z_log_var = m.encode(x)
         if m.transforms != "none":
@@ -250,7 +253,7 @@ class Scorer:
                 err = _bernoulli_kl(x, logits)
         if self.score == "mse+knn":
             log_r = ops.log(self._aggregate(err) + 1e-12)
-            log_d = ops.log(self.knn_distance(z_mean) + 1e-12)
+            log_d = ops.log(self.knn_distance(z_mean, leave_one_out) + 1e-12)
             return ops.stack([log_r, log_d], axis=1), recon, err
         if self.score != "elbo":
             return self._aggregate(err)[:, None], recon, err
@@ -264,7 +267,7 @@ class Scorer:
             nll = ops.sum(ops.reshape(err, (-1, self._n_pixels)), axis=1)
         return (nll + m.beta * m.kl_divergence(z_mean, z_log_var))[:, None], recon, err
 
-    def _run(self, images: np.ndarray, full: bool):
+    def _run(self, images: np.ndarray, full: bool, leave_one_out: bool = False):
         x = np.ascontiguousarray(images, dtype=np.float32)
         if x.ndim == 3:
             x = x[..., None]
@@ -285,16 +288,22 @@ class Scorer:
                 recons.append(r.numpy()[:n])
                 errs.append(e.numpy()[:n])
             else:
-                p = self._parts_only(batch)
+                p = (self._parts_loo if leave_one_out else self._parts_only)(batch)
             parts.append(p.numpy()[:n])
         n_parts = len(self.part_names)
         out = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, n_parts))
         return out, recons, errs
 
-    def parts(self, images: np.ndarray) -> np.ndarray:
+    def parts(self, images: np.ndarray, *, leave_one_out: bool = False) -> np.ndarray:
         """Raw parts ``(N, P)`` float64 of images ``(N, H, W[, C])`` in [0, 1]; columns named
-        by ``part_names``."""
-        return self._run(images, False)[0]
+        by ``part_names``.
+
+        ``leave_one_out``: the images are in the kNN memory (training images); their kNN part
+        skips their own code, as PyOD's kNN does for its training scores.
+        """
+        if leave_one_out and self.knn is None:
+            leave_one_out = False
+        return self._run(images, False, leave_one_out)[0]
 
     def combine(self, parts: np.ndarray) -> np.ndarray:
         """Raw parts ``(N, P)`` -> scores ``(N,)``."""

@@ -177,3 +177,23 @@ def test_mse_knn_survives_save_and_load(tmp_path, normal_images, normal_test_ima
     assert (path / "latent_memory.npy").is_file()
     loaded = Detector.load(path)
     np.testing.assert_array_equal(loaded.decision_function(normal_test_images), det.decision_function(normal_test_images))
+
+
+def test_training_scores_leave_their_own_code_out(normal_images):
+    """decision_scores_ of memory members skip their own code: the kNN part equals the mean
+    distance to the k nearest *other* training codes (NumPy), never 0."""
+    from anomaly import Detector
+
+    det = Detector("dense-ae", force_calibration=True, hidden=[32], latent_dim=4, epochs=1,
+                   batch_size=32, knn_k=3, seed=0).fit(normal_images)
+    train_pos = np.setdiff1d(np.arange(256), np.sort(
+        np.random.default_rng(0).permutation(256)[:26]))
+    x = normal_images[train_pos]
+    z = det.encode(x).astype(np.float64)
+    d2 = ((z[:, None, :] - det.knn_.memory[None].astype(np.float64)) ** 2).sum(-1)
+    others = np.sort(d2, axis=1)[:, 1:4].mean(1)  # column 0 is the image itself
+    loo = det.scorer.parts(x, leave_one_out=True)[:, 1]
+    np.testing.assert_allclose(loo, np.log(others + 1e-12), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(det.decision_scores_, det.scorer.combine(
+        det.scorer.parts(x, leave_one_out=True)), rtol=1e-12)
+    assert (det.scorer.parts(x)[:, 1] < loo).all()  # counting itself (distance 0) is optimistic
