@@ -459,15 +459,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_RUNTIME
     except OSError as exc:
         # A path that is a folder where a file was expected, unwritable, a full disk, ...
-        where = exc.filename or "a file"
-        print(f"error: Expected a readable/writable path. Received: {where} "
-              f"({exc.strerror or exc.__class__.__name__})", file=sys.stderr)
         if exc.errno == errno.ENOSPC:
+            where = exc.filename or getattr(args, "output", None) or "the output"
+            print(f"error: Expected free space to write to. Received: no space left on device "
+                  f"under {where} (nothing was written; free some space and run it again)",
+                  file=sys.stderr)
             # A full disk leaves h5py/TensorFlow objects whose teardown crashes the
             # interpreter (SIGSEGV) after this line; end here, with the right status.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_RUNTIME)
+        where = exc.filename or "a file"
+        reason = (exc.strerror or exc.__class__.__name__).splitlines()[0]
+        print(f"error: Expected a readable/writable path. Received: {where} ({reason})",
+              file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         print("interrupted: nothing was written (a resumable state may remain)",

@@ -68,7 +68,11 @@ def main() -> None:
         fit_s = time.perf_counter() - t
         val = det.calibration_.reference_scores
         train = det.decision_scores_
-        test = det.decision_function(split.x_test[split.y_test == 0])
+        from sklearn.metrics import roc_auc_score
+
+        scores = det.decision_function(split.x_test)
+        auroc = float(roc_auc_score(split.y_test, scores))
+        test = scores[split.y_test == 0]
         for name, cal in variants(val, train).items():
             for fpr in TARGETS:
                 op = cal.get(fpr_name(fpr))
@@ -76,8 +80,8 @@ def main() -> None:
                 rows.append({"class": c, "variant": name, "target": fpr, "fpr": measured,
                              "z": fpr_z(measured, fpr, len(test)),
                              "expected": op.expected_fpr, "n_reference": op.n_reference,
-                             "fit_s": fit_s})
-        print(f"class {c}: " + ", ".join(
+                             "auroc": auroc, "fit_s": fit_s})
+        print(f"class {c} (AUROC {auroc:.4f}, fit {fit_s:.0f} s): " + ", ".join(
             f"{r['variant']} {100 * r['fpr']:.2f}%" for r in rows[-8:] if r["target"] == 0.01),
             flush=True)
     df = pd.DataFrame(rows)

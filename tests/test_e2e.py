@@ -7,6 +7,7 @@ first use, then reused.
 from __future__ import annotations
 
 import json
+import subprocess
 
 import keras
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from anomaly.artifact import verify
 from anomaly.cli import main
 from anomaly.detector import Detector
-from tests.conftest import error_line, run_cli
+from tests.conftest import error_line, make_blobs, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -188,3 +189,30 @@ def test_interrupted_cli_fit_resumes(mnist, tmp_path, capsys, monkeypatch):
     assert len(artifacts) == 1 and not artifacts[0].name.startswith(".")  # state cleaned up
     verify(artifacts[0])
     assert f"Artifact: {artifacts[0]}" in stdout
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 KiB tmpfs: a disk that fills up during a fit (needs root, as in CI)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_ends_with_one_error_line_and_nothing_half_written(full_disk, tmp_path):
+    np.save(tmp_path / "blobs.npy", make_blobs(200))
+    proc = run_cli("fit", "--dataset", tmp_path / "blobs.npy", "--model", "dense-ae",
+                   "--hidden", "32", "--latent-dim", "4", "--epochs", "2",
+                   "--force-calibration", "--output", full_disk / "models", "--no-report")
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)  # not SIGSEGV (-11)
+    line = error_line(proc.stderr)
+    assert "no space left on device" in line
+    leftovers = [p for p in (full_disk / "models").rglob("*") if p.is_file()]
+    assert leftovers == []  # no artifact, no resume state, no temporary directory
