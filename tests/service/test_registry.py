@@ -139,9 +139,11 @@ def test_directory_problems_are_reported(app_factory, models_copy, detector):
         assert r.status_code == 503 and "two levels up" in r.json()["error"]["message"]
 
 
-def test_metadata_names_match_manifest(models_root):
-    meta = json.loads((models_root / "blobs" / "v1" / "metadata.json").read_text())
-    assert meta["name"] == "blobs" and meta["version"] == "v1"
+def test_metadata_names_come_from_the_path_when_not_given(detector, tmp_path):
+    """An artifact saved without a name records ``ROOT/NAME/VERSION`` from its path."""
+    path = detector.save(tmp_path / "digits" / "v7")
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["name"] == "digits" and meta["version"] == "v7"
 
 
 # -- micro-batcher -----------------------------------------------------------------------------
