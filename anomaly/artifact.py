@@ -63,6 +63,18 @@ def new_version() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
+def new_version_path(models_dir: str | Path, name: str) -> Path:
+    """``MODELS/NAME/VERSION`` for a new version: the UTC time, with ``-2``, ``-3`` ... when
+    one of that second exists already."""
+    version = new_version()
+    path = Path(models_dir) / name / version
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(models_dir) / name / f"{version}-{n}"
+    return path
+
+
 def version_key(version: str) -> tuple:
     """Sort key that orders versions naturally: ``v9 < v10``, ``...Z < ...Z-2 < ...Z-10``."""
     parts = re.split(r"(\d+)", version)

@@ -61,6 +61,8 @@ class DetectorOutput:
         reconstruction, error_map: ``(N, H, W)`` (grey) or ``(N, H, W, C)`` float32, when
             requested.
         parts: ``(N, P)`` raw score parts (see :mod:`anomaly.scoring`).
+        surprise: ``(N,)`` ``-log10 p`` of the calibration's tail model: keeps ranking far
+            anomalies where ``normalized`` saturates at 1.
     """
 
     scores: np.ndarray
@@ -71,6 +73,7 @@ class DetectorOutput:
     reconstruction: np.ndarray | None = None
     error_map: np.ndarray | None = None
     parts: np.ndarray | None = None
+    surprise: np.ndarray | None = None
 
 
 class Detector(OutlierMixin, BaseEstimator):
@@ -320,7 +323,8 @@ class Detector(OutlierMixin, BaseEstimator):
         err = without_channels(out.error_map) if error_map else None
         return DetectorOutput(out.scores, self.calibration_.normalize(out.scores),
                               self.calibration_.decide(out.scores, op.name), op.name,
-                              op.threshold, recon, err, out.parts)
+                              op.threshold, recon, err, out.parts,
+                              self.calibration_.surprise(out.scores))
 
     def normalized_score(self, scores: np.ndarray) -> np.ndarray:
         """Scores ``(N,)`` -> ``(N,)`` in [0, 1]; see :meth:`Calibration.normalize`."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly.artifact import check_name, new_version
+from anomaly.artifact import check_name, new_version_path
 from anomaly.config import RunConfig
 from anomaly.data.prepare import load_test_set, prepare
 from anomaly.data.splits import OneClassSplit, TestSet
@@ -106,12 +106,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     if not is_chief():
         log("Not the chief worker of the TF_CONFIG cluster: the chief writes the artifact.")
         return FitResult(None, detector, ev, timings, split, test, scores)
-    version = new_version()
-    path = root / name / version
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / name / f"{version}-{n}"
+    path = new_version_path(root, name)
     t = time.perf_counter()
     metadata = {
         "name": name,

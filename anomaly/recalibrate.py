@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly.artifact import new_version
+from anomaly.artifact import new_version_path
 from anomaly.errors import DataError, expected
 
 _log = logging.getLogger(__name__)
@@ -114,12 +114,7 @@ def run_calibrate(artifact: str | Path, *, normal: str | None = None,
                                "artifact_sha256": det.artifact_sha256_},
                     "data": sources, "normal_sha256": _digest(x_normal),
                     "anomalies_sha256": _digest(x_anom) if x_anom is not None else None})
-    version = new_version()
-    path = models_dir / name / version
-    n = 1
-    while path.exists():
-        n += 1
-        path = models_dir / name / f"{version}-{n}"
+    path = new_version_path(models_dir, name)
     keep = {k: v for k, v in det.metadata_.items()
             if k not in ("format_version", "name", "version", "created_at", "libraries")}
     extra = {f: (det.path_ / f).read_bytes() for f in CARRIED if (det.path_ / f).is_file()}

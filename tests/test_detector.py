@@ -190,3 +190,14 @@ def test_same_seed_same_scores(normal_images, normal_test_images):
         normal_test_images)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+def test_surprise_keeps_ranking_where_the_normalized_score_saturates(dense_detector,
+                                                                     anomaly_images):
+    out = dense_detector.detect(anomaly_images)
+    top = out.normalized == 1.0
+    assert top.sum() >= 2  # saturated: the bars are beyond every normal reference score
+    order = np.argsort(out.scores[top])
+    assert np.all(np.diff(out.surprise[top][order]) > 0)  # ranks them all the same
+    assert out.surprise[top].min() > -np.log10(1 / len(dense_detector.calibration_
+                                                       .reference_scores))
