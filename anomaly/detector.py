@@ -140,6 +140,11 @@ class Detector(OutlierMixin, BaseEstimator):
         if not isinstance(self.force_calibration, bool):
             raise expected("force_calibration as true or false", repr(self.force_calibration),
                            cls=ConfigError)
+        from anomaly.models.transforms import TRANSFORMS
+
+        if self.transforms not in TRANSFORMS:
+            raise expected(f"transforms in {sorted(TRANSFORMS)}", repr(self.transforms),
+                           cls=ConfigError)
         if self.recon_loss not in ("bce", "mse"):
             raise expected("recon_loss in ('bce', 'mse')", repr(self.recon_loss),
                            cls=ConfigError)
@@ -464,6 +469,18 @@ def _json(data) -> str:
 
     return json.dumps(data, indent=2) + "\n"
 
+
+def _args_doc() -> str:
+    from anomaly.config import help_text
+
+    lines = ["", "    Args:"]
+    for name in DETECTOR_FIELDS:
+        text = help_text(name).replace("%%", "%")
+        lines.append(f"        {name}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+Detector.__doc__ += _args_doc()
 
 # scikit-learn's get_params reads __init__'s signature: give it every hyper-parameter, generated
 # from DetectorConfig, so that the defaults live in one place.
