@@ -27,7 +27,7 @@ from service.deps import key_digests
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.registry import Registry
-from service.routers import admin, health, models, ui, v2
+from service.routers import admin, feedback, health, models, ui, v2
 from service.routers import metrics as metrics_router
 from service.schemas import install_openapi
 from service.scoring import Admission
@@ -88,8 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.scoring_key_digests = key_digests(settings.api_keys)
     app.state.admin_key_digests = key_digests(settings.admin_api_keys)
     errors.install(app)
-    for r in (health.router, metrics_router.router, admin.router, models.router, v2.router,
-              ui.router):
+    for r in (health.router, metrics_router.router, admin.router, feedback.router, models.router,
+              v2.router, ui.router):
         app.include_router(r)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics, router=app.router)  # outermost: sees every answer

@@ -33,6 +33,8 @@ class GaugePublisher:
 
         for name, entry in snap.models.items():
             put(m.model_ready, (name,), 1 if entry.ready else 0)
+            for label in ("normal", "anomaly"):  # counters start at 0, so rate() sees the first
+                m.feedback_records.labels(name, label)
             put(m.model_refused_versions, (name,), len(entry.refused))
             for version, model in entry.versions.items():
                 meta = model.metadata

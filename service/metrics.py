@@ -264,6 +264,9 @@ class ServiceMetrics:
             "anomaly_expected_anomaly_ratio", "Fraction of normal validation images the "
             "operating point flags (its expected false-positive rate): the anomaly ratio to "
             "expect on normal traffic.", ["model", "version", "operating_point"], registry=r)
+        self.feedback_records = Counter(
+            "anomaly_feedback_records", "Label feedback records stored, by model and label "
+            "(normal, anomaly).", ["model", "label"], registry=r)
         self.scores = ScoreMonitor(drift_window)
         r.register(self.scores)
         # -- Registry --------------------------------------------------------------------------

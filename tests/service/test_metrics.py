@@ -49,7 +49,7 @@ def test_metric_names_types_and_units(mclient):
         "anomaly_model_last_reload_timestamp_seconds": "gauge", "anomaly_ready": "gauge",
         "anomaly_build_info": "gauge", "anomaly_score": "histogram",
         "anomaly_score_drift_ks": "gauge", "anomaly_score_drift_psi": "gauge",
-        "anomaly_score_drift_window_images": "gauge",
+        "anomaly_score_drift_window_images": "gauge", "anomaly_feedback_records": "counter",
     }
     for name, typ in expected.items():
         if name in ours:
@@ -57,7 +57,7 @@ def test_metric_names_types_and_units(mclient):
     assert {n for n in ours if n in expected} >= {
         "anomaly_requests_in_flight", "anomaly_expected_anomaly_ratio", "anomaly_model_info",
         "anomaly_model_ready", "anomaly_ready", "anomaly_build_info", "anomaly_score",
-        "anomaly_score_drift_window_images"}
+        "anomaly_score_drift_window_images", "anomaly_feedback_records"}
     assert set(ours) <= set(expected), set(ours) - set(expected)
     text = mclient.get("/metrics").text
     assert "_created" not in text and "summary" not in text
