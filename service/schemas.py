@@ -100,7 +100,12 @@ class OperatingPointInfo(BaseModel):
     name: str
     threshold: float
     method: str
-    expected_fpr: float
+    expected_fpr: float = Field(description="False-positive rate expected on new normal "
+                                "images.")
+    fpr_interval: list[float] | None = Field(None, description="95% exact binomial "
+                                             "(Clopper-Pearson) interval of that rate.")
+    n_reference: int | None = Field(None, description="Normal reference images behind the "
+                                    "threshold.")
     expected_tpr: float | None = None
     target_fpr: float | None = None
 
@@ -402,7 +407,9 @@ def describe_version(model, *, default: bool) -> dict:
         "default_operating_point": cal.default,
         "operating_points": [
             {"name": p.name, "threshold": p.threshold, "method": p.method,
-             "expected_fpr": p.expected_fpr, "expected_tpr": p.expected_tpr,
+             "expected_fpr": p.expected_fpr,
+             "fpr_interval": list(p.fpr_interval) if p.fpr_interval else None,
+             "n_reference": p.n_reference, "expected_tpr": p.expected_tpr,
              "target_fpr": p.target_fpr}
             for p in cal.operating_points.values()],
         "metrics": det.metrics_,

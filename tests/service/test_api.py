@@ -54,7 +54,10 @@ def test_list_and_describe_models(client, detector):
     assert v2["model_type"] == "dense-ae" and len(v2["artifact_sha256"]) == 64
     ops = {op["name"]: op for op in v2["operating_points"]}
     assert set(ops) == {"fpr@1%", "fpr@10%"}
-    assert ops["fpr@1%"]["threshold"] == detector.calibration_.operating_points["fpr@1%"].threshold
+    point = detector.calibration_.operating_points["fpr@1%"]
+    assert ops["fpr@1%"]["threshold"] == point.threshold
+    assert ops["fpr@1%"]["fpr_interval"] == list(point.fpr_interval)  # how sure it is
+    assert ops["fpr@1%"]["n_reference"] == point.n_reference == 20
     assert "metrics" in v2
     assert client.get("/v1/models/blobs").json() == m
     one = client.get("/v1/models/blobs/versions/v1").json()
