@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--classes", default="0-9")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default="bench/results")
+    ap.add_argument("--keep-scores", metavar="DIR", help="also save each class's reference, "
+                    "training and test scores (.npz) here, to try other rules offline")
     args = ap.parse_args()
     from anomaly.detector import Detector
 
@@ -73,6 +75,9 @@ def main() -> None:
         scores = det.decision_function(split.x_test)
         auroc = float(roc_auc_score(split.y_test, scores))
         test = scores[split.y_test == 0]
+        if args.keep_scores:
+            np.savez(Path(args.keep_scores) / f"{args.dataset}-{c}-seed{args.seed}.npz",
+                     val=val, train=train, test_normal=test, test=scores, y=split.y_test)
         for name, cal in variants(val, train).items():
             for fpr in TARGETS:
                 op = cal.get(fpr_name(fpr))
