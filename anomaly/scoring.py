@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 from keras import ops
 
+from anomaly.config import default_of
 from anomaly.errors import ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder
 from anomaly.models.transforms import TRANSFORMS, all_transforms
@@ -170,8 +171,9 @@ class Scorer:
         batch_size: images per graph execution.
     """
 
-    def __init__(self, model: Autoencoder, score: str = "mse", aggregation: str = "mean",
-                 mc_samples: int = 0, knn: LatentKNN | None = None,
+    def __init__(self, model: Autoencoder, score: str = default_of("score"),
+                 aggregation: str = default_of("aggregation"),
+                 mc_samples: int = default_of("mc_samples"), knn: LatentKNN | None = None,
                  standardizer: Standardizer | None = None, batch_size: int = 1024):
         check_score_settings(model, score, aggregation, mc_samples)
         if score == "mse+knn" and knn is None:

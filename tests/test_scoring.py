@@ -90,8 +90,8 @@ def test_elbo_monte_carlo_on_request(fitted, x, monkeypatch):
 
 
 def test_scores_do_not_depend_on_batch_size(dense_detector, x):
-    a = Scorer(dense_detector.model_, "mse", batch_size=1024)(x).scores
-    b = Scorer(dense_detector.model_, "mse", batch_size=7)(x).scores
+    a = Scorer(dense_detector.model_, "mse", "mean", batch_size=1024)(x).scores
+    b = Scorer(dense_detector.model_, "mse", "mean", batch_size=7)(x).scores
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
@@ -117,7 +117,7 @@ def test_a_score_does_not_depend_on_what_else_is_in_the_batch(model, normal_imag
 
 
 def test_empty_input_gives_empty_scores(dense_detector):
-    out = Scorer(dense_detector.model_, "mse")(np.zeros((0, 28, 28), np.float32))
+    out = Scorer(dense_detector.model_, "mse", "mean")(np.zeros((0, 28, 28), np.float32))
     assert out.scores.shape == (0,)
 
 

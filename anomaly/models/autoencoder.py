@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from anomaly.config import default_of
 from anomaly.errors import ConfigError, expected
 from anomaly.models import networks
 from anomaly.models.layers import PACKAGE, Sampling
@@ -91,9 +92,10 @@ class Autoencoder(keras.Model):
 
     def __init__(self, architecture: str, image_shape: tuple[int, int, int],
                  latent_dim: int | None = None,
-                 hidden: list[int] | tuple[int, ...] | None = None, beta: float = 1.0,
-                 recon_loss: str = "bce", denoise: float = 0.0, transforms: str = "none",
-                 seed: int | None = None,
+                 hidden: list[int] | tuple[int, ...] | None = None,
+                 beta: float = default_of("beta"), recon_loss: str = default_of("recon_loss"),
+                 denoise: float = default_of("denoise"),
+                 transforms: str = default_of("transforms"), seed: int | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         spec = get_spec(architecture)
