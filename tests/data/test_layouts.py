@@ -150,3 +150,21 @@ def test_image_size_and_grayscale_are_config_keys(tmp_path):
     assert resolve(None).image_size is None and resolve(None).grayscale is False
     with pytest.raises(ConfigError, match="'grayscale' as bool"):
         resolve(None, {"grayscale": "yes"})
+
+
+def test_cli_names_image_size_in_one_line_errors(tmp_path, capsys):
+    from anomaly.cli import main
+
+    rng = np.random.default_rng(1)
+    for i, size in enumerate([(20, 20), (24, 16), (20, 20), (20, 20)]):
+        _png(tmp_path / "mixed" / f"{i}.png", rng.integers(0, 255, size, dtype=np.uint8))
+    out = str(tmp_path / "models")
+    assert main(["fit", "--dataset", str(tmp_path / "mixed"), "--output", out]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: Expected images of one size")
+    assert "--image-size" in err[0] and "Traceback" not in err[0]
+    assert main(["fit", "--dataset", str(tmp_path / "mixed"), "--image-size", "2x2",
+                 "--output", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: Expected image_size sides in 8..1024. Received: '2x2'"]
+    assert not (tmp_path / "models").exists()
