@@ -56,6 +56,25 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
+def check_resolvable(cfg: RunConfig, n_reference: int) -> None:
+    """Refuse, before training, ``fpr@`` targets that ``n_reference`` normal hold-out images
+    cannot resolve: calibration would refuse them only after the whole training (small data
+    sets such as an MVTec AD category hold a few hundred normal images)."""
+    from anomaly.calibration import MIN_EXCEEDANCES, fpr_name, required_reference
+
+    if cfg.detector.force_calibration:
+        return
+    for fpr in cfg.detector.target_fprs:
+        need = required_reference(fpr)
+        if n_reference < need:
+            raise expected(
+                f"at least {need} normal reference scores to resolve {fpr_name(fpr)} "
+                f"({MIN_EXCEEDANCES} expected false positives among them)",
+                f"{n_reference} (the normal hold-out; checked before training)",
+                hint="Use more normal images, a larger --val-fraction or target FPR "
+                     "(--target-fpr), or force it (--force-calibration)", cls=ConfigError)
+
+
 def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     """Train, calibrate, evaluate and save one detector as described by ``cfg``."""
     import pandas as pd  # noqa: F401  (loaded before timing starts, as the detector needs it)
@@ -70,6 +89,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         raise expected(f"--calibration-anomalies N for the '{point}' operating point", "none",
                        cls=ConfigError)
     split = prepare(cfg)
+    check_resolvable(cfg, len(split.x_val))
     name = check_name(cfg.name or default_name(split.dataset, split.normal_classes,
                                                cfg.detector.model))
     root = Path(cfg.output)

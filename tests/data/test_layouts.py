@@ -168,3 +168,19 @@ def test_cli_names_image_size_in_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: Expected image_size sides in 8..1024. Received: '2x2'"]
     assert not (tmp_path / "models").exists()
+
+
+def test_unresolvable_fpr_target_fails_before_training(mvtec, tmp_path, monkeypatch):
+    """12 training images hold out 2: fpr@1% (499 needed) is refused before any epoch runs."""
+    import anomaly.detector
+    from anomaly.pipeline import run_fit
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before refusing the calibration target")
+
+    monkeypatch.setattr(anomaly.detector.Detector, "fit", no_training)
+    cfg = resolve(None, {"dataset": str(mvtec), "output": str(tmp_path / "m")})
+    with pytest.raises(ConfigError, match=r"Expected at least 499 normal reference scores to "
+                                          r"resolve fpr@1% .*Received: 2 \(the normal "
+                                          r"hold-out; checked before training\)"):
+        run_fit(cfg)
