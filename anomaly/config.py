@@ -107,6 +107,12 @@ class RunConfig:
                                    metavar="N")
     test_limit: int | None = _opt(None, "evaluate on at most N test images", group="data",
                                   metavar="N")
+    image_size: str | None = _opt(None, "train at this size, HxW (e.g. 128x128): images of "
+                                  "other sizes are resized (Lanczos), masks too; unset = the "
+                                  "images' own size, which must then be one size", group="data",
+                                  metavar="HxW")
+    grayscale: bool = _opt(False, "convert colour images to grey (ITU-R 601 luma) before "
+                           "training", group="data", kind="flag")
     cache_dir: str | None = _opt(None, "data set cache (default: $ANOMALY_CACHE_DIR or the user "
                                  "cache dir)", group="data")
     output: str = _opt("models", "models directory", group="output")

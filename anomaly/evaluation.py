@@ -89,6 +89,41 @@ def evaluate(scores: np.ndarray, y_true: np.ndarray, calibration: Calibration,
     return Evaluation(metrics, pd.DataFrame(rows))
 
 
+def add_pixel_metrics(ev: Evaluation, error_maps: np.ndarray, masks: np.ndarray,
+                      has_mask: np.ndarray | None = None,
+                      classes: np.ndarray | None = None) -> Evaluation:
+    """Add pixel-level metrics (:func:`anomaly.localization.pixel_metrics`) to ``ev``.
+
+    ``error_maps`` ``(N, H, W[, C])`` and ``masks`` ``(N, H, W)`` are the test images' per-pixel
+    errors and ground truth; ``has_mask`` ``(N,)`` leaves out images without a mask. The
+    metrics go to ``ev.metrics["pixel"]``; with ``classes`` ``(N,)`` each anomaly class of the
+    per-class table also gets its ``pixel_auroc`` and ``pro``, measured on its own images plus
+    the normal ones.
+    """
+    from anomaly.localization import pixel_metrics
+
+    ev.metrics["pixel"] = pixel_metrics(error_maps, masks, has_mask)
+    if classes is None or ev.per_class.empty:
+        return ev
+    classes = np.asarray(classes)
+    keep = np.ones(len(classes), bool) if has_mask is None else np.asarray(has_mask, bool)
+    normal_classes = ev.per_class.loc[ev.per_class["role"] == "normal", "class"].to_numpy()
+    is_normal = np.isin(classes, normal_classes)
+    aurocs, pros = [], []
+    for _, row in ev.per_class.iterrows():
+        if row["role"] != "anomaly":
+            aurocs.append(None)
+            pros.append(None)
+            continue
+        sel = (is_normal | (classes == row["class"])) & keep
+        m = pixel_metrics(error_maps[sel], masks[sel]) if sel.any() else {}
+        aurocs.append(m.get("pixel_auroc"))
+        pros.append(m.get("pro"))
+    ev.per_class["pixel_auroc"] = aurocs
+    ev.per_class["pro"] = pros
+    return ev
+
+
 def format_report(ev: Evaluation) -> str:
     """A readable text table of an evaluation, for the end of ``anomaly fit``."""
     m = ev.metrics
@@ -113,10 +148,21 @@ def format_report(ev: Evaluation) -> str:
             warnings.append(f"warning: {check['message']}: the data drifted from the reference "
                             "images, or there were too few of them")
     lines.append("(* default operating point; anomalous when score > threshold)")
+    px = m.get("pixel")
+    if px:
+        def _f(v):
+            return "n/a" if v is None else f"{v:.4f}"
+        lines.append(f"pixel AUROC {_f(px['pixel_auroc'])}   PRO (FPR <= "
+                     f"{px['pro_fpr_limit']:.0%}) {_f(px['pro'])}   ({px['n_images']} images "
+                     f"with masks, {px['n_regions']} defect regions)")
+        if px["n_images_without_mask"]:
+            lines.append(f"note: {px['n_images_without_mask']} anomalous image(s) without a "
+                         "mask: counted in the image metrics, left out of the pixel metrics")
     lines += warnings
     df = ev.per_class.copy()
     default_col = f"flagged@{m['default_operating_point']}"
-    table = df[["class", "name", "role", "n", "mean_score", default_col]].rename(
+    extra_cols = [c for c in ("pixel_auroc", "pro") if c in df.columns]
+    table = df[["class", "name", "role", "n", "mean_score", default_col, *extra_cols]].rename(
         columns={default_col: f"flagged ({m['default_operating_point']})"})
     lines += ["", "Per class (detection rate for anomalies, false alarms for normal):",
               table.to_string(index=False, float_format=lambda v: f"{v:.3f}")]

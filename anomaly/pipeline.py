@@ -56,13 +56,30 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
+def check_resolvable(cfg: RunConfig, n_reference: int) -> None:
+    """Refuse, before training, ``fpr@`` targets that ``n_reference`` normal hold-out images
+    cannot resolve: calibration would refuse them only after the whole training (small data
+    sets such as an MVTec AD category hold a few hundred normal images)."""
+    from anomaly.calibration import MIN_EXCEEDANCES, fpr_name, required_reference
+
+    if cfg.detector.force_calibration:
+        return
+    for fpr in cfg.detector.target_fprs:
+        need = required_reference(fpr)
+        if n_reference < need:
+            raise expected(
+                f"at least {need} normal reference scores to resolve {fpr_name(fpr)} "
+                f"({MIN_EXCEEDANCES} expected false positives among them)",
+                f"{n_reference} (the normal hold-out; checked before training)",
+                hint="Use more normal images, a larger --val-fraction or target FPR "
+                     "(--target-fpr), or force it (--force-calibration)", cls=ConfigError)
+
+
 def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     """Train, calibrate, evaluate and save one detector as described by ``cfg``."""
     import pandas as pd  # noqa: F401  (loaded before timing starts, as the detector needs it)
 
     from anomaly.detector import Detector
-    from anomaly.evaluation import evaluate
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     detector = Detector.from_config(cfg.detector)
@@ -72,6 +89,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         raise expected(f"--calibration-anomalies N for the '{point}' operating point", "none",
                        cls=ConfigError)
     split = prepare(cfg)
+    check_resolvable(cfg, len(split.x_val))
     name = check_name(cfg.name or default_name(split.dataset, split.normal_classes,
                                                cfg.detector.model))
     root = Path(cfg.output)
@@ -98,8 +116,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     test = split.test
     if test is not None:
         t = time.perf_counter()
-        scores = detector.decision_function(test.x)
-        ev = evaluate(scores, test.y, detector.calibration_, test.classes, test.class_names)
+        scores, ev = evaluate_test_set(detector, test)
         timings["evaluate_s"] = time.perf_counter() - t
     from anomaly.training import is_chief
 
@@ -142,11 +159,39 @@ def run_evaluate(artifact: str | Path, *, dataset: str | None = None,
         ``(detector, evaluation)``.
     """
     from anomaly.detector import Detector
-    from anomaly.evaluation import evaluate
 
     det = Detector.load(artifact)
     test = load_test_set(det.path_, det.metadata_, dataset=dataset, test_data=test_data,
                          cache_dir=cache_dir, test_limit=test_limit, seed=det.seed,
                          image_shape=det.image_shape_)
-    scores = det.decision_function(test.x)
-    return det, evaluate(scores, test.y, det.calibration_, test.classes, test.class_names)
+    return det, evaluate_test_set(det, test)[1]
+
+
+#: Test images scored per call when error maps are kept for the pixel metrics (bounds memory).
+_MAP_CHUNK = 256
+
+
+def evaluate_test_set(detector, test: TestSet):
+    """Score a labelled test set and evaluate it; with masks (MVTec AD layout), the per-pixel
+    error maps also give the pixel metrics (pixel AUROC, PRO).
+
+    Returns:
+        ``(scores (N,), evaluation)``.
+    """
+    from anomaly.evaluation import add_pixel_metrics, evaluate
+
+    if test.masks is None:
+        scores = detector.decision_function(test.x)
+        return scores, evaluate(scores, test.y, detector.calibration_, test.classes,
+                                test.class_names)
+    score_parts, maps = [], []
+    for i in range(0, len(test.x), _MAP_CHUNK):
+        out = detector.detect(test.x[i:i + _MAP_CHUNK], error_map=True)
+        score_parts.append(out.scores)
+        err = out.error_map
+        # A pixel's error is the mean over its channels: masks are per pixel.
+        maps.append((err.mean(axis=-1) if err.ndim == 4 else err).astype(np.float32))
+    scores = np.concatenate(score_parts)
+    ev = evaluate(scores, test.y, detector.calibration_, test.classes, test.class_names)
+    add_pixel_metrics(ev, np.concatenate(maps), test.masks, test.has_mask, test.classes)
+    return scores, ev

@@ -221,7 +221,8 @@ def stack_images(images: list[np.ndarray], names: list[str], *,
             shown = ", ".join(f"{h}x{w}" for h, w in sizes[:5]) + (" ..." if len(sizes) > 5
                                                                     else "")
             raise expected("images of one size (HxW) to train on", f"sizes {shown}",
-                           hint="Resize them to one size first.", cls=DataError)
+                           hint="Pass --image-size HxW to resize them to one size.",
+                           cls=DataError)
         if any(img.ndim == 3 for img in images):
             images = [img if img.ndim == 3 else np.repeat(img[..., None], 3, -1)
                       for img in images]

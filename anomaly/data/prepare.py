@@ -17,6 +17,14 @@ import numpy as np
 from anomaly.config import RunConfig, resolve
 from anomaly.data.builtin import DATASETS, load_dataset
 from anomaly.data.images import load_images, to_unit_float
+from anomaly.data.layouts import (
+    apply_size,
+    check_trainable,
+    is_mvtec,
+    load_folder,
+    load_mvtec,
+    parse_image_size,
+)
 from anomaly.data.splits import OneClassSplit, TestSet, parse_classes, split_one_class
 from anomaly.errors import ConfigError, DataError, expected
 
@@ -31,6 +39,8 @@ class LabelledData:
     """Training and (optional) test images with labels.
 
     Images are ``(N, H, W[, C])``: uint8 for the built-in sets, float32 in [0, 1] otherwise.
+    ``test_masks`` ``(n_test, H, W)`` bool and ``test_has_mask`` ``(n_test,)``: ground-truth
+    defect pixels (MVTec AD layout), else ``None``.
     """
 
     name: str
@@ -40,24 +50,44 @@ class LabelledData:
     y_test: np.ndarray | None
     class_names: tuple[str, ...] | None
     source: str
+    test_masks: np.ndarray | None = None
+    test_has_mask: np.ndarray | None = None
 
 
 def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | None = None,
-              seed: int = 0) -> LabelledData:
-    """A built-in data set by name, or a user's images (file or folder) by path.
+              seed: int = 0, image_size: str | tuple[int, int] | None = None,
+              grayscale: bool = False) -> LabelledData:
+    """A built-in data set by name, or a user's images (file, folder or MVTec AD root) by path.
 
     User data with labels of two or more classes and no ``test_data`` is split (by shuffling
     with ``seed``) into training and test parts (:data:`USER_TEST_FRACTION`); unlabelled or
-    single-class user data is all normal training data.
+    single-class user data is all normal training data. An MVTec AD root
+    (:func:`~anomaly.data.layouts.is_mvtec`) brings its own test split and masks.
+    ``image_size`` (``"HxW"``) resizes every image, ``grayscale`` converts colour to grey.
     """
+    size = (parse_image_size(image_size) if not isinstance(image_size, tuple)
+            else image_size)
     if dataset in DATASETS:
         ds = load_dataset(dataset, cache_dir)
-        return LabelledData(dataset, ds.x_train, ds.y_train, ds.x_test, ds.y_test,
+        return LabelledData(dataset, apply_size(ds.x_train, size, grayscale, "training images"),
+                            ds.y_train,
+                            apply_size(ds.x_test, size, grayscale, "test images"), ds.y_test,
                             ds.class_names, ds.source)
     if not Path(dataset).exists():
         raise expected(f"a built-in data set in {sorted(DATASETS)} or a path to images",
                        repr(dataset), cls=DataError)
-    train = load_images(dataset)
+    if is_mvtec(dataset):
+        if test_data is not None:
+            raise expected("no --test-data with an MVTec AD folder (its test/ folder is the "
+                           "test data)", repr(test_data), cls=ConfigError)
+        mv = load_mvtec(dataset, image_size=size, grayscale=grayscale)
+        # Every training image is normal (train/good holds class 0, "good").
+        return LabelledData(Path(dataset).name, mv.x_train,
+                            np.zeros(len(mv.x_train), np.int64), mv.x_test, mv.classes,
+                            mv.class_names, str(Path(dataset).resolve()), mv.masks,
+                            mv.has_mask)
+    train = load_folder(dataset, image_size=size, grayscale=grayscale)
+    check_trainable(train.images)
     if train.labels is not None and len(np.unique(train.labels)) < 2:
         # One class only (e.g. a folder holding just good/): every image is normal, and
         # there is nothing to evaluate on unless --test-data brings anomalies.
@@ -93,7 +123,7 @@ def prepare(cfg: RunConfig) -> OneClassSplit:
     """Load the data named by ``cfg`` and split it for one-class training (once per run)."""
     det = cfg.detector
     data = load_data(cfg.dataset, test_data=cfg.test_data, cache_dir=cfg.cache_dir,
-                     seed=det.seed)
+                     seed=det.seed, image_size=cfg.image_size, grayscale=cfg.grayscale)
     if data.y_train is None:
         normal: tuple[int, ...] = (0,)
         if cfg.calibration_anomalies:
@@ -102,14 +132,23 @@ def prepare(cfg: RunConfig) -> OneClassSplit:
     else:
         n_classes = len(data.class_names) if data.class_names else int(data.y_train.max()) + 1
         normal = parse_classes(cfg.normal_classes, data.class_names, n_classes)
+        if data.test_masks is not None and normal != (0,):
+            raise expected("--normal-class good (0) for an MVTec AD folder (train/ holds only "
+                           "good images)", list(cfg.normal_classes), cls=ConfigError)
     x_test, y_test = (_subset(data.x_test, data.y_test, cfg.test_limit, det.seed + 1)
                       if data.x_test is not None else (None, None))
+    masks = has_mask = None
+    if data.test_masks is not None:
+        # The same seeded subset as the images': _subset's draw, applied to the masks.
+        idx = np.arange(len(data.x_test))
+        idx, _ = _subset(idx, None, cfg.test_limit, det.seed + 1)
+        masks, has_mask = data.test_masks[idx], data.test_has_mask[idx]
     split = split_one_class(data.x_train, data.y_train, x_test, y_test, normal,
                             val_fraction=det.val_fraction,
                             calibration_anomalies=cfg.calibration_anomalies,
                             train_limit=cfg.train_limit, seed=det.seed,
                             class_names=data.class_names, dataset=data.name,
-                            source=data.source)
+                            source=data.source, test_masks=masks, test_has_mask=has_mask)
     if split.y_test is not None and not 0 < split.y_test.sum() < len(split.y_test):
         _log.info("the test data holds only one of normal/anomalous images: AUROC is "
                   "undefined.")
@@ -145,14 +184,25 @@ def load_test_set(artifact: str | Path, metadata: dict, *, dataset: str | None =
     if name is None:
         raise expected("a data set (--dataset NAME or PATH)", "none recorded in the artifact",
                        cls=DataError)
-    data = load_data(name, test_data=test_data, cache_dir=cache_dir, seed=seed)
+    size = tuple(image_shape[:2]) if image_shape is not None else None
+    data = load_data(name, test_data=test_data, cache_dir=cache_dir, seed=seed,
+                     image_size=size if data_is_mvtec(name, test_data) else None)
     if data.x_test is None or data.y_test is None:
         raise expected("labelled test data (a built-in data set, labelled user images, or "
                        "--test-data PATH)", "none", cls=DataError)
     x, classes = data.x_test, np.asarray(data.y_test)
+    masks, has_mask = data.test_masks, data.test_has_mask
     if test_limit is not None and test_limit < len(x):
         idx = np.sort(np.random.default_rng(seed + 1).permutation(len(x))[:test_limit])
         x, classes = x[idx], classes[idx]
+        if masks is not None:
+            masks, has_mask = masks[idx], has_mask[idx]
     y = (~np.isin(classes, normal)).astype(np.int64)
     return TestSet(to_unit_float(x, shape=image_shape, what="test images"), y, classes,
-                   data.class_names, data.name, normal)
+                   data.class_names, data.name, normal, masks, has_mask)
+
+
+def data_is_mvtec(dataset: str, test_data: str | None = None) -> bool:
+    """Whether ``dataset`` names an MVTec AD folder (whose masks must match the model's size,
+    so it is read at that size)."""
+    return test_data is None and dataset not in DATASETS and is_mvtec(dataset)

@@ -100,6 +100,9 @@ class TestSet:
         classes: ``(N,)`` original class of each image.
         class_names: names of the classes where known.
         dataset: the data set's name; ``normal_classes`` the normal classes.
+        masks: ``(N, H, W)`` bool ground-truth defect pixels where the data set has them
+            (MVTec AD layout), else ``None``; ``has_mask`` ``(N,)`` False for images whose
+            pixels are left out of the pixel metrics (a defect image without a mask).
     """
 
     __test__ = False  # not a pytest class
@@ -110,6 +113,8 @@ class TestSet:
     class_names: tuple[str, ...] | None
     dataset: str
     normal_classes: tuple[int, ...]
+    masks: np.ndarray | None = None
+    has_mask: np.ndarray | None = None
 
 
 @dataclass
@@ -123,6 +128,8 @@ class OneClassSplit:
         test_classes: original class label of each test image, ``(n_test,)``.
         x_cal_anomalies: optional labelled anomalies from the training split, ``(n_cal, ...)``.
         normal_classes, class_names, dataset, source: what the images are.
+        test_masks, test_has_mask: the test images' pixel masks ``(n_test, H, W)`` and which
+            of them are known ``(n_test,)``, or ``None`` (see :class:`TestSet`).
     """
 
     x_train: np.ndarray
@@ -135,6 +142,8 @@ class OneClassSplit:
     class_names: tuple[str, ...] | None = None
     dataset: str = ""
     source: str = ""
+    test_masks: np.ndarray | None = None
+    test_has_mask: np.ndarray | None = None
 
     @property
     def test(self) -> TestSet | None:
@@ -142,7 +151,8 @@ class OneClassSplit:
         if self.x_test is None or self.y_test is None:
             return None
         return TestSet(self.x_test, self.y_test, np.asarray(self.test_classes),
-                       self.class_names, self.dataset, tuple(self.normal_classes))
+                       self.class_names, self.dataset, tuple(self.normal_classes),
+                       self.test_masks, self.test_has_mask)
 
 
 def _as_unit(x: np.ndarray) -> np.ndarray:
@@ -165,7 +175,8 @@ def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.
         train_limit: use at most this many of the normal training images (a seeded subset,
             taken after the normal class is picked, before the hold-out).
         seed: seed of the subset, the hold-out and the calibration anomalies.
-        about: ``class_names``, ``dataset``, ``source`` for the split object.
+        about: ``class_names``, ``dataset``, ``source`` (and ``test_masks``,
+            ``test_has_mask``) for the split object.
     """
     normal = np.ones(len(x_train), bool) if y_train is None else np.isin(y_train, normal_classes)
     normal_idx = np.flatnonzero(normal)

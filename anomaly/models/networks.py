@@ -6,9 +6,14 @@ images ``(batch, H, W, C)`` to a code (variational encoders return ``[z_mean, z_
 decoders map a code ``(batch, latent_dim)`` to pixel logits ``(batch, H, W, C)``: the sigmoid of a
 logit is the reconstructed intensity in [0, 1].
 
-The convolutional pair halves the resolution twice (stride-2 convolutions), so the decoder
-starts from a ``ceil(H/4) x ceil(W/4)`` map and crops its output to ``H x W`` when the size is
-not a multiple of 4.
+The convolutional pair scales its depth with the image (:func:`conv_stages`): stride-2 stages
+until the larger side of the feature map is at most :data:`MAX_MAP_SIDE` (8) pixels, the
+filters doubling with each stage beyond those configured (``hidden``, e.g. 32, 64 -> 32, 64,
+128, 256 at 128x128). MNIST-sized images get exactly two stages (14 then 7 px) and the
+configured filters, as before the rule; 16x16 gets one, 32x32 two, 128x128 four, 256x256
+five. Configured filters beyond the stages are stride-1 convolutions. The decoder starts from
+a ``ceil(H/2^s) x ceil(W/2^s)`` map and crops its output to ``H x W`` when the size is not a
+multiple of ``2^s``.
 """
 
 from __future__ import annotations
@@ -20,8 +25,30 @@ from keras import layers
 
 from anomaly.models.layers import AffineCoordinateDecoder
 
-#: Stride-2 stages of the convolutional encoder/decoder (each halves the resolution).
-DOWNSAMPLINGS = 2
+#: The convolutional encoder halves the resolution until the larger side of its last feature
+#: map is at most this many pixels: small enough for a dense code head, large enough to keep
+#: where things are.
+MAX_MAP_SIDE = 8
+
+
+def conv_stages(height: int, width: int) -> int:
+    """Stride-2 stages of the convolutional encoder/decoder for ``height x width`` images:
+    the fewest halvings (rounding up) that bring ``max(H, W)`` to at most :data:`MAX_MAP_SIDE`.
+    """
+    stages, side = 0, max(int(height), int(width))
+    while side > MAX_MAP_SIDE:
+        side = math.ceil(side / 2)
+        stages += 1
+    return stages
+
+
+def conv_filters(image_shape: tuple[int, int, int], filters: tuple[int, ...]) -> tuple[int, ...]:
+    """The filters of each convolution for ``image_shape``: the configured ones, extended by
+    doubling the last until there is one per stride-2 stage (:func:`conv_stages`)."""
+    out = [int(f) for f in filters]
+    while len(out) < conv_stages(image_shape[0], image_shape[1]):
+        out.append(out[-1] * 2)
+    return tuple(out)
 
 
 def _code_heads(h, latent_dim: int, variational: bool):
@@ -55,11 +82,14 @@ def dense_decoder(image_shape: tuple[int, int, int], latent_dim: int,
 
 def conv_encoder(image_shape: tuple[int, int, int], latent_dim: int, filters: tuple[int, ...],
                  variational: bool, dense_units: int = 0) -> keras.Model:
-    """Strided 3x3 convolutions (H -> H/2 -> H/4, then stride 1), then dense code heads."""
+    """Strided 3x3 convolutions (H -> H/2 -> ... -> at most 8 px, then stride 1; see
+    :func:`conv_stages`), then dense code heads. Images ``(batch, H, W, C)``."""
+    stages = conv_stages(image_shape[0], image_shape[1])
+    filters = conv_filters(image_shape, filters)
     x_in = keras.Input(image_shape, name="image")
     h = x_in
     for i, f in enumerate(filters):
-        h = layers.Conv2D(f, 3, strides=2 if i < DOWNSAMPLINGS else 1, padding="same",
+        h = layers.Conv2D(f, 3, strides=2 if i < stages else 1, padding="same",
                           activation="relu", name=f"conv_{i}")(h)
     h = layers.Flatten()(h)
     if dense_units:
@@ -69,9 +99,12 @@ def conv_encoder(image_shape: tuple[int, int, int], latent_dim: int, filters: tu
 
 def conv_decoder(image_shape: tuple[int, int, int], latent_dim: int, filters: tuple[int, ...],
                  dense_units: int = 0) -> keras.Model:
-    """Dense to a ``ceil(H/4) x ceil(W/4)`` map, transposed convolutions back to ``H x W``."""
+    """Dense to a ``ceil(H/2^s) x ceil(W/2^s)`` map (``s`` = :func:`conv_stages`), transposed
+    convolutions back to logits ``(batch, H, W, C)``."""
     height, width, channels = image_shape
-    scale = 2 ** min(DOWNSAMPLINGS, len(filters))
+    stages = conv_stages(height, width)
+    filters = conv_filters(image_shape, filters)
+    scale = 2 ** stages
     h0, w0 = math.ceil(height / scale), math.ceil(width / scale)
     z_in = keras.Input((latent_dim,), name="z")
     h = z_in
@@ -81,7 +114,7 @@ def conv_decoder(image_shape: tuple[int, int, int], latent_dim: int, filters: tu
     h = layers.Dense(h0 * w0 * top, activation="relu", name="project")(h)
     h = layers.Reshape((h0, w0, top))(h)
     for i, f in enumerate(reversed(filters)):
-        up = i >= len(filters) - DOWNSAMPLINGS
+        up = i >= len(filters) - stages
         h = layers.Conv2DTranspose(f, 3, strides=2 if up else 1, padding="same",
                                    activation="relu", name=f"deconv_{i}")(h)
     if (h0 * scale, w0 * scale) != (height, width):
