@@ -69,6 +69,9 @@ TOP_FRACTION = 0.1
 #: kernels compute a row differently for 1-3 rows than for a multiple of 4, so without padding a
 #: score would depend on its batch (measured: 5e-5 relative between batch sizes 1 and 64).
 ROW_BLOCK = 8
+#: Pixel values per graph execution at most (about 1 GiB of activations for the default conv
+#: models): large images are scored in smaller batches (28x28: 1,024 images; 128x128x3: 16).
+PIXEL_BUDGET = 1 << 20
 #: Extra nearest-neighbour candidates kept from the fast expansion before the exact recompute.
 _KNN_MARGIN = 16
 
@@ -277,7 +280,8 @@ class Scorer:
             raise expected(f"images of shape (N, {', '.join(map(str, self.image_shape))})",
                            f"shape {x.shape}", cls=ConfigError)
         parts, recons, errs = [], [], []
-        step = max(ROW_BLOCK, self.batch_size - self.batch_size % ROW_BLOCK)
+        fit = min(self.batch_size, max(1, PIXEL_BUDGET // self._n_pixels))
+        step = max(ROW_BLOCK, fit - fit % ROW_BLOCK)
         for start in range(0, len(x), step):
             chunk = x[start : start + step]
             n = len(chunk)
