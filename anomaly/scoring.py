@@ -69,8 +69,9 @@ TOP_FRACTION = 0.1
 #: kernels compute a row differently for 1-3 rows than for a multiple of 4, so without padding a
 #: score would depend on its batch (measured: 5e-5 relative between batch sizes 1 and 64).
 ROW_BLOCK = 8
-#: Pixel values per graph execution at most (about 1 GiB of activations for the default conv
-#: models): large images are scored in smaller batches (28x28: 1,024 images; 128x128x3: 16).
+#: Pixel values per graph execution at most, which bounds the activations' memory: large images
+#: are scored in smaller batches (28x28: 1,024 images; 128x128x3: 16). Scoring 900 128x128x3
+#: images in one batch of 1,024 took the peak memory of a fit from 2.65 to 5.96 GiB.
 PIXEL_BUDGET = 1 << 20
 #: Extra nearest-neighbour candidates kept from the fast expansion before the exact recompute.
 _KNN_MARGIN = 16
