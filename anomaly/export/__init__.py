@@ -1,0 +1,11 @@
+"""Portable exports of an artifact: one ONNX graph with everything a score needs
+(:mod:`anomaly.export.onnx`).
+
+Importing this package imports neither TensorFlow nor onnx; each format imports its converter
+when it runs.
+"""
+
+from __future__ import annotations
+
+#: ``anomaly export --format``: the formats, in the order the CLI lists them.
+FORMATS = ("onnx",)
