@@ -156,6 +156,7 @@ def build_function(detector):
         out_shape = tf.shape(images)
         return {
             "score": tf.identity(score, name="score"),
+            # Grappler turns this division into a product with 1/n: NumPy's quotient to 1 ulp.
             "normalized": tf.reduce_sum(below, axis=1) / float(reference.size),
             "is_anomaly": score[:, None] > tf.constant(thresholds)[None, :],
             "parts": parts,
