@@ -173,3 +173,63 @@ def test_without_tensorflow_exports_serve_and_others_are_refused(onnx_root, dete
                                        "because TensorFlow is not installed. Received: no "
                                        "model.onnx in ")
     assert "Run 'anomaly export ARTIFACT --format onnx'" in refused["error"]
+
+
+@pytest.mark.e2e
+def test_light_install_serves_an_export(onnx_root, detector, tmp_path):
+    """A clean venv with the package (no dependencies) plus the ``serve`` extra only: no
+    TensorFlow can be imported, and ``anomaly serve`` scores the export like the detector."""
+    import contextlib
+    import shutil
+    import signal
+    import time
+    import tomllib
+
+    import httpx
+
+    from tests.service.conftest import free_port
+
+    serve = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["serve"]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+           "--disable-pip-version-check"]
+    build = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "tests", "bench", "deploy", "docs", "models", "*.egg-info", "build"))
+    subprocess.run([*pip, "--no-deps", str(build)], check=True, timeout=600)
+    subprocess.run([*pip, *serve], check=True, timeout=900)
+    python = str(venv / "bin" / "python")
+    probe = subprocess.run([python, "-c", "import importlib.util as u; print("
+                            "u.find_spec('tensorflow') is None and u.find_spec('keras') is None)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert probe.stdout.strip() == "True"
+    models = tmp_path / "models"
+    shutil.copytree(onnx_root / "exported", models / "exported")
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "ANOMALY_LOG_LEVEL": "warning", "PYTHONPATH": ""}
+    env.pop("ANOMALY_RUNTIME", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(venv / "bin" / "anomaly"), "serve", "--models",
+                                 str(models), "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        x = np.concatenate([blobs(3, seed=13), bars(2, seed=5)])
+        r = httpx.post(f"{url}/v1/models/exported/score", json={"images": x.tolist()},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        _close(detector, [i["score"] for i in r.json()["results"]], detector.detect(x))
+        assert httpx.get(f"{url}/v2/models/exported").json()["platform"] == "onnxruntime_onnx"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    output = log.read_text(errors="replace")
+    assert "Traceback" not in output, output
