@@ -228,6 +228,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format != "onnx":
+        from anomaly.export.layouts import write_layout
+
+        if not args.output:
+            raise expected(f"--output DIR for --format {args.format}", "none",
+                           cls=ConfigError)
+        out = write_layout(args.artifact, args.output, args.format,
+                           storage_uri=args.storage_uri)
+        print(f"Wrote the {args.format} layout of {args.artifact} to {out}")
+        return 0
     from anomaly.export.onnx import export_onnx
 
     out = export_onnx(args.artifact, args.output)
@@ -390,9 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a portable copy of an artifact (one ONNX graph "
                        "with its calibration) as a new version")
     p.add_argument("artifact", help=_ARTIFACT_HELP)
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default)")
-    p.add_argument("--output", metavar="DIR", help="write the exported artifact to DIR "
-                   "(default: a new version beside the source)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default): a new "
+                   "artifact version with model.onnx; triton: a Triton model repository; "
+                   "kserve: that repository plus an InferenceService manifest")
+    p.add_argument("--output", metavar="DIR", help="onnx: write the exported artifact to DIR "
+                   "(default: a new version beside the source); triton, kserve: required")
+    p.add_argument("--storage-uri", default="pvc://anomaly-models/triton",
+                   help="kserve: where the repository will be (default %(default)s)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="built-in data sets")

@@ -1,5 +1,6 @@
 """Portable exports of an artifact: one ONNX graph with everything a score needs
-(:mod:`anomaly.export.onnx`).
+(:mod:`anomaly.export.onnx`), and serving layouts around it (:mod:`anomaly.export.layouts`:
+a Triton model repository, a KServe InferenceService).
 
 Importing this package imports neither TensorFlow nor onnx; each format imports its converter
 when it runs.
@@ -8,4 +9,4 @@ when it runs.
 from __future__ import annotations
 
 #: ``anomaly export --format``: the formats, in the order the CLI lists them.
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "triton", "kserve")
