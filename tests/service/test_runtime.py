@@ -112,6 +112,46 @@ def test_a_graph_with_other_thresholds_is_refused(onnx_root, tmp_path):
     shutil.rmtree(dest)
 
 
+def _top_level_imports(path) -> set[str]:
+    """Modules a file imports when it is imported (its body, not its functions)."""
+    import ast
+
+    out: set[str] = set()
+    todo = list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.If | ast.Try | ast.With):
+            todo += [n for field in ("body", "orelse", "finalbody", "handlers")
+                     for n in getattr(node, field, []) if isinstance(n, ast.stmt)]
+    return out
+
+
+def test_no_module_level_tensorflow_on_the_serving_path():
+    """What importing the app loads, followed through the project's modules: no TensorFlow,
+    Keras, or module that imports them (the subprocess tests below check the running app)."""
+    heavy = ("tensorflow", "keras", "tf2onnx", "anomaly._tf", "anomaly.models",
+             "anomaly.scoring", "anomaly.detector", "anomaly.training")
+    seen, todo = set(), ["service.app", "service.runtime"]  # runtime: imported lazily
+    while todo:
+        mod = todo.pop()
+        path = next((p for p in (REPO / (mod.replace(".", "/") + ".py"),
+                                 REPO / mod.replace(".", "/") / "__init__.py") if p.is_file()),
+                    None)
+        if path is None or mod in seen:
+            continue
+        seen.add(mod)
+        for name in _top_level_imports(path):
+            assert not name.startswith(heavy), f"{mod} imports {name} at module level"
+            parts = name.split(".")
+            todo += [".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                     if parts[0] in ("anomaly", "service")]
+    assert {"service.runtime", "service.loading", "service.registry"} <= seen
+
+
 def _python(code: str, **env) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON line, returned as a dict."""
     environ = {k: v for k, v in os.environ.items() if k != "ANOMALY_RUNTIME"}
