@@ -256,12 +256,12 @@ def test_light_install_serves_an_export(onnx_root, detector, tmp_path):
                                 stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
+        deadline, ready = time.monotonic() + 90, False
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
+                ready = httpx.get(url + "/readyz", timeout=2).status_code == 200
             time.sleep(0.1)
+        assert ready, log.read_text(errors="replace")
         x = np.concatenate([blobs(3, seed=13), bars(2, seed=5)])
         r = httpx.post(f"{url}/v1/models/exported/score", json={"images": x.tolist()},
                        timeout=30)
