@@ -227,6 +227,30 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format != "onnx":
+        from anomaly.export.layouts import write_layout
+
+        if not args.output:
+            raise expected(f"--output DIR for --format {args.format}", "none",
+                           cls=ConfigError)
+        out = write_layout(args.artifact, args.output, args.format,
+                           storage_uri=args.storage_uri)
+        print(f"Wrote the {args.format} layout of {args.artifact} to {out}")
+        return 0
+    from anomaly.export.onnx import export_onnx
+
+    out = export_onnx(args.artifact, args.output)
+    side = out.sidecar
+    print(f"Exported {side['source']['name']}/{side['source']['version']} to ONNX (opset "
+          f"{side['converter']['opset']}, tf2onnx {side['converter']['tf2onnx']}): {out.path}")
+    print(f"  onnxruntime vs TensorFlow on {side['verification']['probe_images']} probe images: "
+          f"max relative score difference {out.max_relative_error:.2g}")
+    print(f"  outputs: {', '.join(o['name'] for o in side['outputs'])}; operating points "
+          f"{', '.join(side['operating_points'])}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from anomaly.data.builtin import DATASETS, default_cache_dir, load_dataset
 
@@ -370,6 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="MODELS", help="models directory to write the new "
                    "version into (default: the artifact's)")
     p.set_defaults(func=cmd_calibrate)
+
+    from anomaly.export import FORMATS
+
+    p = sub.add_parser("export", help="write a portable copy of an artifact (one ONNX graph "
+                       "with its calibration) as a new version")
+    p.add_argument("artifact", help=_ARTIFACT_HELP)
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default): a new "
+                   "artifact version with model.onnx; triton: a Triton model repository; "
+                   "kserve: that repository plus an InferenceService manifest")
+    p.add_argument("--output", metavar="DIR", help="onnx: write the exported artifact to DIR "
+                   "(default: a new version beside the source); triton, kserve: required")
+    p.add_argument("--storage-uri", default="pvc://anomaly-models/triton",
+                   help="kserve: where the repository will be (default %(default)s)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="built-in data sets")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser,

@@ -79,7 +79,8 @@ def warm_up(detector, max_images: int) -> None:
 
 def load_version(path: Path, *, same_as: str | None, known_bad: str | None,
                  max_images: int):
-    """Verify, load and warm up the artifact at ``path`` (blocking; the load thread).
+    """Verify, load and warm up the artifact at ``path`` (blocking; the load thread), with the
+    runtime :func:`service.runtime.load_runtime` picks (``ANOMALY_RUNTIME``).
 
     Args:
         same_as: the artifact hash of the copy already in memory, if any.
@@ -94,9 +95,8 @@ def load_version(path: Path, *, same_as: str | None, known_bad: str | None,
         Refusal: the verified artifact did not load or warm up (``known`` when its hash is
             ``known_bad``: not tried again).
     """
-    import anomaly._tf  # noqa: F401  (TensorFlow without its start-up noise)
     from anomaly.artifact import check_name, read_info
-    from anomaly.detector import Detector
+    from service.runtime import load_runtime
 
     check_name(path.name, "version name")
     info = read_info(path)  # the manifest check: every file's SHA-256
@@ -105,7 +105,7 @@ def load_version(path: Path, *, same_as: str | None, known_bad: str | None,
     if info.sha256 == known_bad:
         raise Refusal("", info.sha256, known=True)
     try:
-        detector = Detector.load(path)
+        detector = load_runtime(path)  # Keras, or onnxruntime without TensorFlow
         warm_up(detector, max_images)
     except Exception as exc:
         msg = str(exc) if isinstance(exc, AnomalyError) else f"{type(exc).__name__}: {exc}"

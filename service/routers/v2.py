@@ -93,7 +93,7 @@ def _metadata(model) -> dict:
     return {
         "name": model.name,
         "versions": [model.version],
-        "platform": "tensorflow_keras",
+        "platform": getattr(model.detector, "platform", "tensorflow_keras"),
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": accepted[0],
                     "parameters": {"datatypes": list(_DTYPES), "shapes": accepted}}],
         "outputs": [{"name": "anomaly_score", "datatype": "FP64", "shape": [-1]},

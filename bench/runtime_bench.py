@@ -1,0 +1,118 @@
+"""In-process speed of the two runtimes: onnxruntime (an ONNX export) vs TensorFlow (Keras).
+
+    flock /tmp/anomaly-train.lock python bench/runtime_bench.py [--runs 5] [--artifact PATH]
+
+Without ``--artifact`` it trains the recommended detector (configs/mnist.yaml: conv-vae,
+``mse+knn``, ``top10``) for one epoch on all MNIST zeros (the weights do not change the
+speed; the kNN memory gets its real size, ~5,300 codes), exports it with ``anomaly export``'s
+code, and scores the 10,000 MNIST test images with both runtimes through the same call the
+service makes (``detect``): scores and decisions only, then with reconstructions and error
+maps; then single images (latency) and the service's 64-image batches. Prints medians over
+``--runs`` as a markdown table, plus the largest score difference between the runtimes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _artifact(tmp: Path) -> Path:
+    from anomaly.config import resolve
+    from anomaly.data.builtin import load_dataset
+    from anomaly.detector import Detector
+
+    cfg = resolve(str(ROOT / "configs" / "mnist.yaml"), {"epochs": 1})
+    ds = load_dataset("mnist")
+    det = Detector.from_config(cfg.detector).fit(ds.x_train[ds.y_train == 0])
+    return det.save(tmp / "models" / "mnist-0" / "1")
+
+
+def _median_rate(fn, x: np.ndarray, runs: int) -> float:
+    fn(x[:1024])  # trace and warm up
+    rates = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn(x)
+        rates.append(len(x) / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def _latency_ms(fn, x: np.ndarray, calls: int = 300) -> tuple[float, float]:
+    fn(x[:1])
+    times = []
+    for i in range(calls):
+        t = time.perf_counter()
+        fn(x[i : i + 1])
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times), float(np.percentile(times, 99))
+
+
+def _batches(fn, x: np.ndarray, runs: int, size: int = 64) -> float:
+    def run(images):
+        for i in range(0, len(images), size):
+            fn(images[i : i + size])
+
+    return _median_rate(run, x, runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--artifact", help="an artifact to export and time (default: train one)")
+    args = ap.parse_args()
+
+    from anomaly.data.builtin import load_dataset
+    from anomaly.export.onnx import export_onnx
+    from service.runtime import load_runtime
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(args.artifact) if args.artifact else _artifact(Path(tmp))
+        t = time.perf_counter()
+        exported = export_onnx(src, Path(tmp) / "exported" / "1")
+        export_s = time.perf_counter() - t
+        keras = load_runtime(exported.path, runtime="keras")
+        onnx = load_runtime(exported.path, runtime="onnx")
+        x = load_dataset("mnist").x_test.astype(np.float32) / 255.0
+        rows, scores = [], {}
+        for name, det in (("TensorFlow (Keras)", keras), ("onnxruntime", onnx)):
+            def plain(images, det=det):
+                return det.detect(images, validated=True)
+
+            def full(images, det=det):
+                return det.detect(images, reconstruction=True, error_map=True, validated=True)
+
+            scores[name] = det.detect(x, validated=True).scores
+            p50, p99 = _latency_ms(plain, x)
+            rows.append((name, _median_rate(plain, x, args.runs), _median_rate(full, x, args.runs),
+                         _batches(plain, x, args.runs), p50, p99))
+            print(f"{name}: done", flush=True)
+        ref = scores["TensorFlow (Keras)"]
+        gap = np.abs(scores["onnxruntime"] - ref)
+        print(f"\nmodel: {keras.model}, score {keras.score} ({keras.aggregation}), kNN memory "
+              f"{len(keras.knn_.memory) if keras.knn_ is not None else 0} codes; export "
+              f"{export_s:.1f} s; max |score difference| {gap.max():.3g} "
+              f"({(gap / np.abs(ref)).max():.3g} relative, scores span {ref.min():.3g}.."
+              f"{ref.max():.3g})\n")
+        print("| runtime | 10,000 images, scores (images/s) | with reconstructions and error "
+              "maps | 64-image batches | one image p50 / p99 (ms) |\n|---|---|---|---|---|")
+        for name, rate, rate_full, rate64, p50, p99 in rows:
+            print(f"| {name} | {rate:,.0f} | {rate_full:,.0f} | {rate64:,.0f} | "
+                  f"{p50:.2f} / {p99:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

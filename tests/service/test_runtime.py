@@ -1,0 +1,275 @@
+"""service.runtime: one loader, two backends; ONNX exports served without TensorFlow.
+
+The light install is simulated in fresh subprocesses: ``ANOMALY_RUNTIME=onnx`` with TensorFlow
+installed (it must still never be imported), and TensorFlow made unimportable
+(``sys.modules["tensorflow"] = None``, which is what ``import`` and ``find_spec`` see when the
+package is absent) with the default ``auto``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from anomaly.errors import ArtifactError, ConfigError
+from service.runtime import OnnxDetector, choose_runtime, load_runtime
+from tests.service.conftest import METADATA, REPO, bars, blobs, save_version
+
+pytest.importorskip("tf2onnx")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def onnx_root(detector, tmp_path_factory):
+    """``exported/v1`` (exported to ONNX, with its Keras files) and ``plain/v1`` (not)."""
+    from anomaly.export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("onnx-models")
+    src = save_version(detector, root / "_src", "blobs", "v1")
+    export_onnx(src, root / "exported" / "v1")
+    save_version(detector, root, "plain", "v1")
+    return root
+
+
+def _close(detector, got, want) -> None:
+    """Scores within the export's tolerance: 1e-5 relative on the score and its parts (the
+    service's detector scores mse+knn; see anomaly.export.onnx.score_tolerance)."""
+    from anomaly.export.onnx import score_tolerance
+
+    diff = np.abs(np.asarray(got) - want.scores)
+    assert (diff <= score_tolerance(detector, want.parts)).all(), (diff, want.scores)
+
+
+def test_choose_runtime():
+    assert choose_runtime(True, "auto", tensorflow=True) == "keras"
+    assert choose_runtime(False, "auto", tensorflow=True) == "keras"
+    assert choose_runtime(True, "auto", tensorflow=False) == "onnx"
+    assert choose_runtime(True, "ONNX", tensorflow=True) == "onnx"
+    with pytest.raises(ArtifactError, match=r"TensorFlow is not installed.*anomaly export"):
+        choose_runtime(False, "auto", tensorflow=False)
+    with pytest.raises(ArtifactError, match=r"ANOMALY_RUNTIME=onnx.*no model\.onnx.*anomaly "
+                       "export"):
+        choose_runtime(False, "onnx", tensorflow=True)
+    with pytest.raises(ConfigError, match="TensorFlow installed for ANOMALY_RUNTIME=keras"):
+        choose_runtime(True, "keras", tensorflow=False)
+    with pytest.raises(ConfigError, match=r"Expected ANOMALY_RUNTIME in \('auto', 'keras', "
+                       r"'onnx'\). Received: 'tensorrt'"):
+        choose_runtime(True, "tensorrt", tensorflow=True)
+
+
+def test_environment_picks_the_runtime(onnx_root, monkeypatch):
+    monkeypatch.setenv("ANOMALY_RUNTIME", "onnx")
+    assert isinstance(load_runtime(onnx_root / "exported" / "v1"), OnnxDetector)
+    monkeypatch.setenv("ANOMALY_RUNTIME", "keras")
+    det = load_runtime(onnx_root / "exported" / "v1")
+    assert det.runtime_ == "keras" and type(det).__name__ == "Detector"
+
+
+def test_onnx_backend_detects_like_the_detector(onnx_root, detector):
+    rt = load_runtime(onnx_root / "exported" / "v1", runtime="onnx")
+    assert (rt.model, rt.score, rt.aggregation) == (detector.model, detector.score,
+                                                    detector.aggregation)
+    assert rt.image_shape_ == tuple(detector.image_shape_)
+    assert rt.calibration_.fingerprint() == detector.calibration_.fingerprint()
+    assert rt.metadata_["dataset"] == METADATA["dataset"]
+    x = np.concatenate([blobs(6, seed=5), bars(3)])
+    for op in detector.calibration_.operating_points:
+        got = rt.detect(x, operating_point=op, reconstruction=True, error_map=True)
+        want = detector.detect(x, operating_point=op, reconstruction=True, error_map=True)
+        _close(detector, got.scores, want)
+        np.testing.assert_array_equal(got.is_anomaly, want.is_anomaly)
+        np.testing.assert_allclose(got.normalized, want.normalized, rtol=1e-15, atol=0)
+        assert (got.operating_point, got.threshold) == (want.operating_point, want.threshold)
+        assert got.reconstruction.shape == want.reconstruction.shape == (9, 28, 28)
+        np.testing.assert_allclose(got.error_map, want.error_map, atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(rt.predict(x), detector.predict(x))
+    # Unvalidated input goes through the same pixel rules: 0-255 integers.
+    u8 = np.rint(x * 255).astype(np.uint8)
+    _close(detector, rt.decision_function(u8), detector.detect(u8))
+
+
+def test_a_graph_with_other_thresholds_is_refused(onnx_root, tmp_path):
+    import shutil
+
+    from anomaly.artifact import read_artifact, write_artifact
+
+    art = read_artifact(onnx_root / "exported" / "v1")
+    files = {f: (art.path / f).read_bytes() for f in art.manifest["files"]
+             if f not in ("manifest.json", "metadata.json")}
+    cal = json.loads(files["calibration.json"])
+    for point in cal["operating_points"].values():
+        point["threshold"] += 1.0
+    files["calibration.json"] = json.dumps(cal).encode()  # re-signed: the manifest is fine
+    dest = write_artifact(tmp_path / "m" / "v1", files, metadata={})
+    with pytest.raises(ArtifactError, match="exported with this artifact's calibration"):
+        load_runtime(dest, runtime="onnx")
+    shutil.rmtree(dest)
+
+
+def _top_level_imports(path) -> set[str]:
+    """Modules a file imports when it is imported (its body, not its functions)."""
+    import ast
+
+    out: set[str] = set()
+    todo = list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.If | ast.Try | ast.With):
+            todo += [n for field in ("body", "orelse", "finalbody", "handlers")
+                     for n in getattr(node, field, []) if isinstance(n, ast.stmt)]
+    return out
+
+
+def test_no_module_level_tensorflow_on_the_serving_path():
+    """What importing the app loads, followed through the project's modules: no TensorFlow,
+    Keras, or module that imports them (the subprocess tests below check the running app)."""
+    heavy = ("tensorflow", "keras", "tf2onnx", "anomaly._tf", "anomaly.models",
+             "anomaly.scoring", "anomaly.detector", "anomaly.training")
+    seen, todo = set(), ["service.app", "service.runtime"]  # runtime: imported lazily
+    while todo:
+        mod = todo.pop()
+        path = next((p for p in (REPO / (mod.replace(".", "/") + ".py"),
+                                 REPO / mod.replace(".", "/") / "__init__.py") if p.is_file()),
+                    None)
+        if path is None or mod in seen:
+            continue
+        seen.add(mod)
+        for name in _top_level_imports(path):
+            assert not name.startswith(heavy), f"{mod} imports {name} at module level"
+            parts = name.split(".")
+            todo += [".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                     if parts[0] in ("anomaly", "service")]
+    assert {"service.runtime", "service.loading", "service.registry"} <= seen
+
+
+def _python(code: str, **env) -> dict:
+    """Run ``code`` in a fresh interpreter; it prints one JSON line, returned as a dict."""
+    environ = {k: v for k, v in os.environ.items() if k != "ANOMALY_RUNTIME"}
+    environ.update({"PYTHONPATH": str(REPO), **env})
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                         text=True, cwd=REPO, env=environ, timeout=240, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_SERVE = """
+    import json, sys
+    {prelude}
+    from fastapi.testclient import TestClient
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(models_dir={root!r}))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        c.portal.call(c.app.state.registry.wait_loaded)
+        models = {{m["name"]: m for m in c.get("/v1/models").json()["models"]}}
+        r = c.post("/v1/models/exported/score", json={{"images": {images}}})
+        v2 = c.get("/v2/models/exported").json()
+    print(json.dumps({{"models": models, "status": r.status_code, "body": r.json(),
+                      "platform": v2["platform"],
+                      "tensorflow": "tensorflow" in sys.modules and sys.modules["tensorflow"]
+                      is not None,
+                      "keras": "keras" in sys.modules and sys.modules["keras"] is not None}}))
+"""
+
+
+def _check_served(out: dict, detector, x: np.ndarray) -> None:
+    assert out["status"] == 200, out["body"]
+    _close(detector, [r["score"] for r in out["body"]["results"]], detector.detect(x))
+    assert [r["is_anomaly"] for r in out["body"]["results"]] == detector.predict(x).tolist()
+    assert out["models"]["exported"]["ready"]
+    assert out["platform"] == "onnxruntime_onnx"
+    assert not out["tensorflow"] and not out["keras"]
+
+
+def test_onnx_runtime_never_imports_tensorflow(onnx_root, detector):
+    x = np.concatenate([blobs(3, seed=9), bars(2)])
+    code = _SERVE.format(prelude="", root=str(onnx_root), images=x.tolist())
+    out = _python(code, ANOMALY_RUNTIME="onnx")
+    _check_served(out, detector, x)
+    (refused,) = out["models"]["plain"]["refused_versions"]
+    assert "ANOMALY_RUNTIME=onnx" in refused["error"] and "anomaly export" in refused["error"]
+
+
+def test_without_tensorflow_exports_serve_and_others_are_refused(onnx_root, detector):
+    x = np.concatenate([blobs(3, seed=11), bars(2, seed=3)])
+    hide = 'sys.modules["tensorflow"] = sys.modules["keras"] = None  # not installed'
+    out = _python(_SERVE.format(prelude=hide, root=str(onnx_root), images=x.tolist()))
+    _check_served(out, detector, x)
+    plain = out["models"]["plain"]
+    assert not plain["ready"]
+    (refused,) = plain["refused_versions"]
+    assert refused["error"].startswith("Expected an artifact exported to ONNX (model.onnx) "
+                                       "because TensorFlow is not installed. Received: no "
+                                       "model.onnx in ")
+    assert "Run 'anomaly export ARTIFACT --format onnx'" in refused["error"]
+
+
+@pytest.mark.e2e
+def test_light_install_serves_an_export(onnx_root, detector, tmp_path):
+    """A clean venv with the package (no dependencies) plus the ``serve`` extra only: no
+    TensorFlow can be imported, and ``anomaly serve`` scores the export like the detector."""
+    import contextlib
+    import shutil
+    import signal
+    import time
+    import tomllib
+
+    import httpx
+
+    from tests.service.conftest import free_port
+
+    serve = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["serve"]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+           "--disable-pip-version-check"]
+    build = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "tests", "bench", "deploy", "docs", "models", "*.egg-info", "build"))
+    subprocess.run([*pip, "--no-deps", str(build)], check=True, timeout=600)
+    subprocess.run([*pip, *serve], check=True, timeout=900)
+    python = str(venv / "bin" / "python")
+    probe = subprocess.run([python, "-c", "import importlib.util as u; print("
+                            "u.find_spec('tensorflow') is None and u.find_spec('keras') is None)"],
+                           capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert probe.stdout.strip() == "True"
+    models = tmp_path / "models"
+    shutil.copytree(onnx_root / "exported", models / "exported")
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "ANOMALY_LOG_LEVEL": "warning", "PYTHONPATH": ""}
+    env.pop("ANOMALY_RUNTIME", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(venv / "bin" / "anomaly"), "serve", "--models",
+                                 str(models), "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ready = time.monotonic() + 90, False
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                ready = httpx.get(url + "/readyz", timeout=2).status_code == 200
+            time.sleep(0.1)
+        assert ready, log.read_text(errors="replace")
+        x = np.concatenate([blobs(3, seed=13), bars(2, seed=5)])
+        r = httpx.post(f"{url}/v1/models/exported/score", json={"images": x.tolist()},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        _close(detector, [i["score"] for i in r.json()["results"]], detector.detect(x))
+        assert httpx.get(f"{url}/v2/models/exported").json()["platform"] == "onnxruntime_onnx"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    output = log.read_text(errors="replace")
+    assert "Traceback" not in output, output
