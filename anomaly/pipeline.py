@@ -137,7 +137,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         "epochs_run": epochs_run(detector.history_),
         "distribute": detector.strategy_,
     }
-    extra = {"config.yaml": cfg.to_yaml()}
+    extra = {"config.yaml": cfg.to_yaml(), **_onnx_files(detector)}
     if ev is not None:
         import json
 
@@ -148,6 +148,19 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     timings["save_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return FitResult(path, detector, ev, timings, split, test, scores)
+
+
+def _onnx_files(detector) -> dict:
+    """The ONNX export for the artifact, so it serves without TensorFlow; a model the exporter
+    cannot convert (Monte Carlo scores) is saved without it, with a note."""
+    from anomaly.export.onnx import onnx_files
+
+    try:
+        return onnx_files(detector)
+    except Exception as exc:  # the trained model is worth saving whatever the exporter says
+        log(f"note: no ONNX export in this artifact ({type(exc).__name__}: {exc}); it serves "
+            "with TensorFlow only ('anomaly export' can add it later)")
+        return {}
 
 
 def run_evaluate(artifact: str | Path, *, dataset: str | None = None,

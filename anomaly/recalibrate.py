@@ -118,6 +118,11 @@ def run_calibrate(artifact: str | Path, *, normal: str | None = None,
     keep = {k: v for k, v in det.metadata_.items()
             if k not in ("format_version", "name", "version", "created_at", "libraries")}
     extra = {f: (det.path_ / f).read_bytes() for f in CARRIED if (det.path_ / f).is_file()}
+    if (det.path_ / "model.onnx").is_file():
+        # The graph holds the thresholds: export again rather than carry a stale one.
+        from anomaly.export.onnx import onnx_files
+
+        extra.update(onnx_files(det))
     saved = det.save(path, metadata={**keep, "name": name, "version": path.name,
                                      "lineage": lineage}, extra_files=extra)
     return Recalibrated(saved, lineage, len(x_normal), 0 if x_anom is None else len(x_anom))

@@ -45,7 +45,13 @@ def test_fit_writes_a_verified_artifact(fit_run, artifact, mnist):
     assert (artifact / "manifest.json").is_file()
     files = verify(artifact)["files"]
     assert {"model.keras", "calibration.json", "metadata.json", "metrics.json", "per_class.csv",
-            "config.yaml", "history.csv"} <= set(files)
+            "config.yaml", "history.csv", "model.onnx", "onnx.json"} <= set(files)
+    from service.runtime import load_runtime
+
+    # Every new artifact carries its ONNX export: it serves without TensorFlow, alike.
+    x = mnist.x_test[:64]
+    got = load_runtime(artifact, runtime="onnx").detect(x).scores
+    np.testing.assert_allclose(got, Detector.load(artifact).decision_function(x), atol=1e-4)
     assert f"Artifact: {artifact}" in proc.stdout
     assert "AUROC" in proc.stdout and "fpr@1%*" in proc.stdout
     assert "Training conv-vae on" in proc.stderr and "epoch 2/2" in proc.stderr

@@ -364,14 +364,17 @@ def export_bytes(detector) -> tuple[bytes, dict, float]:
 
 
 def _next_version(model_dir: Path) -> Path:
-    from anomaly.artifact import new_version
+    from anomaly.artifact import new_version_path
 
-    version = new_version()
-    path, n = model_dir / version, 1
-    while path.exists():
-        n += 1
-        path = model_dir / f"{version}-{n}"
-    return path
+    return new_version_path(model_dir.parent, model_dir.name)
+
+
+def onnx_files(detector) -> dict[str, bytes | str]:
+    """``{"model.onnx": ..., "onnx.json": ...}`` of a fitted detector, verified against it, for
+    ``Detector.save(extra_files=...)``: what ``anomaly fit`` and ``anomaly calibrate`` write
+    into every new artifact so that it serves under the light install."""
+    data, sidecar, _ = export_bytes(detector)
+    return {ONNX_FILE: data, SIDECAR: json.dumps(sidecar, indent=2) + "\n"}
 
 
 def export_onnx(artifact: str | Path, output: str | Path | None = None) -> Exported:
