@@ -7,7 +7,7 @@ and, on request, a few anomalies drawn from the training split's other classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -123,6 +123,7 @@ class OneClassSplit:
         test_classes: original class label of each test image, ``(n_test,)``.
         x_cal_anomalies: optional labelled anomalies from the training split, ``(n_cal, ...)``.
         normal_classes, class_names, dataset, source: what the images are.
+        skipped: ``(file, reason)`` of the bad files a ``skip_bad`` load left out.
     """
 
     x_train: np.ndarray
@@ -135,6 +136,7 @@ class OneClassSplit:
     class_names: tuple[str, ...] | None = None
     dataset: str = ""
     source: str = ""
+    skipped: list = field(default_factory=list)
 
     @property
     def test(self) -> TestSet | None:
