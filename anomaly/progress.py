@@ -94,7 +94,7 @@ class Progress:
                 self._start_bar()
             if self._bar is not None:
                 self._bar.update(self._task, completed=self.done, total=self.total)
-        elif now - self._last_line >= PLAIN_EVERY_S:
+        elif now - self.t0 >= SHOW_AFTER_S and now - self._last_line >= PLAIN_EVERY_S:
             self._last_line = now
             print(f"{self.desc}: {self._count()} ({now - self.t0:.0f} s)", file=sys.stderr,
                   flush=True)
