@@ -552,6 +552,7 @@ def test_quick_mode_defaults_only_unset_flags(capsys, tmp_path, monkeypatch):
     assert rc == 0, err
     meta = json.loads((Path(json.loads(out)["artifact"]) / "metadata.json").read_text())
     assert meta["epochs_run"] == 1 and meta["n_train"] + meta["n_val"] == 300
+    assert "test_limit: 1000" in (Path(json.loads(out)["artifact"]) / "config.yaml").read_text()
     rc, out, err = run(capsys, *base, "--output", tmp_path / "b", "--epochs", "2",
                        "--train-limit", "350")
     assert rc == 0, err
