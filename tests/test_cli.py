@@ -633,12 +633,26 @@ def test_score_skip_bad_lists_the_skipped_files(capsys, tmp_path, saved_artifact
 
 
 def test_fit_skip_bad_records_the_skipped_files(capsys, tmp_path):
-    folder = _png_folder(tmp_path / "pngs", 40)
-    argv = ["fit", "--dataset", folder, *_TINY_FIT, "--output", tmp_path / "m", "--name", "p"]
+    """A labelled folder with one corrupt file: strict by default; with --skip-bad the fit
+    records it, and evaluate rebuilds the same split (skipping it again) without the flag."""
+    folder = tmp_path / "pngs"
+    _png_folder(folder / "good", 60)
+    (folder / "bars").mkdir()
+    for i, img in enumerate(make_bars(15, seed=7)):
+        Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(folder / "bars" / f"{i}.png")
+    argv = ["fit", "--dataset", folder, "--normal-class", "good", *_TINY_FIT, "--output",
+            tmp_path / "m", "--name", "p"]
     assert_error(capsys, argv, "bad0.png", code=1)
-    rc, _out, err = run(capsys, *argv, "--skip-bad")
+    rc, _, err = run(capsys, *argv, "--skip-bad")
     assert rc == 0, err
-    assert "Skipped 1 bad file(s):\n  bad0.png: Expected" in err
-    meta = json.loads((next((tmp_path / "m" / "p").iterdir()) / "metadata.json").read_text())
-    assert meta["skip_bad"] is True and meta["n_train"] + meta["n_val"] == 40
-    assert [f["file"] for f in meta["skipped_files"]] == ["bad0.png"]
+    assert "Skipped 1 bad file(s):\n  good/bad0.png: Expected" in err
+    path = next((tmp_path / "m" / "p").iterdir())
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["skip_bad"] is True
+    assert [f["file"] for f in meta["skipped_files"]] == ["good/bad0.png"]
+    saved = json.loads((path / "metrics.json").read_text())
+    assert saved["n_test"] == 15  # a fifth of the 75 readable images
+    rc, out, err = run(capsys, "evaluate", path, "--json")
+    assert rc == 0, err
+    again = json.loads(out)
+    assert again["n_test"] == 15 and again["auroc"] == pytest.approx(saved["auroc"])
