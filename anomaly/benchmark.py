@@ -69,11 +69,12 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
         ``score_per_s``, ``epochs``, and ``pca_auroc``/``iforest_auroc`` with ``baselines``.
     """
     from anomaly.detector import Detector
+    from anomaly.progress import progress
 
     todo = parse_classes(classes, n_classes=10, leave_anomalies=False)
     rows = []
-    for c in todo:
-        for seed in seeds:
+    with progress("Benchmark", total=len(todo) * len(seeds), unit="runs") as bar:
+        for c, seed in ((c, seed) for c in todo for seed in seeds):
             run = dataclasses.replace(cfg, normal_classes=[c],
                                       detector=dataclasses.replace(cfg.detector, seed=seed))
             split = prepare(run)
@@ -104,6 +105,7 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
             rows.append(row)
             log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in row.items()))
+            bar.update()
     df = pd.DataFrame(rows)
     out = Path(output)
     stem = tag or f"{Path(cfg.dataset).name}-{cfg.detector.model}"

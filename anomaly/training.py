@@ -17,6 +17,7 @@ from anomaly._tf import tf  # first: TensorFlow without its start-up noise
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -91,17 +92,27 @@ def make_strategy(kind: str, devices: list[str] | None = None) -> tf.distribute.
 
 
 class _EpochLog(keras.callbacks.Callback):
-    """One short line per epoch on stderr when stderr is not a terminal (logs, CI)."""
+    """One line per epoch on stderr: where no Keras bar is drawn (logs, CI), or with ``-v``.
 
-    def __init__(self, epochs: int):
+    ``full`` lists every metric Keras logged; otherwise the losses that tell whether training
+    converges. Each line ends with the epoch's wall time, which a log otherwise lacks.
+    """
+
+    def __init__(self, epochs: int, *, full: bool = False):
         super().__init__()
         self.epochs = epochs
+        self.full = full
+        self._t0 = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        parts = [f"{k} {v:.4g}" for k, v in logs.items() if k in ("loss", "val_loss", "kl_loss")]
-        print(f"epoch {epoch + 1}/{self.epochs}: " + ", ".join(parts), file=sys.stderr,
-              flush=True)
+        keep = logs if self.full else [k for k in logs if k in ("loss", "val_loss", "kl_loss")]
+        parts = [f"{k} {float(logs[k]):.4g}" for k in keep]
+        print(f"epoch {epoch + 1}/{self.epochs}: " + ", ".join(parts)
+              + f" ({time.perf_counter() - self._t0:.1f} s)", file=sys.stderr, flush=True)
 
 
 def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs: int,
@@ -115,7 +126,8 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
         x_train: normal training images ``(n_train, H, W[, C])`` float32 in [0, 1].
         x_val: normal validation images ``(n_val, H, W[, C])``.
         backup_dir: folder for per-epoch state; an existing state there is resumed.
-        verbose: 0 silent, 1 progress (a bar on a terminal, a line per epoch otherwise).
+        verbose: 0 silent, 1 progress (a bar on a terminal, a line per epoch otherwise; with
+            :func:`anomaly.progress.set_verbosity` (2) a full line per epoch in both).
 
     Returns:
         The Keras history: per-epoch lists for ``loss``, ``val_loss``, ``reconstruction_loss``,
@@ -128,12 +140,15 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
     if backup_dir is not None:
         os.makedirs(backup_dir, exist_ok=True)
         cbs.append(keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True))
+    from anomaly.progress import VERBOSE, is_tty, verbosity
+
     keras_verbose = 0
     if verbose:
-        if sys.stderr.isatty():
+        # Keras' own bar on a terminal; plain lines in logs, and with -v in both.
+        if is_tty():
             keras_verbose = 1
-        else:
-            cbs.append(_EpochLog(epochs))
+        if not is_tty() or verbosity() >= VERBOSE:
+            cbs.append(_EpochLog(epochs, full=verbosity() >= VERBOSE))
     cbs.extend(callbacks)
     # Our own tf.data pipeline: a seeded shuffle, and no map stage (Keras' array adapter adds
     # one whose op attributes make TF 2.21 log a spurious error line).

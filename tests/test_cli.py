@@ -306,6 +306,8 @@ def test_evaluate_rebuilds_the_runs_own_test_split(capsys, tmp_path):
         numbers = {k: v for k, v in point.items() if isinstance(v, int | float)}
         assert {k: again["operating_points"][name][k] for k in numbers} == pytest.approx(numbers)
         assert again["operating_points"][name]["fpr_check"] == point["fpr_check"]
+        assert again["operating_points"][name]["fpr_interval"] == pytest.approx(
+            point["fpr_interval"])
 
 
 def test_single_class_folder_trains_without_evaluation(capsys, tmp_path):
@@ -381,3 +383,276 @@ def test_calibrate_writes_a_new_verified_version_with_its_lineage(capsys, saved_
     assert "f1-max" in out and "youden" in out
     assert_error(capsys, ["calibrate", parent], "Expected normal images to calibrate on",
                  code=1)
+
+
+# -- conventions: help, streams, verbosity, exit codes ----------------------------------------
+
+
+def _all_parsers():
+    """Every (sub)command's parser, by its prog name."""
+    import argparse
+
+    from anomaly.cli import build_parser
+
+    todo, out = [build_parser()], {}
+    while todo:
+        p = todo.pop()
+        out[p.prog] = p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+    return out
+
+
+def test_help_shows_a_default_for_every_option_and_help_for_every_positional():
+    import argparse
+
+    parsers = _all_parsers()
+    assert {"anomaly fit", "anomaly score", "anomaly data sample", "anomaly serve"} <= set(parsers)
+    missing = []
+    for prog, p in parsers.items():
+        p.format_help()  # renders ('%' in a help string would raise here)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction | argparse._HelpAction |
+                          argparse._VersionAction):
+                continue
+            text = a.help or ""
+            if not a.option_strings:
+                ok = bool(text.strip())
+            elif a.required:
+                ok = "(required)" in text
+            else:
+                ok = "default" in text
+            if not ok:
+                missing.append(f"{prog} {'/'.join(a.option_strings) or a.dest}: {text!r}")
+    assert not missing, "\n".join(missing)
+    # -q/-v reach every command, nested ones included
+    leaves = [p for prog, p in parsers.items() if prog not in ("anomaly", "anomaly data")]
+    assert all({"-q", "-v"} <= set(p._option_string_actions) for p in leaves)
+
+
+@pytest.fixture
+def shapes(tmp_path):
+    """A labelled .npz: 200 blobs (class 0, normal) and 50 bars (class 1)."""
+    x = np.concatenate([make_blobs(200, seed=5), make_bars(50, seed=5)])
+    np.savez(tmp_path / "shapes.npz", x=x, y=np.r_[np.zeros(200, int), np.ones(50, int)])
+    return tmp_path / "shapes.npz"
+
+
+_TINY_FIT = ("--model", "dense-ae", "--hidden", "16", "--latent-dim", "2", "--epochs", "1",
+             "--force-calibration", "--no-report")
+
+
+def test_json_results_are_alone_on_stdout(capsys, tmp_path, shapes, saved_artifact):
+    models = tmp_path / "models"
+    rc, out, err = run(capsys, "fit", "--dataset", shapes, *_TINY_FIT, "--output", models,
+                       "--name", "s", "--json")
+    assert rc == 0, err
+    fit = json.loads(out)  # the whole of stdout is one document
+    path = Path(fit["artifact"])
+    assert path.parent == models / "s" and fit["epochs"] == 1
+    assert fit["metrics"]["n_test"] == 50 and fit["skipped"] == []
+    t = fit["timings"]
+    parts = ("startup_s", "data_s", "train_s", "calibrate_s", "evaluate_s", "save_s")
+    assert all(t[k] >= 0 for k in parts)
+    assert sum(t[k] for k in parts) <= t["wall_s"] + 0.5  # parts of the wall time, not more
+    assert t["train_s"] + t["calibrate_s"] == pytest.approx(t["fit_s"])
+    assert "Training dense-ae" in err  # progress still on stderr
+
+    rc, out, _ = run(capsys, "evaluate", path, "--json")
+    ev = json.loads(out)
+    assert rc == 0 and ev["auroc"] == pytest.approx(fit["metrics"]["auroc"])
+    assert set(ev["operating_points"]) == {"fpr@1%", "fpr@5%"}
+
+    rc, out, _ = run(capsys, "models", models, "--json")
+    listed = json.loads(out)
+    assert rc == 0 and [Path(m["path"]) for m in listed] == [path]
+    assert listed[0]["metadata"]["name"] == "s" and len(listed[0]["sha256"]) == 64
+
+    np.save(tmp_path / "x.npy", make_blobs(5, seed=8))
+    rc, out, err = run(capsys, "score", path, "--input", tmp_path / "x.npy", "--output",
+                       tmp_path / "s.csv", "--json")
+    summary = json.loads(out)
+    assert rc == 0 and summary["n_scored"] == 5 and summary["operating_point"] == "fpr@1%"
+    assert summary["n_anomalous"] == int(pd.read_csv(tmp_path / "s.csv")["is_anomaly"].sum())
+    assert_error(capsys, ["score", path, "--input", tmp_path / "x.npy", "--output", "-",
+                          "--json"], "--output FILE.csv with --json", code=2)
+
+    np.save(tmp_path / "normal.npy", make_blobs(60, seed=9))
+    rc, out, err = run(capsys, "calibrate", path, "--normal", tmp_path / "normal.npy",
+                       "--force-calibration", "--json")
+    cal = json.loads(out)
+    assert rc == 0, err
+    assert Path(cal["artifact"]).parent == path.parent and cal["n_normal"] == 60
+    assert cal["lineage"]["parent"]["version"] == path.name
+
+
+def test_score_to_standard_output_is_only_the_csv(capsys, saved_artifact, files):
+    rc, out, err = run(capsys, "score", saved_artifact, "--input", files / "good.npy",
+                       "--output", "-")
+    assert rc == 0
+    import io
+
+    assert len(pd.read_csv(io.StringIO(out))) == 6
+    assert "Scored 6 images" in err and "Scored" not in out
+
+
+def test_quiet_and_verbose(capsys, tmp_path, shapes):
+    argv = ["fit", "--dataset", shapes, *_TINY_FIT, "--output", tmp_path / "m"]
+    rc, out, err = run(capsys, *argv, "-q")
+    assert rc == 0 and err == ""  # errors only: there were none
+    assert "Artifact:" in out  # the result still goes to stdout
+    rc, _, err = run(capsys, *argv)
+    epoch_lines = [ln for ln in err.splitlines() if ln.startswith("epoch 1/1:")]
+    assert rc == 0 and len(epoch_lines) == 1 and "reconstruction_loss" not in epoch_lines[0]
+    rc, _, err = run(capsys, *argv, "-v")
+    epoch_lines = [ln for ln in err.splitlines() if ln.startswith("epoch 1/1:")]
+    assert rc == 0 and len(epoch_lines) == 1 and "val_reconstruction_loss" in epoch_lines[0]
+    assert_error(capsys, [*argv, "-q", "-v"], "not allowed with argument", code=2)
+
+
+def test_fit_reports_its_wall_time_with_its_parts(capsys, tmp_path, shapes):
+    import re
+
+    rc, out, err = run(capsys, "fit", "--dataset", shapes, *_TINY_FIT[:-1], "--output",
+                       tmp_path / "m")
+    assert rc == 0, err
+    m = re.search(r"Time: ([\d.]+) s \(start-up ([\d.]+), data ([\d.]+), training ([\d.]+), "
+                  r"calibration ([\d.]+), evaluation ([\d.]+), save ([\d.]+), report ([\d.]+)\)"
+                  r"; 1 epochs", out)
+    assert m, out
+    wall, *parts = map(float, m.groups())
+    assert sum(parts) <= wall + 0.5
+    assert "Report: " in out and "report.html" in out
+
+
+def test_exit_codes_usage_runtime_interrupt(capsys, tmp_path, shapes, monkeypatch):
+    assert_error(capsys, ["score", "--no-such-flag"], "the following arguments are required",
+                 code=2)
+    assert_error(capsys, ["evaluate", tmp_path / "nope"], "Expected an artifact directory",
+                 code=1)
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Detector, "fit", interrupted)
+    models = tmp_path / "models"
+    rc, _out, err = run(capsys, "fit", "--dataset", shapes, *_TINY_FIT, "--output", models)
+    assert rc == 130 and "interrupted: nothing was written" in err and "Traceback" not in err
+    assert not any(p.is_dir() and not p.name.startswith(".")
+                   for p in models.rglob("*") if p.parent.parent == models)
+
+
+def test_quick_mode_defaults_only_unset_flags(capsys, tmp_path, monkeypatch):
+    np.save(tmp_path / "blobs.npy", make_blobs(400, seed=6))
+    monkeypatch.setenv("ANOMALY_QUICK", "1")
+    base = ["fit", "--dataset", tmp_path / "blobs.npy", "--model", "dense-ae", "--hidden",
+            "16", "--latent-dim", "2", "--no-report", "--json"]
+    rc, out, err = run(capsys, *base, "--output", tmp_path / "a")
+    assert rc == 0, err
+    meta = json.loads((Path(json.loads(out)["artifact"]) / "metadata.json").read_text())
+    assert meta["epochs_run"] == 1 and meta["n_train"] + meta["n_val"] == 300
+    assert "test_limit: 1000" in (Path(json.loads(out)["artifact"]) / "config.yaml").read_text()
+    rc, out, err = run(capsys, *base, "--output", tmp_path / "b", "--epochs", "2",
+                       "--train-limit", "350")
+    assert rc == 0, err
+    meta = json.loads((Path(json.loads(out)["artifact"]) / "metadata.json").read_text())
+    assert meta["epochs_run"] == 2 and meta["n_train"] + meta["n_val"] == 350
+
+
+# -- anomaly data sample ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_mnist(monkeypatch):
+    """A 30-image stand-in for MNIST's test split (3 per class), no download."""
+    from anomaly.data import builtin
+
+    x = (np.arange(30 * 28 * 28) % 251).astype(np.uint8).reshape(30, 28, 28)
+    ds = builtin.Dataset("mnist", x, np.arange(30) % 10, x, np.arange(30) % 10,
+                         class_names=tuple(str(i) for i in range(10)), source="fake")
+    monkeypatch.setattr(builtin, "load_dataset", lambda name, cache_dir=None: ds)
+    return ds
+
+
+def test_data_sample_writes_labelled_png_folders(capsys, tmp_path, fake_mnist, saved_artifact):
+    out = tmp_path / "digits"
+    rc, stdout, err = run(capsys, "data", "sample", "--dataset", "mnist", "--classes", "0,7",
+                          "--n", "2", "--output", f"{out}/")
+    assert rc == 0, err
+    assert "Wrote 4 mnist test images (classes 0, 7)" in stdout
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*.png"))
+    assert len(files) == 4 and {f.split("/")[0] for f in files} == {"0", "7"}
+    for f in files:
+        index = int(f.split("test-")[1][:5])
+        assert fake_mnist.y_test[index] == int(f.split("/")[0])
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f)), fake_mnist.x_test[index])
+    rc, _, err = run(capsys, "data", "sample", "--classes", "3", "--n", "1", "--output", out)
+    assert rc == 0 and [p.name for p in out.iterdir()] == ["3"]  # replaced whole
+    rc, stdout, _ = run(capsys, "score", saved_artifact, "--input", out, "--output",
+                        tmp_path / "s.csv")
+    assert rc == 0 and "Scored 1 images" in stdout
+    assert_error(capsys, ["data", "sample", "--classes", "12", "--output", out],
+                 "Received: 12", code=2)
+
+
+# -- --skip-bad -------------------------------------------------------------------------------
+
+
+def _png_folder(folder: Path, n: int = 4, *, corrupt: int = 1) -> Path:
+    folder.mkdir(parents=True)
+    for i, img in enumerate(make_blobs(n, seed=7)):
+        Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(folder / f"ok{i}.png")
+    for i in range(corrupt):
+        (folder / f"bad{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    return folder
+
+
+def test_score_skip_bad_lists_the_skipped_files(capsys, tmp_path, saved_artifact):
+    folder = _png_folder(tmp_path / "pngs", 3, corrupt=2)
+    out = tmp_path / "s.csv"
+    assert_error(capsys, ["score", saved_artifact, "--input", folder, "--output", out],
+                 "bad0.png", "undecodable bytes", code=1)
+    assert not out.exists()  # strict by default
+    rc, stdout, err = run(capsys, "score", saved_artifact, "--input", folder, "--output", out,
+                          "--skip-bad")
+    assert rc == 0, err
+    assert "Scored 3 images" in stdout
+    assert "Skipped 2 bad file(s):" in err and "bad1.png: Expected" in err
+    df = pd.read_csv(out, keep_default_na=False)
+    assert df["id"].tolist() == ["ok0.png", "ok1.png", "ok2.png", "bad0.png", "bad1.png"]
+    assert (df["skipped"][:3] == "").all() and df["skipped"][3].startswith("Expected")
+    assert (df["score"][3:] == "").all() and (df["score"][:3] != "").all()
+    rc, stdout, _ = run(capsys, "score", saved_artifact, "--input", folder, "--output", out,
+                        "--skip-bad", "--json")
+    assert [s["id"] for s in json.loads(stdout)["skipped"]] == ["bad0.png", "bad1.png"]
+    for f in folder.glob("ok*.png"):
+        f.unlink()
+    assert_error(capsys, ["score", saved_artifact, "--input", folder, "--output", out,
+                          "--skip-bad"], "at least one readable image file", code=1)
+
+
+def test_fit_skip_bad_records_the_skipped_files(capsys, tmp_path):
+    """A labelled folder with one corrupt file: strict by default; with --skip-bad the fit
+    records it, and evaluate rebuilds the same split (skipping it again) without the flag."""
+    folder = tmp_path / "pngs"
+    _png_folder(folder / "good", 60)
+    (folder / "bars").mkdir()
+    for i, img in enumerate(make_bars(15, seed=7)):
+        Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(folder / "bars" / f"{i}.png")
+    argv = ["fit", "--dataset", folder, "--normal-class", "good", *_TINY_FIT, "--output",
+            tmp_path / "m", "--name", "p"]
+    assert_error(capsys, argv, "bad0.png", code=1)
+    rc, _, err = run(capsys, *argv, "--skip-bad")
+    assert rc == 0, err
+    assert "Skipped 1 bad file(s):\n  good/bad0.png: Expected" in err
+    path = next((tmp_path / "m" / "p").iterdir())
+    meta = json.loads((path / "metadata.json").read_text())
+    assert meta["skip_bad"] is True
+    assert [f["file"] for f in meta["skipped_files"]] == ["good/bad0.png"]
+    saved = json.loads((path / "metrics.json").read_text())
+    assert saved["n_test"] == 15  # a fifth of the 75 readable images
+    rc, out, err = run(capsys, "evaluate", path, "--json")
+    assert rc == 0, err
+    again = json.loads(out)
+    assert again["n_test"] == 15 and again["auroc"] == pytest.approx(saved["auroc"])

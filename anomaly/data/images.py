@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +41,14 @@ class ImageSet:
         ids: one identifier per image (file name, or row index as a string), shape ``(N,)``.
         labels: class label per image or ``None``; shape ``(N,)``.
         class_names: names of the label values where known (folder names), else ``None``.
+        skipped: ``(id, reason)`` of the files left out by ``skip_bad`` (empty otherwise).
     """
 
     images: np.ndarray
     ids: list[str]
     labels: np.ndarray | None = None
     class_names: tuple[str, ...] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def to_unit_float(arr, *, shape: tuple[int, int, int] | None = None,
@@ -233,23 +235,45 @@ def stack_images(images: list[np.ndarray], names: list[str], *,
                            for img, name in zip(images, names, strict=True)])
 
 
-def _load_folder(path: Path, shape) -> ImageSet:
+def _load_folder(path: Path, shape, *, skip_bad: bool = False) -> ImageSet:
+    """A folder's image files (sub-folders name classes).
+
+    ``skip_bad``: a file that cannot be read or decoded is left out and listed in
+    ``ImageSet.skipped`` with the reason, instead of failing the whole folder.
+    """
+    from anomaly.progress import progress
+
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise expected(f"image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {path}",
                        "none", cls=DataError)
-    ids = [str(p.relative_to(path)) for p in files]
     channels = None if shape is None else shape[2]
-    images = [decode_image_bytes(p.read_bytes(), name=str(p), channels=channels) for p in files]
-    subdirs = [p.parent.relative_to(path).parts for p in files]
+    kept, images, skipped = [], [], []
+    with progress(f"Reading {path}", total=len(files), unit="files") as bar:
+        for p in files:
+            try:
+                images.append(decode_image_bytes(p.read_bytes(), name=str(p),
+                                                 channels=channels))
+                kept.append(p)
+            except (DataError, OSError) as exc:
+                if not skip_bad:
+                    raise
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                skipped.append((str(p.relative_to(path)), reason))
+            bar.update()
+    if not kept:
+        raise expected(f"at least one readable image file in the folder {path}",
+                       f"{len(skipped)} files, all skipped as bad", cls=DataError)
+    ids = [str(p.relative_to(path)) for p in kept]
+    subdirs = [p.parent.relative_to(path).parts for p in kept]
     labels = class_names = None
     # One level of sub-folders names the classes (e.g. normal/ and anomaly/, or 0/ .. 9/).
     if all(len(parts) == 1 for parts in subdirs):
         names = sorted({parts[0] for parts in subdirs})
         class_names = tuple(names)
         labels = np.array([names.index(parts[0]) for parts in subdirs], dtype=np.int64)
-    return ImageSet(stack_images(images, ids, shape=shape), ids, labels, class_names)
+    return ImageSet(stack_images(images, ids, shape=shape), ids, labels, class_names, skipped)
 
 
 def _load_csv(path: Path, shape) -> ImageSet:
@@ -382,13 +406,16 @@ def _load_array(path: Path, shape) -> ImageSet:
     return ImageSet(images, [str(i) for i in range(images.shape[0])], labels)
 
 
-def load_images(path: str | Path, *, shape: tuple[int, int, int] | None = None) -> ImageSet:
+def load_images(path: str | Path, *, shape: tuple[int, int, int] | None = None,
+                skip_bad: bool = False) -> ImageSet:
     """Read images from a ``.npy``/``.npz`` array, a ``.csv`` of pixel rows, an image file or a
     folder of image files (sub-folders name classes).
 
     Args:
         shape: the model's image shape ``(H, W, C)`` to bring every image to (resizing with a
             note); ``None`` keeps the images' own shape (then a folder's images must share one).
+        skip_bad: in a folder, leave out the files that cannot be decoded (listed in
+            ``ImageSet.skipped``) instead of failing; other inputs are one file, read or not.
 
     Returns:
         An :class:`ImageSet` whose ``images`` are ``(N, H, W)`` or ``(N, H, W, 3)`` float32 in
@@ -399,7 +426,7 @@ def load_images(path: str | Path, *, shape: tuple[int, int, int] | None = None) 
         raise expected("an existing file or folder of images", f"{path} (not found)",
                        cls=DataError)
     if path.is_dir():
-        return _load_folder(path, shape)
+        return _load_folder(path, shape, skip_bad=skip_bad)
     suffix = path.suffix.lower()
     if suffix in (".npy", ".npz"):
         return _load_array(path, shape)

@@ -99,7 +99,7 @@ def _collapse_grey(images: np.ndarray) -> np.ndarray:
 
 
 def load_folder(path: str | Path, *, image_size: tuple[int, int] | None = None,
-                grayscale: bool = False) -> ImageSet:
+                grayscale: bool = False, skip_bad: bool = False) -> ImageSet:
     """A plain folder (or file) of images at the run's size: see :func:`load_images`.
 
     Without ``image_size`` the images must share one size (the error names the sizes found and
@@ -107,13 +107,13 @@ def load_folder(path: str | Path, *, image_size: tuple[int, int] | None = None,
     ``(N, H, W, 3)``.
     """
     if image_size is None:
-        out = load_images(path)
+        out = load_images(path, skip_bad=skip_bad)
         if grayscale:
             out.images = apply_size(out.images, None, True, what=str(path))
         return out
     h, w = image_size
     # Colour first, so no colour file loses its colour; all-grey data is grey again after.
-    out = load_images(path, shape=(h, w, 1 if grayscale else 3))
+    out = load_images(path, shape=(h, w, 1 if grayscale else 3), skip_bad=skip_bad)
     out.images = _collapse_grey(out.images)
     return out
 

@@ -9,7 +9,7 @@ use the :class:`~anomaly.data.splits.OneClassSplit` it returns. ``anomaly evalua
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +52,12 @@ class LabelledData:
     source: str
     test_masks: np.ndarray | None = None
     test_has_mask: np.ndarray | None = None
+    skipped: list = field(default_factory=list)
 
 
 def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | None = None,
               seed: int = 0, image_size: str | tuple[int, int] | None = None,
-              grayscale: bool = False) -> LabelledData:
+              grayscale: bool = False, skip_bad: bool = False) -> LabelledData:
     """A built-in data set by name, or a user's images (file, folder or MVTec AD root) by path.
 
     User data with labels of two or more classes and no ``test_data`` is split (by shuffling
@@ -64,6 +65,8 @@ def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | No
     single-class user data is all normal training data. An MVTec AD root
     (:func:`~anomaly.data.layouts.is_mvtec`) brings its own test split and masks.
     ``image_size`` (``"HxW"``) resizes every image, ``grayscale`` converts colour to grey.
+    ``skip_bad``: see :func:`~anomaly.data.images.load_images`; the files left out are in
+    ``skipped``.
     """
     size = (parse_image_size(image_size) if not isinstance(image_size, tuple)
             else image_size)
@@ -86,7 +89,8 @@ def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | No
                             np.zeros(len(mv.x_train), np.int64), mv.x_test, mv.classes,
                             mv.class_names, str(Path(dataset).resolve()), mv.masks,
                             mv.has_mask)
-    train = load_folder(dataset, image_size=size, grayscale=grayscale)
+    train = load_folder(dataset, image_size=size, grayscale=grayscale, skip_bad=skip_bad)
+    skipped = list(train.skipped)
     check_trainable(train.images)
     if train.labels is not None and len(np.unique(train.labels)) < 2:
         # One class only (e.g. a folder holding just good/): every image is normal, and
@@ -95,7 +99,9 @@ def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | No
     x_test = y_test = None
     if test_data is not None:
         shape = train.images.shape[1:]
-        test = load_images(test_data, shape=(*shape[:2], shape[2] if len(shape) == 3 else 1))
+        test = load_images(test_data, shape=(*shape[:2], shape[2] if len(shape) == 3 else 1),
+                           skip_bad=skip_bad)
+        skipped += [(f"{test_data}: {f}", why) for f, why in test.skipped]
         if test.labels is None:
             raise expected(f"labels in the test data {test_data} (a 'label' column, a 'y' "
                            "array or class sub-folders)", "unlabelled images", cls=DataError)
@@ -107,7 +113,7 @@ def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | No
         x_test, y_test = train.images[test_idx], train.labels[test_idx]
         train.images, train.labels = train.images[train_idx], train.labels[train_idx]
     return LabelledData(Path(dataset).name, train.images, train.labels, x_test, y_test,
-                        train.class_names, str(Path(dataset).resolve()))
+                        train.class_names, str(Path(dataset).resolve()), skipped=skipped)
 
 
 def _subset(x, y, limit: int | None, seed: int):
@@ -119,11 +125,15 @@ def _subset(x, y, limit: int | None, seed: int):
     return x[idx], (y[idx] if y is not None else None)
 
 
-def prepare(cfg: RunConfig) -> OneClassSplit:
-    """Load the data named by ``cfg`` and split it for one-class training (once per run)."""
+def prepare(cfg: RunConfig, *, skip_bad: bool = False) -> OneClassSplit:
+    """Load the data named by ``cfg`` and split it for one-class training (once per run).
+
+    ``skip_bad``: leave out undecodable files of image folders (``split.skipped``).
+    """
     det = cfg.detector
     data = load_data(cfg.dataset, test_data=cfg.test_data, cache_dir=cfg.cache_dir,
-                     seed=det.seed, image_size=cfg.image_size, grayscale=cfg.grayscale)
+                     seed=det.seed, image_size=cfg.image_size, grayscale=cfg.grayscale,
+                     skip_bad=skip_bad)
     if data.y_train is None:
         normal: tuple[int, ...] = (0,)
         if cfg.calibration_anomalies:
@@ -149,6 +159,7 @@ def prepare(cfg: RunConfig) -> OneClassSplit:
                             train_limit=cfg.train_limit, seed=det.seed,
                             class_names=data.class_names, dataset=data.name,
                             source=data.source, test_masks=masks, test_has_mask=has_mask)
+    split.skipped = data.skipped
     if split.y_test is not None and not 0 < split.y_test.sum() < len(split.y_test):
         _log.info("the test data holds only one of normal/anomalous images: AUROC is "
                   "undefined.")
@@ -173,7 +184,8 @@ def load_test_set(artifact: str | Path, metadata: dict, *, dataset: str | None =
         cfg = resolve(cfg_path, {"cache_dir": cache_dir, "test_limit": test_limit})
         if cfg.dataset not in DATASETS and not Path(cfg.dataset).exists() and source:
             cfg.dataset = source  # a relative path from another working directory
-        test = prepare(cfg).test
+        # A fit that skipped bad files recorded it: the same files are skipped again.
+        test = prepare(cfg, skip_bad=bool(metadata.get("skip_bad"))).test
         if test is None:
             raise expected("labelled test data (a built-in data set, labelled user images, or "
                            "--test-data PATH)", "none", cls=DataError)
@@ -186,7 +198,8 @@ def load_test_set(artifact: str | Path, metadata: dict, *, dataset: str | None =
                        cls=DataError)
     size = tuple(image_shape[:2]) if image_shape is not None else None
     data = load_data(name, test_data=test_data, cache_dir=cache_dir, seed=seed,
-                     image_size=size if data_is_mvtec(name, test_data) else None)
+                     image_size=size if data_is_mvtec(name, test_data) else None,
+                     skip_bad=bool(metadata.get("skip_bad")))
     if data.x_test is None or data.y_test is None:
         raise expected("labelled test data (a built-in data set, labelled user images, or "
                        "--test-data PATH)", "none", cls=DataError)

