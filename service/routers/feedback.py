@@ -65,7 +65,9 @@ def _append(settings, name: str, records: list[dict]) -> list[dict]:
 
 @router.post("/{name}/feedback", response_model=FeedbackReply, summary="Store label feedback",
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                 "schema": FeedbackRequest.model_json_schema()}}}})
+                 # The app's OpenAPI hook moves $defs into components/schemas.
+                 "schema": FeedbackRequest.model_json_schema(
+                     ref_template="#/components/schemas/{model}")}}}})
 async def post_feedback(name: str, request: Request, registry: RegistryDep,
                         settings: SettingsDep, metrics: MetricsDep) -> dict:
     """Append labelled images (or ids of scored ones) for the model, durably."""
