@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from anomaly.errors import DataError
 from service.deps import AdminAuth, MetricsDep, RegistryDep, SettingsDep, find_entry
@@ -28,7 +28,8 @@ router = APIRouter(prefix="/v1/models", tags=["admin"], dependencies=[AdminAuth]
 class FeedbackRecord(BaseModel):
     """One label: an image (or the id of a scored one) and what it really was."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "anyOf": [{"required": ["id"]}, {"required": ["image"]}]})
 
     label: Literal["normal", "anomaly"]
     id: Annotated[str | None, Field(max_length=256)] = None
@@ -37,6 +38,12 @@ class FeedbackRecord(BaseModel):
     time: str | float | None = Field(None, description="When the label was given: ISO-8601 "
                                      "with a time zone, or Unix seconds (default: now)")
     source: Annotated[str | None, Field(max_length=128)] = None
+
+    @model_validator(mode="after")
+    def _id_or_image(self):
+        if self.id is None and self.image is None:
+            raise ValueError("a record needs an id or an image")
+        return self
 
 
 class FeedbackRequest(BaseModel):

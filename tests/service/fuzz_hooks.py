@@ -6,7 +6,9 @@ import schemathesis
 
 #: 4xx answers to schema-valid requests that are correct: the document cannot express them.
 #: v1: the bytes of a base64 string are not an image (or too big once decoded).
-INEXPRESSIBLE_V1 = {"invalid_base64", "invalid_image", "image_too_large", "too_many_pixels"}
+INEXPRESSIBLE_V1 = {"invalid_base64", "invalid_image", "image_too_large", "too_many_pixels",
+                    # a feedback image's pixels against the model's shape, a time's format
+                    "invalid_feedback"}
 #: V2 errors carry no code; these are the messages of the V2 checks JSON Schema cannot do:
 #: the data's length against the shape, ragged nesting, integers for UINT8 only.
 INEXPRESSIBLE_V2 = ("values for shape", "bytes of binary", "Received: ragged nesting",

@@ -44,7 +44,7 @@ def test_bad_feedback_gets_a_4xx_and_nothing_is_stored(models_copy):
         for body, code, status in (
                 ({"records": [{"label": "maybe", "id": "x"}]}, "validation_error", 422),
                 ({"records": []}, "validation_error", 422),
-                ({"records": [{"label": "normal"}]}, "invalid_feedback", 422),  # no id or image
+                ({"records": [{"label": "normal"}]}, "validation_error", 422),  # no id or image
                 ({"records": [{"label": "normal", "image": [[300]]}]}, "invalid_feedback", 422),
                 ({"records": [{"label": "normal", "id": "x", "colour": 1}]},
                  "validation_error", 422)):
