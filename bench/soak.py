@@ -40,7 +40,14 @@ import serve_bench as sb  # the sibling script: server, client, images
 
 
 class Connection(sb.Connection):
-    """A keep-alive connection that also returns the response headers."""
+    """A keep-alive connection that also returns the response headers.
+
+    ``closing``: the server said ``Connection: close`` with its last answer (the answer still
+    counts; the connection is not reused). ``used``: answers received on it so far.
+    """
+
+    closing = False
+    used = 0
 
     async def exchange(self, raw: bytes) -> tuple[int, dict[bytes, bytes]]:
         self.writer.write(raw)
@@ -52,8 +59,8 @@ class Connection(sb.Connection):
             if key:
                 headers[key.strip().lower()] = value.strip()
         await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
-        if headers.get(b"connection") == b"close":
-            raise ConnectionResetError("server closed the connection")
+        self.closing = headers.get(b"connection") == b"close"
+        self.used += 1
         return status, headers
 
 
@@ -85,7 +92,17 @@ async def open_loop(port: int, raw: bytes, rate: float, seconds: float, *, pid: 
     async def one(conn: Connection, scheduled: float) -> None:
         nonlocal errors, missing_retry_after, opened
         try:
-            status, headers = await conn.exchange(raw)
+            try:
+                status, headers = await conn.exchange(raw)
+            except (ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError) as exc:
+                # A kept-alive connection the server closed while it was idle (uvicorn does
+                # after its keep-alive timeout): send again on a new one, as HTTP clients do.
+                if conn.used == 0 or (isinstance(exc, asyncio.IncompleteReadError)
+                                      and exc.partial):
+                    raise
+                conn.close()
+                conn = await Connection.open(port)
+                status, headers = await conn.exchange(raw)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             errors += 1
             opened -= 1
@@ -98,7 +115,11 @@ async def open_loop(port: int, raw: bytes, rate: float, seconds: float, *, pid: 
             ok_latencies.append(latency)
         elif status == 503 and b"retry-after" not in headers:
             missing_retry_after += 1
-        free.append(conn)
+        if conn.closing:
+            conn.close()
+            opened -= 1
+        else:
+            free.append(conn)
 
     start = time.perf_counter()
     next_rss = start
