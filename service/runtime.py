@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,26 +66,6 @@ def choose_runtime(has_onnx: bool, requested: str | None = None, *,
                        hint="Install anomaly without extras, or serve ONNX exports with "
                        f"{ENV}=onnx.", cls=ConfigError)
     return "keras"
-
-
-@dataclass
-class RuntimeOutput:
-    """What ``detect`` returns: the fields of :class:`anomaly.detector.DetectorOutput`.
-
-    Attributes:
-        scores, normalized: ``(N,)`` float64; is_anomaly: ``(N,)`` bool at ``operating_point``
-            (whose ``threshold`` it is); reconstruction, error_map: ``(N, H, W)`` or
-            ``(N, H, W, C)`` float32 when requested; parts: ``(N, K)`` raw score parts.
-    """
-
-    scores: np.ndarray
-    normalized: np.ndarray
-    is_anomaly: np.ndarray
-    operating_point: str
-    threshold: float
-    reconstruction: np.ndarray | None = None
-    error_map: np.ndarray | None = None
-    parts: np.ndarray | None = None
 
 
 class OnnxDetector:
@@ -185,14 +164,18 @@ class OnnxDetector:
 
     def detect(self, images, *, operating_point: str | None = None,
                reconstruction: bool = False, error_map: bool = False,
-               validated: bool = False) -> RuntimeOutput:
+               validated: bool = False):
         """Like :meth:`Detector.detect <anomaly.detector.Detector.detect>`: images
-        ``(N, H, W[, C])`` -> :class:`RuntimeOutput`, every value from the graph."""
+        ``(N, H, W[, C])`` -> :class:`anomaly.detector.DetectorOutput`, every value from the
+        graph."""
+        # The detector's own result type (that module imports no TensorFlow at its top).
+        from anomaly.detector import DetectorOutput
+
         op = self.calibration_.get(operating_point)
         x = images if validated else self._images(images)
         out = self.run(x, full=reconstruction or error_map)
         column = self.operating_points_.index(op.name)
-        return RuntimeOutput(out["score"].astype(np.float64), out["normalized"],
+        return DetectorOutput(out["score"].astype(np.float64), out["normalized"],
                              out["is_anomaly"][:, column].astype(bool), op.name, op.threshold,
                              out["reconstruction"] if reconstruction else None,
                              out["error_map"] if error_map else None,
