@@ -130,6 +130,16 @@ def free_port() -> int:
 class Server:
     """A real ``anomaly serve`` process on 127.0.0.1."""
 
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Server]:
+        """Ready, then stopped; its log must hold no traceback."""
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            self.stop()
+            assert "Traceback" not in self.output(), self.output()
+
     def __init__(self, models_dir: Path, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -38,12 +38,8 @@ def fuzz_target(request, detector, tmp_path_factory):
     save_version(detector, root, "blobs", "v1")
     srv = Server(root, ANOMALY_MAX_BATCH_IMAGES="4", **env)
     srv.keyed = request.param == "keyed"
-    try:
-        srv.wait_ready()
+    with srv.serving():
         yield srv
-    finally:
-        srv.stop()
-        assert "Traceback" not in srv.output(), srv.output()
 
 
 def test_every_documented_route(fuzz_target, tmp_path):

@@ -244,13 +244,8 @@ def long_server(detector, tmp_path_factory):
     """A server whose one model has a name and version as long as `anomaly fit` writes."""
     root = tmp_path_factory.mktemp("long") / "models"
     save_version(detector, root, LONG_NAME, LONG_VERSION)
-    srv = Server(root)
-    try:
-        srv.wait_ready()
+    with Server(root).serving() as srv:
         yield srv
-    finally:
-        srv.stop()
-        assert "Traceback" not in srv.output(), srv.output()
 
 
 def open_page(browser, url: str, width: int, height: int):
