@@ -214,14 +214,19 @@ def v2_binary_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
                          "Content-Type": "application/octet-stream"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Which model to serve: --artifact, --models/--model, or an untrained --architecture."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--artifact", type=Path, help="one artifact directory (NAME/VERSION)")
     src.add_argument("--models", type=Path, help="a models directory; see --model")
     p.add_argument("--model", help="model name in --models (default: the first)")
     p.add_argument("--architecture", default="conv-ae",
                    help="untrained model to build when no artifact is given (default conv-ae)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--requests", type=int, default=3000, help="most requests per phase")

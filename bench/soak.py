@@ -186,12 +186,7 @@ def rss_growth(rss: list[tuple[float, int]], skip: float = 60.0) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--artifact", type=Path, help="one artifact directory (NAME/VERSION)")
-    src.add_argument("--models", type=Path, help="a models directory; see --model")
-    p.add_argument("--model", help="model name in --models (default: the first)")
-    p.add_argument("--architecture", default="conv-ae",
-                   help="untrained model to build when no artifact is given (default conv-ae)")
+    sb.add_model_args(p)
     p.add_argument("--batch", type=int, default=8, help="images per request (default 8)")
     p.add_argument("--concurrency", type=int, default=8, help="capacity phase connections")
     p.add_argument("--capacity", type=float, default=15.0, help="capacity phase seconds")
