@@ -75,7 +75,7 @@ def main() -> None:
 
     from anomaly.data.builtin import load_dataset
     from anomaly.export.onnx import export_onnx
-    from service.runtime import load_runtime
+    from anomaly.runtime import load_runtime
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}", flush=True)

@@ -80,7 +80,7 @@ def warm_up(detector, max_images: int) -> None:
 def load_version(path: Path, *, same_as: str | None, known_bad: str | None,
                  max_images: int):
     """Verify, load and warm up the artifact at ``path`` (blocking; the load thread), with the
-    runtime :func:`service.runtime.load_runtime` picks (``ANOMALY_RUNTIME``).
+    runtime :func:`anomaly.runtime.load_runtime` picks (``ANOMALY_RUNTIME``).
 
     Args:
         same_as: the artifact hash of the copy already in memory, if any.
@@ -96,7 +96,7 @@ def load_version(path: Path, *, same_as: str | None, known_bad: str | None,
             ``known_bad``: not tried again).
     """
     from anomaly.artifact import check_name, read_info
-    from service.runtime import load_runtime
+    from anomaly.runtime import load_runtime
 
     check_name(path.name, "version name")
     info = read_info(path)  # the manifest check: every file's SHA-256

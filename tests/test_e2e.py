@@ -46,7 +46,7 @@ def test_fit_writes_a_verified_artifact(fit_run, artifact, mnist):
     files = verify(artifact)["files"]
     assert {"model.keras", "calibration.json", "metadata.json", "metrics.json", "per_class.csv",
             "config.yaml", "history.csv", "model.onnx", "onnx.json"} <= set(files)
-    from service.runtime import load_runtime
+    from anomaly.runtime import load_runtime
 
     # Every new artifact carries its ONNX export: it serves without TensorFlow, alike.
     x = mnist.x_test[:64]

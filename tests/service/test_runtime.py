@@ -1,4 +1,4 @@
-"""service.runtime: one loader, two backends; ONNX exports served without TensorFlow.
+"""anomaly.runtime as the service uses it: one loader, two backends, no TensorFlow for ONNX.
 
 The light install is simulated in fresh subprocesses: ``ANOMALY_RUNTIME=onnx`` with TensorFlow
 installed (it must still never be imported), and TensorFlow made unimportable
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from anomaly.errors import ArtifactError, ConfigError
-from service.runtime import OnnxDetector, choose_runtime, load_runtime
+from anomaly.runtime import OnnxDetector, choose_runtime, load_runtime
 from tests.service.conftest import METADATA, REPO, bars, blobs, save_version
 
 pytest.importorskip("tf2onnx")
@@ -135,7 +135,7 @@ def test_no_module_level_tensorflow_on_the_serving_path():
     Keras, or module that imports them (the subprocess tests below check the running app)."""
     heavy = ("tensorflow", "keras", "tf2onnx", "anomaly._tf", "anomaly.models",
              "anomaly.scoring", "anomaly.detector", "anomaly.training")
-    seen, todo = set(), ["service.app", "service.runtime"]  # runtime: imported lazily
+    seen, todo = set(), ["service.app", "anomaly.runtime"]  # runtime: imported lazily
     while todo:
         mod = todo.pop()
         path = next((p for p in (REPO / (mod.replace(".", "/") + ".py"),
@@ -149,7 +149,7 @@ def test_no_module_level_tensorflow_on_the_serving_path():
             parts = name.split(".")
             todo += [".".join(parts[:i]) for i in range(1, len(parts) + 1)
                      if parts[0] in ("anomaly", "service")]
-    assert {"service.runtime", "service.loading", "service.registry"} <= seen
+    assert {"anomaly.runtime", "service.loading", "service.registry"} <= seen
 
 
 def _python(code: str, **env) -> dict:
