@@ -322,6 +322,52 @@ def _detect_in_chunks(det, images, operating_point):
             parts[0].threshold)
 
 
+def _is_folder_output(output: str) -> bool:
+    """An --output that names a folder: an existing one, or a path without a file suffix."""
+    if output == "-":
+        return False
+    path = Path(output)
+    return path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix
+
+
+def _score_in_parts(args: argparse.Namespace) -> int:
+    """``anomaly score ... --output FOLDER``: the batch engines (local or Ray), one part per
+    input block, restartable (see anomaly.engines)."""
+    from anomaly.engines import score_dataset
+    from anomaly.progress import progress
+
+    if args.output == "-" or not _is_folder_output(args.output):
+        raise expected("an --output folder for --engine ray (one part file per block)",
+                       f"--output {args.output}", cls=ConfigError)
+    options = {k: getattr(args, k) for k in ("address", "num_actors", "batch_size",
+                                              "block_rows", "runtime", "output_format",
+                                              "image_column", "id_column")
+               if getattr(args, k) is not None}
+    with contextlib.ExitStack() as stack:
+        bar = None
+
+        def start(total: int, todo: int) -> None:
+            nonlocal bar
+            if todo < total:
+                _say(f"Resuming: {total - todo} of {total} images already scored in "
+                     f"{args.output}.")
+            bar = stack.enter_context(progress("Scoring", total=todo))
+
+        summary = score_dataset(args.artifact, args.input, args.output, engine=args.engine,
+                                operating_point=args.operating_point, skip_bad=args.skip_bad,
+                                on_start=start, on_block=lambda c: bar.update(c["rows"]),
+                                **options)
+    if _json_mode:
+        _emit_json(summary)
+    rate = f" ({summary['images_per_s']:,.0f} images/s)" if summary["images_per_s"] else ""
+    _say(f"Scored {summary['scored']} images with {summary['artifact']} at "
+         f"{summary['operating_point']} on the {args.engine} engine{rate}: "
+         f"{summary['anomalous']} anomalous"
+         + (f", {summary['skipped']} skipped" if summary["skipped"] else "")
+         + f". {summary['parts']} parts in {summary['output']}")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -329,6 +375,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     from anomaly.detector import Detector
     from anomaly.utils import atomic_write_text
 
+    if args.engine == "ray" or _is_folder_output(args.output):
+        return _score_in_parts(args)
+    for flag in ("address", "num_actors", "block_rows", "output_format", "image_column",
+                 "id_column", "batch_size", "runtime"):
+        if getattr(args, flag) is not None:
+            raise expected(f"--{flag.replace('_', '-')} with an --output folder (scores "
+                           "written in parts)", f"--output {args.output}", cls=ConfigError)
     to_stdout = args.output == "-"
     if to_stdout and _json_mode:
         raise expected("--output FILE.csv with --json (both would be on standard output)",
@@ -598,6 +651,8 @@ _INPUT_HELP = ".npy/.npz, .csv, image file or folder (required)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from anomaly.config import BLOCK_ROWS, ENGINE_NAMES, SCORE_BATCH_SIZE
+
     parser = _Parser(prog="anomaly", description="Autoencoder anomaly detection: train, "
                      "calibrate, evaluate, score. Scores: higher = more anomalous. Exit status: "
                      "0 success, 1 runtime error, 2 usage error, 130 interrupted.")
@@ -623,12 +678,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(p, "the metrics")
     p.set_defaults(func=cmd_evaluate)
 
-    p = add("score", help="score images with an artifact, write a CSV")
+    p = add("score", help="score images with an artifact, write a CSV (or Parquet/CSV parts, "
+            "on this machine or on Ray)")
     p.add_argument("artifact", help=_ARTIFACT_HELP)
-    p.add_argument("--input", required=True, help=_INPUT_HELP)
-    p.add_argument("--output", required=True, help="CSV: id, score, normalized_score, "
+    p.add_argument("--input", required=True, help=_INPUT_HELP + "; with an --output folder "
+                   "also .npy shards and Parquet (an image column of PNG bytes or pixel "
+                   "arrays, and an id column)")
+    p.add_argument("--output", required=True, help="FILE.csv: id, score, normalized_score, "
                    "is_anomaly (+ label, label_name for labelled input, skipped with "
-                   "--skip-bad); - for standard output (required)")
+                   "--skip-bad); - for standard output; or a FOLDER: one part per input block, "
+                   "written atomically, a run started again skips the parts already written "
+                   "(required)")
+    p.add_argument("--engine", choices=ENGINE_NAMES, default="local",
+                   help="where an --output folder's parts are scored: local (this process) or "
+                   "ray (an actor pool, each loading the artifact once; needs the ray extra) "
+                   "(default: local)")
+    p.add_argument("--address", help="Ray cluster address: auto, HOST:PORT or ray://HOST:PORT "
+                   "(default: start a local Ray)")
+    p.add_argument("--num-actors", type=_int_at_least(1, "--num-actors"),
+                   help="Ray actors (default: one per CPU of the cluster)")
+    p.add_argument("--batch-size", type=_int_at_least(1, "--batch-size"),
+                   help=f"images per runtime call (default: {SCORE_BATCH_SIZE})")
+    p.add_argument("--block-rows", type=_int_at_least(1, "--block-rows"),
+                   help=f"images per part of .npy and folder input (default: {BLOCK_ROWS:,}; "
+                   "Parquet parts follow its row groups)")
+    p.add_argument("--runtime", choices=("auto", "onnx", "keras"), help="auto: the artifact's "
+                   "ONNX export when it has one, else Keras (default: auto)")
+    p.add_argument("--output-format", choices=("parquet", "csv"),
+                   help="format of the parts (default: parquet)")
+    p.add_argument("--image-column", help="Parquet column of the images (default: image)")
+    p.add_argument("--id-column", help="Parquet column of the ids (default: id; FILE:ROW "
+                   "without one)")
     p.add_argument("--operating-point", help="default: the artifact's default")
     p.add_argument("--skip-bad", action="store_true", help="score a folder's readable images "
                    "and list the others (a 'skipped' column with the reason, no score) instead "

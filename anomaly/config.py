@@ -136,6 +136,14 @@ DETECTOR_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Detec
 RUN_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(RunConfig)
                                             if f.name != "detector"}
 FIELDS: dict[str, dataclasses.Field] = {**DETECTOR_FIELDS, **RUN_FIELDS}
+#: Batch scoring into an output folder (``anomaly score ... --output FOLDER``,
+#: :mod:`anomaly.engines`): the engines, images per block of ``.npy`` and folder input (Parquet
+#: blocks are its row groups), and images per runtime call (memory, not the scores, depends on
+#: it). Here, not in the engines, so that the CLI can show them without importing NumPy.
+ENGINE_NAMES = ("local", "ray")
+BLOCK_ROWS = 10_000
+SCORE_BATCH_SIZE = 1024
+
 _HINTS = {**typing.get_type_hints(DetectorConfig), **typing.get_type_hints(RunConfig)}
 
 

@@ -35,24 +35,35 @@ CHUNK = 1024
 _OUTPUTS = ("score", "normalized", "is_anomaly", "parts")
 
 
+def onnxruntime_installed() -> bool:
+    """Whether onnxruntime can be imported (checked without importing it)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def tensorflow_installed() -> bool:
     """Whether TensorFlow can be imported (checked without importing it)."""
     return importlib.util.find_spec("tensorflow") is not None
 
 
 def choose_runtime(has_onnx: bool, requested: str | None = None, *,
-                   tensorflow: bool | None = None, where: str = "the artifact") -> str:
+                   tensorflow: bool | None = None, where: str = "the artifact",
+                   prefer: str = "keras") -> str:
     """``"keras"`` or ``"onnx"`` for an artifact (see the module docstring).
 
     Args:
         has_onnx: the artifact holds ``model.onnx``.
         requested: ``auto``, ``keras`` or ``onnx``; default ``$ANOMALY_RUNTIME`` or ``auto``.
         tensorflow: whether TensorFlow is installed; default :func:`tensorflow_installed`.
+        prefer: what ``auto`` picks when both can run: ``keras`` (the service, where it is
+            the faster on a CPU) or ``onnx`` (batch-scoring actors, which then load no
+            TensorFlow).
     """
     requested = (requested or os.environ.get(ENV) or "auto").strip().lower()
     if requested not in RUNTIMES:
         raise expected(f"{ENV} in {RUNTIMES}", repr(requested)[:40], cls=ConfigError)
     tf_ok = tensorflow_installed() if tensorflow is None else tensorflow
+    if requested == "auto" and prefer == "onnx" and has_onnx and onnxruntime_installed():
+        return "onnx"
     export_hint = ("Run 'anomaly export ARTIFACT --format onnx' where TensorFlow is installed "
                    "and serve the version it writes.")
     if requested == "onnx" or (requested == "auto" and not tf_ok):
@@ -79,7 +90,7 @@ class OnnxDetector:
     runtime_ = "onnx"
     platform = "onnxruntime_onnx"
 
-    def __init__(self, artifact):
+    def __init__(self, artifact, *, threads: int | None = None):
         import onnxruntime as ort
 
         from anomaly.calibration import Calibration
@@ -117,6 +128,8 @@ class OnnxDetector:
                            cls=ArtifactError)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:  # one actor per core must not start a pool of every core's threads
+            options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
         try:
             self.session_ = ort.InferenceSession(artifact.file(ONNX_FILE).read_bytes(), options,
                                                  providers=["CPUExecutionProvider"])
@@ -190,13 +203,16 @@ class OnnxDetector:
         return self.detect(X, operating_point=operating_point).is_anomaly.astype(np.int64)
 
 
-def load_runtime(artifact_path: str | Path, *, runtime: str | None = None, verify: bool = True):
+def load_runtime(artifact_path: str | Path, *, runtime: str | None = None, verify: bool = True,
+                 prefer: str = "keras", threads: int | None = None):
     """Load the artifact at ``artifact_path`` with the runtime :func:`choose_runtime` picks.
 
     Args:
         artifact_path: anything :func:`anomaly.artifact.resolve` takes.
         runtime: ``auto``, ``keras`` or ``onnx``; default ``$ANOMALY_RUNTIME`` or ``auto``.
         verify: check the manifest (every file's SHA-256) first.
+        prefer: what ``auto`` picks when both runtimes can run (see :func:`choose_runtime`).
+        threads: CPU threads for the runtime's kernels (``None``: its default, every core).
 
     Returns:
         A :class:`anomaly.detector.Detector` (``runtime_ == "keras"``) or an
@@ -206,10 +222,17 @@ def load_runtime(artifact_path: str | Path, *, runtime: str | None = None, verif
 
     art = read_artifact(artifact_path, verify_files=verify)
     chosen = choose_runtime(art.has(ONNX_FILE) and art.has(SIDECAR), runtime,
-                            where=str(art.path))
+                            where=str(art.path), prefer=prefer)
     if chosen == "onnx":
-        return OnnxDetector(art)
-    import anomaly._tf  # noqa: F401  (TensorFlow without its start-up noise)
+        return OnnxDetector(art, threads=threads)
+    from anomaly._tf import tf  # TensorFlow without its start-up noise
+
+    if threads:
+        try:  # only before TensorFlow's first op; a process that already ran one keeps its own
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+        except RuntimeError:
+            pass
     from anomaly.detector import Detector
 
     det = Detector.load(art.path, verify=False)  # verified just above

@@ -235,6 +235,13 @@ def stack_images(images: list[np.ndarray], names: list[str], *,
                            for img, name in zip(images, names, strict=True)])
 
 
+def list_files(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
+    """A folder's files (sub-folders included) with one of ``suffixes``, sorted; hidden files
+    and folders (a leading dot) are left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                  and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+
+
 def _load_folder(path: Path, shape, *, skip_bad: bool = False) -> ImageSet:
     """A folder's image files (sub-folders name classes).
 
@@ -243,8 +250,7 @@ def _load_folder(path: Path, shape, *, skip_bad: bool = False) -> ImageSet:
     """
     from anomaly.progress import progress
 
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = list_files(path)
     if not files:
         raise expected(f"image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {path}",
                        "none", cls=DataError)
