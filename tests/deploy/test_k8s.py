@@ -105,7 +105,7 @@ def test_every_custom_resource_has_a_vendored_schema(kubernetes_validate):
 
 
 def test_builtin_objects_pass_kubernetes_validate_strict(kubernetes_validate):
-    """Deployment, Services, HPA, PDB, PVC and the fit Job against the newest bundled API."""
+    """Deployment, Services, HPA, PDB, PVCs and the fit Job against the newest bundled API."""
     paths = builtin_files()
     rc, out = validate_builtin(kubernetes_validate, paths)
     assert rc == 0, out
@@ -116,7 +116,7 @@ def test_builtin_objects_pass_kubernetes_validate_strict(kubernetes_validate):
                 if K8S / f in paths}
     assert {"deployment/anomaly", "service/anomaly", "horizontalpodautoscaler/anomaly",
             "poddisruptionbudget/anomaly", "persistentvolumeclaim/anomaly-models",
-            "job/anomaly-fit"} <= expected
+            "persistentvolumeclaim/anomaly-data", "job/anomaly-fit"} <= expected
     assert passed == expected, out
 
 
@@ -204,6 +204,11 @@ def one(kind: str, file: str | None = None) -> dict:
     return found[0]
 
 
+def models_claim() -> str:
+    """The models volume's claim name (examples/ add a data volume for batch scoring)."""
+    return one("PersistentVolumeClaim", "models-pvc.yaml")["metadata"]["name"]
+
+
 def containers(obj: dict) -> list[dict]:
     if obj["kind"] == "ServingRuntime":
         return obj["spec"]["containers"]
@@ -277,7 +282,7 @@ def test_deployment_security_and_read_only_models():
     volumes = {v["name"]: v for v in pod["volumes"]}
     models = volumes[mounts["/models"]["name"]]
     assert models["persistentVolumeClaim"]["readOnly"] is True
-    assert models["persistentVolumeClaim"]["claimName"] == one("PersistentVolumeClaim")["metadata"]["name"]
+    assert models["persistentVolumeClaim"]["claimName"] == models_claim()
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]  # HOME and KERAS_HOME (Dockerfile)
 
 
@@ -346,7 +351,7 @@ def test_multi_worker_fit_job():
     built = json.loads('{"cluster": {"worker": [' + hosts + ']}, "task": {"type": "worker", "index": 1}}')
     assert built["task"]["index"] == 1 and len(built["cluster"]["worker"]) == 2
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {one("PersistentVolumeClaim")["metadata"]["name"]}
+    assert claims == {models_claim()}
 
 
 def test_kserve_inference_service_uses_the_v2_protocol():
