@@ -26,7 +26,7 @@ API = {
     "PodDisruptionBudget": "policy/v1", "ServiceMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1", "PersistentVolumeClaim": "v1",
     "Job": "batch/v1", "InferenceService": "serving.kserve.io/v1beta1",
-    "ServingRuntime": "serving.kserve.io/v1alpha1",
+    "ServingRuntime": "serving.kserve.io/v1alpha1", "RayJob": "ray.io/v1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
 }
 NOT_OBJECTS = {"prometheus-adapter-values.yaml"}  # Helm values
@@ -37,9 +37,12 @@ CRD_SCHEMAS = {
     "PrometheusRule": SCHEMAS / "prometheusrule_v1.json",
     "InferenceService": SCHEMAS / "inferenceservice_v1beta1.json",
     "ServingRuntime": SCHEMAS / "servingruntime_v1alpha1.json",
+    "RayJob": SCHEMAS / "rayjob_v1.json",
 }
 # Neither: kustomize's own file, which kubectl reads and never sends to the API server.
 NO_SCHEMA = {"Kustomization"}
+#: The kinds that run this project's image.
+WORKLOADS = ("Deployment", "Job", "ServingRuntime", "RayJob")
 MIN_KUBERNETES = (1, 37)
 
 
@@ -154,7 +157,8 @@ def crd_instances(tmp_path: Path, docs) -> dict[str, list[Path]]:
 
 
 def test_custom_resources_pass_their_crd_schemas(check_jsonschema, tmp_path):
-    """ServiceMonitor, PrometheusRule, KServe ServingRuntime and InferenceService."""
+    """ServiceMonitor, PrometheusRule, KServe ServingRuntime and InferenceService, KubeRay
+    RayJob."""
     instances = crd_instances(tmp_path, DOCS)
     assert set(instances) == set(CRD_SCHEMAS)
     for kind, paths in instances.items():
@@ -182,6 +186,8 @@ CRD_MISTAKES = {
     "PrometheusRule": (["spec", "groups", 0, "rules", 0], "expression", "up"),
     "InferenceService": (["spec", "predictor"], "minReplicas", "one"),  # not an integer
     "ServingRuntime": (["spec", "containers", 0, "ports", 0], "containerPort", "http"),
+    # ray start's flags are a map of strings in the CRD: a bare number is refused.
+    "RayJob": (["spec", "rayClusterSpec", "headGroupSpec", "rayStartParams"], "num-cpus", 0),
 }
 
 
@@ -209,10 +215,21 @@ def models_claim() -> str:
     return one("PersistentVolumeClaim", "models-pvc.yaml")["metadata"]["name"]
 
 
+def pod_specs(obj: dict) -> list[dict]:
+    """The pod specs of a workload: a RayJob has its head's, each worker group's and its
+    submitter's."""
+    if obj["kind"] == "RayJob":
+        cluster = obj["spec"]["rayClusterSpec"]
+        return [cluster["headGroupSpec"]["template"]["spec"],
+                *(g["template"]["spec"] for g in cluster["workerGroupSpecs"]),
+                obj["spec"]["submitterPodTemplate"]["spec"]]
+    return [obj["spec"]["template"]["spec"]]
+
+
 def containers(obj: dict) -> list[dict]:
     if obj["kind"] == "ServingRuntime":
         return obj["spec"]["containers"]
-    return obj["spec"]["template"]["spec"]["containers"]
+    return [c for pod in pod_specs(obj) for c in pod["containers"]]
 
 
 def env(container: dict) -> dict[str, str]:
@@ -290,7 +307,7 @@ def test_every_anomaly_variable_is_a_setting_or_known_to_the_code():
     fields = {f"ANOMALY_{n.upper()}" for n in Settings.model_fields}
     source = " ".join(p.read_text() for p in (REPO / "anomaly").rglob("*.py"))
     for _, doc in DOCS:
-        if doc["kind"] in ("Deployment", "Job", "ServingRuntime"):
+        if doc["kind"] in WORKLOADS:
             for c in containers(doc):
                 for name in env(c):
                     if name.startswith("ANOMALY_"):
@@ -368,15 +385,22 @@ def test_kserve_inference_service_uses_the_v2_protocol():
 
 
 def test_one_image_and_non_root_everywhere():
-    images = set()
+    """One image for the service, the fit Job and KServe; the RayJob's is that image with Ray
+    added (its header says how), tagged VERSION-ray."""
+    images, ray_images = set(), set()
     for _, doc in DOCS:
-        if doc["kind"] not in ("Deployment", "Job", "ServingRuntime"):
+        if doc["kind"] not in WORKLOADS:
             continue
-        pod_sc = {} if doc["kind"] == "ServingRuntime" else doc["spec"]["template"]["spec"].get("securityContext", {})
-        for c in containers(doc):
-            images.add(c["image"])
-            sc = c.get("securityContext", {})
-            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, doc["kind"]
-            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+        pods = ([{"containers": containers(doc)}] if doc["kind"] == "ServingRuntime"
+                else pod_specs(doc))
+        for pod in pods:
+            pod_sc = pod.get("securityContext", {})
+            for c in pod["containers"]:
+                (ray_images if doc["kind"] == "RayJob" else images).add(c["image"])
+                sc = c.get("securityContext", {})
+                assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, doc["kind"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    assert images == {compose["services"]["anomaly"]["image"]}
+    image = compose["services"]["anomaly"]["image"]
+    assert images == {image}
+    assert ray_images == {f"{image}-ray"}
