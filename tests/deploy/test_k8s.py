@@ -26,7 +26,7 @@ API = {
     "PodDisruptionBudget": "policy/v1", "ServiceMonitor": "monitoring.coreos.com/v1",
     "PrometheusRule": "monitoring.coreos.com/v1", "PersistentVolumeClaim": "v1",
     "Job": "batch/v1", "InferenceService": "serving.kserve.io/v1beta1",
-    "ServingRuntime": "serving.kserve.io/v1alpha1",
+    "ServingRuntime": "serving.kserve.io/v1alpha1", "RayJob": "ray.io/v1",
     "Kustomization": "kustomize.config.k8s.io/v1beta1",
 }
 NOT_OBJECTS = {"prometheus-adapter-values.yaml"}  # Helm values
@@ -37,9 +37,12 @@ CRD_SCHEMAS = {
     "PrometheusRule": SCHEMAS / "prometheusrule_v1.json",
     "InferenceService": SCHEMAS / "inferenceservice_v1beta1.json",
     "ServingRuntime": SCHEMAS / "servingruntime_v1alpha1.json",
+    "RayJob": SCHEMAS / "rayjob_v1.json",
 }
 # Neither: kustomize's own file, which kubectl reads and never sends to the API server.
 NO_SCHEMA = {"Kustomization"}
+#: The kinds that run this project's image.
+WORKLOADS = ("Deployment", "Job", "ServingRuntime", "RayJob")
 MIN_KUBERNETES = (1, 37)
 
 
@@ -105,7 +108,7 @@ def test_every_custom_resource_has_a_vendored_schema(kubernetes_validate):
 
 
 def test_builtin_objects_pass_kubernetes_validate_strict(kubernetes_validate):
-    """Deployment, Services, HPA, PDB, PVC and the fit Job against the newest bundled API."""
+    """Deployment, Services, HPA, PDB, PVCs and the fit Job against the newest bundled API."""
     paths = builtin_files()
     rc, out = validate_builtin(kubernetes_validate, paths)
     assert rc == 0, out
@@ -116,7 +119,7 @@ def test_builtin_objects_pass_kubernetes_validate_strict(kubernetes_validate):
                 if K8S / f in paths}
     assert {"deployment/anomaly", "service/anomaly", "horizontalpodautoscaler/anomaly",
             "poddisruptionbudget/anomaly", "persistentvolumeclaim/anomaly-models",
-            "job/anomaly-fit"} <= expected
+            "persistentvolumeclaim/anomaly-data", "job/anomaly-fit"} <= expected
     assert passed == expected, out
 
 
@@ -154,7 +157,8 @@ def crd_instances(tmp_path: Path, docs) -> dict[str, list[Path]]:
 
 
 def test_custom_resources_pass_their_crd_schemas(check_jsonschema, tmp_path):
-    """ServiceMonitor, PrometheusRule, KServe ServingRuntime and InferenceService."""
+    """ServiceMonitor, PrometheusRule, KServe ServingRuntime and InferenceService, KubeRay
+    RayJob."""
     instances = crd_instances(tmp_path, DOCS)
     assert set(instances) == set(CRD_SCHEMAS)
     for kind, paths in instances.items():
@@ -182,6 +186,8 @@ CRD_MISTAKES = {
     "PrometheusRule": (["spec", "groups", 0, "rules", 0], "expression", "up"),
     "InferenceService": (["spec", "predictor"], "minReplicas", "one"),  # not an integer
     "ServingRuntime": (["spec", "containers", 0, "ports", 0], "containerPort", "http"),
+    # ray start's flags are a map of strings in the CRD: a bare number is refused.
+    "RayJob": (["spec", "rayClusterSpec", "headGroupSpec", "rayStartParams"], "num-cpus", 0),
 }
 
 
@@ -204,10 +210,26 @@ def one(kind: str, file: str | None = None) -> dict:
     return found[0]
 
 
+def models_claim() -> str:
+    """The models volume's claim name (examples/ add a data volume for batch scoring)."""
+    return one("PersistentVolumeClaim", "models-pvc.yaml")["metadata"]["name"]
+
+
+def pod_specs(obj: dict) -> list[dict]:
+    """The pod specs of a workload: a RayJob has its head's, each worker group's and its
+    submitter's."""
+    if obj["kind"] == "RayJob":
+        cluster = obj["spec"]["rayClusterSpec"]
+        return [cluster["headGroupSpec"]["template"]["spec"],
+                *(g["template"]["spec"] for g in cluster["workerGroupSpecs"]),
+                obj["spec"]["submitterPodTemplate"]["spec"]]
+    return [obj["spec"]["template"]["spec"]]
+
+
 def containers(obj: dict) -> list[dict]:
     if obj["kind"] == "ServingRuntime":
         return obj["spec"]["containers"]
-    return obj["spec"]["template"]["spec"]["containers"]
+    return [c for pod in pod_specs(obj) for c in pod["containers"]]
 
 
 def env(container: dict) -> dict[str, str]:
@@ -277,7 +299,7 @@ def test_deployment_security_and_read_only_models():
     volumes = {v["name"]: v for v in pod["volumes"]}
     models = volumes[mounts["/models"]["name"]]
     assert models["persistentVolumeClaim"]["readOnly"] is True
-    assert models["persistentVolumeClaim"]["claimName"] == one("PersistentVolumeClaim")["metadata"]["name"]
+    assert models["persistentVolumeClaim"]["claimName"] == models_claim()
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]  # HOME and KERAS_HOME (Dockerfile)
 
 
@@ -285,7 +307,7 @@ def test_every_anomaly_variable_is_a_setting_or_known_to_the_code():
     fields = {f"ANOMALY_{n.upper()}" for n in Settings.model_fields}
     source = " ".join(p.read_text() for p in (REPO / "anomaly").rglob("*.py"))
     for _, doc in DOCS:
-        if doc["kind"] in ("Deployment", "Job", "ServingRuntime"):
+        if doc["kind"] in WORKLOADS:
             for c in containers(doc):
                 for name in env(c):
                     if name.startswith("ANOMALY_"):
@@ -346,7 +368,7 @@ def test_multi_worker_fit_job():
     built = json.loads('{"cluster": {"worker": [' + hosts + ']}, "task": {"type": "worker", "index": 1}}')
     assert built["task"]["index"] == 1 and len(built["cluster"]["worker"]) == 2
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {one("PersistentVolumeClaim")["metadata"]["name"]}
+    assert claims == {models_claim()}
 
 
 def test_kserve_inference_service_uses_the_v2_protocol():
@@ -363,15 +385,22 @@ def test_kserve_inference_service_uses_the_v2_protocol():
 
 
 def test_one_image_and_non_root_everywhere():
-    images = set()
+    """One image for the service, the fit Job and KServe; the RayJob's is that image with Ray
+    added (its header says how), tagged VERSION-ray."""
+    images, ray_images = set(), set()
     for _, doc in DOCS:
-        if doc["kind"] not in ("Deployment", "Job", "ServingRuntime"):
+        if doc["kind"] not in WORKLOADS:
             continue
-        pod_sc = {} if doc["kind"] == "ServingRuntime" else doc["spec"]["template"]["spec"].get("securityContext", {})
-        for c in containers(doc):
-            images.add(c["image"])
-            sc = c.get("securityContext", {})
-            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, doc["kind"]
-            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+        pods = ([{"containers": containers(doc)}] if doc["kind"] == "ServingRuntime"
+                else pod_specs(doc))
+        for pod in pods:
+            pod_sc = pod.get("securityContext", {})
+            for c in pod["containers"]:
+                (ray_images if doc["kind"] == "RayJob" else images).add(c["image"])
+                sc = c.get("securityContext", {})
+                assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, doc["kind"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    assert images == {compose["services"]["anomaly"]["image"]}
+    image = compose["services"]["anomaly"]["image"]
+    assert images == {image}
+    assert ray_images == {f"{image}-ray"}
