@@ -103,11 +103,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import pandas as pd
+    from runtime_bench import _artifact
 
     from anomaly.data.builtin import load_dataset
     from anomaly.engines import score_dataset
     from anomaly.export.onnx import export_onnx
-    from runtime_bench import _artifact
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}", flush=True)
