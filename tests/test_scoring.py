@@ -197,3 +197,15 @@ def test_training_scores_leave_their_own_code_out(normal_images):
     np.testing.assert_allclose(det.decision_scores_, det.scorer.combine(
         det.scorer.parts(x, leave_one_out=True)), rtol=1e-12)
     assert (det.scorer.parts(x)[:, 1] < loo).all()  # counting itself (distance 0) is optimistic
+
+
+def test_batches_are_padded_to_a_short_ladder_of_sizes():
+    """Few distinct shapes (each costs kept kernel memory), little padding, never above step."""
+    from anomaly.scoring import ROW_BLOCK, padded_rows
+
+    sizes = [padded_rows(n, 1024) for n in range(1, 1025)]
+    assert len(set(sizes)) <= 24
+    for n, size in enumerate(sizes, start=1):
+        assert n <= size <= 1024 and size % ROW_BLOCK == 0
+        assert n < 64 or size <= 1.25 * n
+    assert padded_rows(1000, 1000) == 1000 and padded_rows(9, 8) == 8
