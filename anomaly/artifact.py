@@ -268,13 +268,15 @@ def resolve(ref: str | Path, models_dir: str | Path | None = None) -> Path:
 
     ``ref`` is an artifact directory, a model folder ``MODELS/NAME`` (its newest version, with a
     note), or ``NAME``, ``NAME@VERSION`` or ``NAME@latest`` inside ``models_dir`` (default
-    ``./models``).
+    ``./models``), or ``MODELS/NAME@VERSION`` / ``MODELS/NAME@latest`` anywhere.
     """
     text = str(ref)
     path = Path(text)
     if "@" in text and not path.exists():
         name, _, version = text.rpartition("@")
         root = Path(models_dir or "models")
+        if "/" in name:  # MODELS/NAME@VERSION: the models folder is in the reference
+            root, name = Path(name).parent, Path(name).name
         model_dir = root / check_name(name)
         if not model_dir.is_dir():
             raise expected(f"a model named {name!r} in {root}", "none",

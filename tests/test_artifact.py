@@ -178,6 +178,8 @@ def test_model_folder_resolves_to_its_newest_version(saved_artifact, dense_detec
         assert Detector.load(root).path_ == newer
         assert resolve("blobs@latest", root.parent) == newer
         assert resolve("blobs@1", root.parent) == saved_artifact
+        assert resolve(f"{root}@latest") == newer  # MODELS/NAME@VERSION names its folder
+        assert resolve(f"{root}@1") == saved_artifact
         with pytest.raises(NotFoundError, match="version '7' of 'blobs'"):
             resolve("blobs@7", root.parent)
         with pytest.raises(NotFoundError, match="a model named 'nope'"):
