@@ -327,6 +327,8 @@ def _is_folder_output(output: str) -> bool:
     if output == "-":
         return False
     path = Path(output)
+    if path.suffix.lower() == ".csv" and not output.endswith(("/", os.sep)):
+        return False  # a CSV file, even where a folder of that name is in the way
     return path.is_dir() or output.endswith(("/", os.sep)) or not path.suffix
 
 
@@ -388,7 +390,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                        "--output -", cls=ConfigError)
     output = Path(args.output)
     if not to_stdout and output.suffix.lower() != ".csv":
-        raise expected("an --output path ending in .csv (or - for standard output)",
+        raise expected("an --output path ending in .csv, - for standard output, or a folder for parts",
                        str(output), cls=ConfigError)
     det = Detector.load(args.artifact)
     images = load_images(args.input, shape=det.image_shape_, skip_bad=args.skip_bad)

@@ -338,8 +338,12 @@ def test_bad_settings_fail_before_any_data_or_training(capsys, argv, fragments, 
 def test_paths_of_the_wrong_kind_are_one_error_line(capsys, tmp_path, saved_artifact):
     np.save(tmp_path / "x.npy", make_blobs(3))
     assert_error(capsys, ["score", saved_artifact, "--input", tmp_path / "x.npy",
-                          "--output", tmp_path], "an --output path ending in .csv",
-                 str(tmp_path))
+                          "--output", tmp_path / "x.parquet"], "an --output path ending in .csv",
+                 "x.parquet")
+    # A folder is an output folder for parts: one holding other files is refused untouched.
+    assert_error(capsys, ["score", saved_artifact, "--input", tmp_path / "x.npy",
+                          "--output", tmp_path], "an output folder that is empty or holds "
+                 "this same run", "(not empty, and no _run.json)")
     (tmp_path / "taken.csv").mkdir()
     assert_error(capsys, ["score", saved_artifact, "--input", tmp_path / "x.npy",
                           "--output", tmp_path / "taken.csv"], "Expected a readable/writable path",
