@@ -2,8 +2,9 @@
 
 Every bad input ends in one line on stderr, ``error: Expected X. Received: Y [how to fix]``.
 Exit status: 0 success, 2 a usage error (a bad flag, option value or config key), 1 a runtime
-error (a missing or unreadable file, a bad artifact, bad data, a full disk), 130 interrupted
-(no partial artifact is left).
+error (a missing or unreadable file, a bad artifact, bad data, a full disk, a package of an
+extra that is not installed: ``anomaly fit`` on ``pip install "anomaly[serve]"``, see
+:mod:`anomaly.extras`), 130 interrupted (no partial artifact is left).
 
 Streams: a command's result goes to stdout (with ``--json``, one JSON document and nothing
 else); progress, notes and errors go to stderr. ``-q`` leaves only errors on stderr, ``-v`` adds
@@ -570,6 +571,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     _apply_quick(args)
     cfg = _resolve_config(args)
+    # TensorFlow before the data: without it the command stops before any download.
+    import anomaly._tf  # noqa: F401
     seeds = tuple(args.seeds) if args.seeds else (cfg.detector.seed,)
     run_benchmark(cfg, classes=args.classes, seeds=seeds, baselines=args.baselines,
                   output=args.output, tag=args.tag)
@@ -860,6 +863,12 @@ def _show_notes(level: int) -> None:
                     logging.DEBUG if level == VERBOSE else logging.INFO)
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """``anomaly fit``, ``anomaly data fetch``: the command as the user typed it."""
+    words = [args.command, getattr(args, "data_command", None)]
+    return " ".join(["anomaly", *(w for w in words if w)])
+
+
 def main(argv: list[str] | None = None) -> int:
     global _stdout, _json_mode
     from anomaly.progress import NORMAL, QUIET, VERBOSE, set_verbosity
@@ -879,6 +888,16 @@ def main(argv: list[str] | None = None) -> int:
     except AnomalyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_RUNTIME
+    except ModuleNotFoundError as exc:
+        # The one place a light install meets a command it lacks the extra of (TensorFlow for
+        # fit, evaluate, export, ...; the service's packages for serve), wherever the import is.
+        from anomaly.extras import missing_extra
+
+        err = missing_extra(exc, _command_name(args))
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
     except OSError as exc:
         # A path that is a folder where a file was expected, unwritable, a full disk, ...
         if exc.errno == errno.ENOSPC:
