@@ -373,13 +373,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from anomaly.data.images import load_images
-    from anomaly.detector import Detector
+    from anomaly.runtime import load_runtime
     from anomaly.utils import atomic_write_text
 
     if args.engine == "ray" or _is_folder_output(args.output):
         return _score_in_parts(args)
     for flag in ("address", "num_actors", "block_rows", "output_format", "image_column",
-                 "id_column", "batch_size", "runtime"):
+                 "id_column", "batch_size"):
         if getattr(args, flag) is not None:
             raise expected(f"--{flag.replace('_', '-')} with an --output folder (scores "
                            "written in parts)", f"--output {args.output}", cls=ConfigError)
@@ -391,7 +391,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not to_stdout and output.suffix.lower() != ".csv":
         raise expected("an --output path ending in .csv (or - for standard output)",
                        str(output), cls=ConfigError)
-    det = Detector.load(args.artifact)
+    # Keras where TensorFlow is installed, else the artifact's ONNX export (a light install).
+    det = load_runtime(args.artifact, runtime=args.runtime or "auto")
     images = load_images(args.input, shape=det.image_shape_, skip_bad=args.skip_bad)
     scores, normalized, flagged, point, threshold = _detect_in_chunks(
         det, images.images, args.operating_point)
@@ -705,8 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-rows", type=_int_at_least(1, "--block-rows"),
                    help=f"images per part of .npy and folder input (default: {BLOCK_ROWS:,}; "
                    "Parquet parts follow its row groups)")
-    p.add_argument("--runtime", choices=("auto", "onnx", "keras"), help="auto: the artifact's "
-                   "ONNX export when it has one, else Keras (default: auto)")
+    p.add_argument("--runtime", choices=("auto", "onnx", "keras"), help="auto: for an "
+                   "--output folder the artifact's ONNX export when it has one, else Keras; for "
+                   "a CSV Keras where TensorFlow is installed, else the ONNX export "
+                   "(default: auto)")
     p.add_argument("--output-format", choices=("parquet", "csv"),
                    help="format of the parts (default: parquet)")
     p.add_argument("--image-column", help="Parquet column of the images (default: image)")
