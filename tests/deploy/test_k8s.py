@@ -363,15 +363,18 @@ def test_kserve_inference_service_uses_the_v2_protocol():
 
 
 def test_one_image_and_non_root_everywhere():
-    images = set()
+    """The service's image everywhere (the light install, deploy/docker/Dockerfile's default),
+    but training's, which is the full build of the same version (``EXTRAS=full``, ``-full``)."""
+    images, training = set(), set()
     for _, doc in DOCS:
         if doc["kind"] not in ("Deployment", "Job", "ServingRuntime"):
             continue
         pod_sc = {} if doc["kind"] == "ServingRuntime" else doc["spec"]["template"]["spec"].get("securityContext", {})
         for c in containers(doc):
-            images.add(c["image"])
+            (training if doc["kind"] == "Job" else images).add(c["image"])
             sc = c.get("securityContext", {})
             assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, doc["kind"]
             assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert images == {compose["services"]["anomaly"]["image"]}
+    assert training == {image + "-full" for image in images}
