@@ -162,6 +162,17 @@ def test_the_light_install_scores_a_csv(light_venv, light_models, detector, tmp_
     assert not (tmp_path / "plain.csv").exists()
 
 
+def test_the_light_install_lays_out_an_export_for_kserve(light_venv, light_models, tmp_path):
+    """An artifact that carries its export needs no TensorFlow to become a Triton model
+    repository and an InferenceService."""
+    done = _run(light_venv, "export", str(light_models / "exported" / "v1"), "--format",
+                "kserve", "--output", "repo", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "repo" / "inferenceservice.yaml").is_file()
+    (graph,) = (tmp_path / "repo").glob("*/1/model.onnx")
+    assert graph.read_bytes() == (light_models / "exported" / "v1" / "model.onnx").read_bytes()
+
+
 # Each command that runs the Keras model, as a user would type it on the light install.
 NEEDS_TENSORFLOW = {
     "fit": ["fit", "--normal-class", "0"],
