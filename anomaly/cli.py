@@ -2,8 +2,9 @@
 
 Every bad input ends in one line on stderr, ``error: Expected X. Received: Y [how to fix]``.
 Exit status: 0 success, 2 a usage error (a bad flag, option value or config key), 1 a runtime
-error (a missing or unreadable file, a bad artifact, bad data, a full disk), 130 interrupted
-(no partial artifact is left).
+error (a missing or unreadable file, a bad artifact, bad data, a full disk, a package of an
+extra that is not installed: ``anomaly fit`` on ``pip install "anomaly[serve]"``, see
+:mod:`anomaly.extras`), 130 interrupted (no partial artifact is left).
 
 Streams: a command's result goes to stdout (with ``--json``, one JSON document and nothing
 else); progress, notes and errors go to stderr. ``-q`` leaves only errors on stderr, ``-v`` adds
@@ -374,13 +375,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from anomaly.data.images import load_images
-    from anomaly.detector import Detector
+    from anomaly.runtime import load_runtime
     from anomaly.utils import atomic_write_text
 
     if args.engine == "ray" or _is_folder_output(args.output):
         return _score_in_parts(args)
     for flag in ("address", "num_actors", "block_rows", "output_format", "image_column",
-                 "id_column", "batch_size", "runtime"):
+                 "id_column", "batch_size"):
         if getattr(args, flag) is not None:
             raise expected(f"--{flag.replace('_', '-')} with an --output folder (scores "
                            "written in parts)", f"--output {args.output}", cls=ConfigError)
@@ -392,7 +393,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not to_stdout and output.suffix.lower() != ".csv":
         raise expected("an --output path ending in .csv, - for standard output, or a folder for parts",
                        str(output), cls=ConfigError)
-    det = Detector.load(args.artifact)
+    # Keras where TensorFlow is installed, else the artifact's ONNX export (a light install).
+    det = load_runtime(args.artifact, runtime=args.runtime or "auto")
     images = load_images(args.input, shape=det.image_shape_, skip_bad=args.skip_bad)
     scores, normalized, flagged, point, threshold = _detect_in_chunks(
         det, images.images, args.operating_point)
@@ -572,6 +574,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     _apply_quick(args)
     cfg = _resolve_config(args)
+    # TensorFlow before the data: without it the command stops before any download.
+    import anomaly._tf  # noqa: F401
     seeds = tuple(args.seeds) if args.seeds else (cfg.detector.seed,)
     run_benchmark(cfg, classes=args.classes, seeds=seeds, baselines=args.baselines,
                   output=args.output, tag=args.tag)
@@ -704,8 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-rows", type=_int_at_least(1, "--block-rows"),
                    help=f"images per part of .npy and folder input (default: {BLOCK_ROWS:,}; "
                    "Parquet parts follow its row groups)")
-    p.add_argument("--runtime", choices=("auto", "onnx", "keras"), help="auto: the artifact's "
-                   "ONNX export when it has one, else Keras (default: auto)")
+    p.add_argument("--runtime", choices=("auto", "onnx", "keras"), help="auto: for an "
+                   "--output folder the artifact's ONNX export when it has one, else Keras; for "
+                   "a CSV Keras where TensorFlow is installed, else the ONNX export "
+                   "(default: auto)")
     p.add_argument("--output-format", choices=("parquet", "csv"),
                    help="format of the parts (default: parquet)")
     p.add_argument("--image-column", help="Parquet column of the images (default: image)")
@@ -862,6 +868,12 @@ def _show_notes(level: int) -> None:
                     logging.DEBUG if level == VERBOSE else logging.INFO)
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """``anomaly fit``, ``anomaly data fetch``: the command as the user typed it."""
+    words = [args.command, getattr(args, "data_command", None)]
+    return " ".join(["anomaly", *(w for w in words if w)])
+
+
 def main(argv: list[str] | None = None) -> int:
     global _stdout, _json_mode
     from anomaly.progress import NORMAL, QUIET, VERBOSE, set_verbosity
@@ -881,6 +893,16 @@ def main(argv: list[str] | None = None) -> int:
     except AnomalyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_RUNTIME
+    except ModuleNotFoundError as exc:
+        # The one place a light install meets a command it lacks the extra of (TensorFlow for
+        # fit, evaluate, export, ...; the service's packages for serve), wherever the import is.
+        from anomaly.extras import missing_extra
+
+        err = missing_extra(exc, _command_name(args))
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_RUNTIME
     except OSError as exc:
         # A path that is a folder where a file was expected, unwritable, a full disk, ...
         if exc.errno == errno.ENOSPC:

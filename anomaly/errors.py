@@ -34,6 +34,12 @@ class ArtifactError(AnomalyError):
     status_code = 500
 
 
+class NotInstalledError(AnomalyError):
+    """A package of an extra that is not installed (see :mod:`anomaly.extras`)."""
+
+    status_code = 500
+
+
 class NotFoundError(AnomalyError):
     """A named thing (model, version, data set, operating point) that does not exist."""
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from anomaly.errors import ArtifactError, ConfigError, expected
+from anomaly.extras import install_hint
 
 RUNTIMES = ("auto", "keras", "onnx")
 ENV = "ANOMALY_RUNTIME"
@@ -74,8 +75,8 @@ def choose_runtime(has_onnx: bool, requested: str | None = None, *,
         return "onnx"
     if not tf_ok:
         raise expected(f"TensorFlow installed for {ENV}=keras", "not installed",
-                       hint="Install anomaly without extras, or serve ONNX exports with "
-                       f"{ENV}=onnx.", cls=ConfigError)
+                       hint=f"{install_hint('full')}, or score ONNX exports with {ENV}=onnx.",
+                       cls=ConfigError)
     return "keras"
 
 

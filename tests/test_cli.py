@@ -194,6 +194,21 @@ def test_score_npy(capsys, saved_artifact, files, tmp_path):
     assert df["id"].tolist() == list(range(6))
 
 
+def test_score_csv_takes_the_runtime(capsys, saved_artifact, files, tmp_path):
+    """A CSV is scored by anomaly.runtime's loader: Keras where TensorFlow is (above), the
+    ONNX export where asked (or where TensorFlow is not: tests/service/test_light_install.py),
+    and an artifact without one says how to export it."""
+    out = tmp_path / "scores.csv"
+    assert_error(capsys, ["score", saved_artifact, "--input", files / "good.npy", "--output",
+                          out, "--runtime", "onnx"], "Expected an artifact exported to ONNX",
+                 "anomaly export", code=1)
+    assert not out.exists()
+    rc, _, err = run(capsys, "score", saved_artifact, "--input", files / "good.npy",
+                     "--output", out, "--runtime", "keras")
+    assert rc == 0, err
+    assert len(pd.read_csv(out)) == 6
+
+
 def test_score_folder_with_labels(capsys, saved_artifact, tmp_path):
     folder = tmp_path / "pngs"
     for cls, imgs in (("blob", make_blobs(3, seed=4)), ("bar", make_bars(2, seed=4))):

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from anomaly.data.shards import Block
 from anomaly.engines.blocks import BlockScorer
 from anomaly.errors import AnomalyError, ConfigError, expected
+from anomaly.extras import install_hint
 
-EXTRA_HINT = 'Install it with: pip install "anomaly[ray]"'
+EXTRA_HINT = install_hint("ray")
 #: Seconds to wait for a cluster address to answer before saying it does not.
 CONNECT_TIMEOUT_S = 5.0
 

@@ -96,12 +96,22 @@ def dockerfile_stages():
 
 
 def dockerfile_install_command(build_stage) -> list[str]:
-    """The build stage's ``pip install ...`` command, as argv."""
+    """The build stage's ``pip install ...`` command, as argv, with its ARGs at their
+    defaults (``./[serve]``)."""
     runs = [shlex.split(a) for i, a in build_stage if i == "RUN" and "pip install" in a]
     assert len(runs) == 1, f"expected one 'pip install' RUN in the build stage: {runs}"
-    argv = runs[0]
+    defaults = helpers.arg_defaults(build_stage)
+    argv = [helpers.expand_args(a, defaults) for a in runs[0]]
     assert argv[:2] == ["pip", "install"], argv
     return argv
+
+
+def installed_project(argv: list[str]) -> tuple[str, str]:
+    """``(path, extras)`` of the project an install command names last: ``./[serve]`` ->
+    ``("./", "serve")``; the path must be the build context itself."""
+    path, _, extras = argv[-1].partition("[")
+    assert path in (".", "./"), f"the image installs the project itself ('pip install .'): {argv}"
+    return path, extras.rstrip("]")
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +121,9 @@ def image_site(dockerfile_stages, tmp_path_factory) -> Path:
     The build context holds exactly the files the Dockerfile COPYs (each kept by
     .dockerignore); the Dockerfile's own ``pip install`` command runs on it, into a target
     folder, with ``--no-deps`` (the dependencies are those of this environment, installed from
-    the same pyproject) and, where setuptools is here, without fetching anything.
+    the same pyproject: the full install, where the image's default is the light one, which
+    tests/service/test_light_install.py builds for real) and, where setuptools is here,
+    without fetching anything.
     """
     build, _ = dockerfile_stages
     work = tmp_path_factory.mktemp("image")
@@ -137,7 +149,7 @@ def image_site(dockerfile_stages, tmp_path_factory) -> Path:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / src, target)
     argv = dockerfile_install_command(build)
-    assert argv[-1] == ".", f"the image installs the project itself ('pip install .'): {argv}"
+    installed_project(argv)
     site = work / "site"
     # Offline with this environment's setuptools when it has one; else pip fetches the build
     # backend from the package index, as `docker build` would.

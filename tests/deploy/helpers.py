@@ -209,6 +209,21 @@ def stages(instructions) -> list[list[tuple[str, str]]]:
     return out
 
 
+def arg_defaults(stage) -> dict[str, str]:
+    """ARG NAME=DEFAULT of a stage (what ``docker build`` uses without ``--build-arg``)."""
+    out = {}
+    for instr, args in stage:
+        if instr == "ARG":
+            name, _, default = args.partition("=")
+            out[name.strip()] = default.strip().strip('"')
+    return out
+
+
+def expand_args(text: str, args: dict[str, str]) -> str:
+    """``text`` with each ``${NAME}`` / ``$NAME`` of ``args`` replaced by its value."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m[1] or m[2], m[0]), text)
+
+
 def env_of(stage) -> dict[str, str]:
     """ENV of a stage (KEY=VALUE pairs; $VAR references left as they are)."""
     env = {}

@@ -19,7 +19,7 @@ import pytest
 
 from service.settings import Settings
 from tests.deploy import helpers
-from tests.deploy.conftest import dockerfile_install_command
+from tests.deploy.conftest import dockerfile_install_command, installed_project
 from tests.deploy.helpers import DOCKERFILE, REPO
 
 HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
@@ -64,7 +64,8 @@ def test_install_command_and_entry_point_match_ci(dockerfile_stages):
     the image installs the same project, from the same pyproject, with `pip install .`."""
     build, runtime = dockerfile_stages
     argv = dockerfile_install_command(build)
-    assert argv[-1] == "." and not any(a.startswith(("-r", "--requirement")) for a in argv)
+    installed_project(argv)
+    assert not any(a.startswith(("-r", "--requirement")) for a in argv)
     ci = (REPO / ".ci" / "run").read_text()
     project_installs = []
     for line in ci.splitlines():
@@ -73,7 +74,6 @@ def test_install_command_and_entry_point_match_ci(dockerfile_stages):
         if targets:
             project_installs.append(targets)
     assert project_installs == [['.[dev]']], project_installs  # the one project install
-    assert project_installs[0][0].split("[")[0] == argv[-1]
     # The image copies what that install reads: pyproject, its readme, the packages.
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     copied = {src for i, a in build if i == "COPY" and not a.startswith("--")
@@ -85,6 +85,19 @@ def test_install_command_and_entry_point_match_ci(dockerfile_stages):
     assert scripts[entry[0]] == "anomaly.cli:main"
     # The service tests start the server with the same command (tests/service/conftest.py).
     assert '"-m", "anomaly.cli", "serve"' in (REPO / "tests/service/conftest.py").read_text()
+
+
+def test_the_image_is_the_light_install_unless_asked_for_the_full_one(dockerfile_stages):
+    """``ARG EXTRAS=serve``: onnxruntime and no TensorFlow (tests/test_extras.py checks the
+    extra, tests/service/test_light_install.py installs it in a clean venv and serves);
+    ``--build-arg EXTRAS=full`` names the full install."""
+    build, _ = dockerfile_stages
+    assert helpers.arg_defaults(build)["EXTRAS"] == "serve"
+    assert installed_project(dockerfile_install_command(build))[1] == "serve"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert {"serve", "full"} <= set(extras)
+    assert 'f"{src}[serve]"' in (REPO / "tests/service/test_light_install.py").read_text()
 
 
 def test_the_images_entry_point_serves_and_its_health_check_passes(service, dockerfile_stages):

@@ -385,9 +385,10 @@ def test_kserve_inference_service_uses_the_v2_protocol():
 
 
 def test_one_image_and_non_root_everywhere():
-    """One image for the service, the fit Job and KServe; the RayJob's is that image with Ray
-    added (its header says how), tagged VERSION-ray."""
-    images, ray_images = set(), set()
+    """The service's image everywhere (the light install, deploy/docker/Dockerfile's default),
+    but training's, which is the full build of the same version (``EXTRAS=full``, ``-full``),
+    and the RayJob's, the same with Ray added (its header says how), ``-ray``."""
+    images, training, ray_images = set(), set(), set()
     for _, doc in DOCS:
         if doc["kind"] not in WORKLOADS:
             continue
@@ -396,11 +397,14 @@ def test_one_image_and_non_root_everywhere():
         for pod in pods:
             pod_sc = pod.get("securityContext", {})
             for c in pod["containers"]:
-                (ray_images if doc["kind"] == "RayJob" else images).add(c["image"])
+                kind = doc["kind"]
+                (ray_images if kind == "RayJob" else training if kind == "Job"
+                 else images).add(c["image"])
                 sc = c.get("securityContext", {})
                 assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, doc["kind"]
                 assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     image = compose["services"]["anomaly"]["image"]
     assert images == {image}
+    assert training == {f"{image}-full"}
     assert ray_images == {f"{image}-ray"}

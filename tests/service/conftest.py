@@ -64,6 +64,29 @@ def save_version(detector, root: Path, name: str, version: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def onnx_root(detector, tmp_path_factory) -> Path:
+    """``exported/v1`` (exported to ONNX, with its Keras files) and ``plain/v1`` (not)
+    (read-only)."""
+    from anomaly.export.onnx import export_onnx
+
+    root = tmp_path_factory.mktemp("onnx-models")
+    src = save_version(detector, root / "_src", "blobs", "v1")
+    export_onnx(src, root / "exported" / "v1")
+    save_version(detector, root, "plain", "v1")
+    return root
+
+
+def assert_close_scores(detector, got, want) -> None:
+    """ONNX scores ``got`` within the export's tolerance of the detector's output ``want``:
+    1e-5 relative on the score and its parts (the service's detector scores mse+knn; see
+    anomaly.export.onnx.score_tolerance)."""
+    from anomaly.export.onnx import score_tolerance
+
+    diff = np.abs(np.asarray(got) - want.scores)
+    assert (diff <= score_tolerance(detector, want.parts)).all(), (diff, want.scores)
+
+
+@pytest.fixture(scope="session")
 def models_root(detector, tmp_path_factory) -> Path:
     """A models directory with ``blobs/v1`` and ``blobs/v2`` (read-only)."""
     root = tmp_path_factory.mktemp("models")
@@ -140,17 +163,25 @@ class Server:
             self.stop()
             assert "Traceback" not in self.output(), self.output()
 
-    def __init__(self, models_dir: Path, **env: str):
+    def __init__(self, models_dir: Path, *, program: list[str] | None = None, **env: str):
+        """``program``: the command up to ``serve`` (default: this interpreter and the
+        checkout); another one (an installed ``anomaly serve``) runs without the checkout on
+        its path, from the models directory's parent."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = models_dir.parent / f"server-{self.port}.log"
-        environ = {**os.environ, "ANOMALY_LOG_LEVEL": "warning", "ANOMALY_ACCESS_LOG": "false",
+        argv, cwd, inherited = [sys.executable, "-m", "anomaly.cli", "serve"], REPO, os.environ
+        if program is not None:
+            argv, cwd = program, models_dir.parent
+            inherited = {k: v for k, v in os.environ.items()
+                         if k not in ("PYTHONPATH", "ANOMALY_RUNTIME")}
+            env.setdefault("PYTHONPATH", "")
+        environ = {**inherited, "ANOMALY_LOG_LEVEL": "warning", "ANOMALY_ACCESS_LOG": "false",
                    "ANOMALY_ADMIN_OPEN": "1", "PYTHONPATH": str(REPO), **env}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "anomaly.cli", "serve", "--models", str(models_dir),
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=environ)
+                [*argv, "--models", str(models_dir), "--host", "127.0.0.1", "--port",
+                 str(self.port)], stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=environ)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout

@@ -1,9 +1,10 @@
 """anomaly.runtime as the service uses it: one loader, two backends, no TensorFlow for ONNX.
 
-The light install is simulated in fresh subprocesses: ``ANOMALY_RUNTIME=onnx`` with TensorFlow
+Here, with the full install, in fresh subprocesses: ``ANOMALY_RUNTIME=onnx`` with TensorFlow
 installed (it must still never be imported), and TensorFlow made unimportable
 (``sys.modules["tensorflow"] = None``, which is what ``import`` and ``find_spec`` see when the
-package is absent) with the default ``auto``.
+package is absent) with the default ``auto``. The light install itself (``pip install
+"anomaly[serve]"`` in a clean venv) is tests/service/test_light_install.py.
 """
 
 from __future__ import annotations
@@ -19,31 +20,10 @@ import pytest
 
 from anomaly.errors import ArtifactError, ConfigError
 from anomaly.runtime import OnnxDetector, choose_runtime, load_runtime
-from tests.service.conftest import METADATA, REPO, bars, blobs, save_version
+from tests.service.conftest import METADATA, REPO, assert_close_scores, bars, blobs
 
 pytest.importorskip("tf2onnx")
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def onnx_root(detector, tmp_path_factory):
-    """``exported/v1`` (exported to ONNX, with its Keras files) and ``plain/v1`` (not)."""
-    from anomaly.export.onnx import export_onnx
-
-    root = tmp_path_factory.mktemp("onnx-models")
-    src = save_version(detector, root / "_src", "blobs", "v1")
-    export_onnx(src, root / "exported" / "v1")
-    save_version(detector, root, "plain", "v1")
-    return root
-
-
-def _close(detector, got, want) -> None:
-    """Scores within the export's tolerance: 1e-5 relative on the score and its parts (the
-    service's detector scores mse+knn; see anomaly.export.onnx.score_tolerance)."""
-    from anomaly.export.onnx import score_tolerance
-
-    diff = np.abs(np.asarray(got) - want.scores)
-    assert (diff <= score_tolerance(detector, want.parts)).all(), (diff, want.scores)
 
 
 def test_choose_runtime():
@@ -82,7 +62,7 @@ def test_onnx_backend_detects_like_the_detector(onnx_root, detector):
     for op in detector.calibration_.operating_points:
         got = rt.detect(x, operating_point=op, reconstruction=True, error_map=True)
         want = detector.detect(x, operating_point=op, reconstruction=True, error_map=True)
-        _close(detector, got.scores, want)
+        assert_close_scores(detector, got.scores, want)
         np.testing.assert_array_equal(got.is_anomaly, want.is_anomaly)
         np.testing.assert_allclose(got.normalized, want.normalized, rtol=1e-15, atol=0)
         assert (got.operating_point, got.threshold) == (want.operating_point, want.threshold)
@@ -91,7 +71,7 @@ def test_onnx_backend_detects_like_the_detector(onnx_root, detector):
     np.testing.assert_array_equal(rt.predict(x), detector.predict(x))
     # Unvalidated input goes through the same pixel rules: 0-255 integers.
     u8 = np.rint(x * 255).astype(np.uint8)
-    _close(detector, rt.decision_function(u8), detector.detect(u8))
+    assert_close_scores(detector, rt.decision_function(u8), detector.detect(u8))
 
 
 def test_a_graph_with_other_thresholds_is_refused(onnx_root, tmp_path):
@@ -185,7 +165,7 @@ _SERVE = """
 
 def _check_served(out: dict, detector, x: np.ndarray) -> None:
     assert out["status"] == 200, out["body"]
-    _close(detector, [r["score"] for r in out["body"]["results"]], detector.detect(x))
+    assert_close_scores(detector, [r["score"] for r in out["body"]["results"]], detector.detect(x))
     assert [r["is_anomaly"] for r in out["body"]["results"]] == detector.predict(x).tolist()
     assert out["models"]["exported"]["ready"]
     assert out["platform"] == "onnxruntime_onnx"
@@ -213,63 +193,3 @@ def test_without_tensorflow_exports_serve_and_others_are_refused(onnx_root, dete
                                        "because TensorFlow is not installed. Received: no "
                                        "model.onnx in ")
     assert "Run 'anomaly export ARTIFACT --format onnx'" in refused["error"]
-
-
-@pytest.mark.e2e
-def test_light_install_serves_an_export(onnx_root, detector, tmp_path):
-    """A clean venv with the package (no dependencies) plus the ``serve`` extra only: no
-    TensorFlow can be imported, and ``anomaly serve`` scores the export like the detector."""
-    import contextlib
-    import shutil
-    import signal
-    import time
-    import tomllib
-
-    import httpx
-
-    from tests.service.conftest import free_port
-
-    serve = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]["serve"]
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-           "--disable-pip-version-check"]
-    build = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
-    shutil.copytree(REPO, build, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "tests", "bench", "deploy", "docs", "models", "*.egg-info", "build"))
-    subprocess.run([*pip, "--no-deps", str(build)], check=True, timeout=600)
-    subprocess.run([*pip, *serve], check=True, timeout=900)
-    python = str(venv / "bin" / "python")
-    probe = subprocess.run([python, "-c", "import importlib.util as u; print("
-                            "u.find_spec('tensorflow') is None and u.find_spec('keras') is None)"],
-                           capture_output=True, text=True, cwd=tmp_path, check=True)
-    assert probe.stdout.strip() == "True"
-    models = tmp_path / "models"
-    shutil.copytree(onnx_root / "exported", models / "exported")
-    port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "ANOMALY_LOG_LEVEL": "warning", "PYTHONPATH": ""}
-    env.pop("ANOMALY_RUNTIME", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(venv / "bin" / "anomaly"), "serve", "--models",
-                                 str(models), "--port", str(port)], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline, ready = time.monotonic() + 90, False
-        while not ready and time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
-                ready = httpx.get(url + "/readyz", timeout=2).status_code == 200
-            time.sleep(0.1)
-        assert ready, log.read_text(errors="replace")
-        x = np.concatenate([blobs(3, seed=13), bars(2, seed=5)])
-        r = httpx.post(f"{url}/v1/models/exported/score", json={"images": x.tolist()},
-                       timeout=30)
-        assert r.status_code == 200, r.text
-        _close(detector, [i["score"] for i in r.json()["results"]], detector.detect(x))
-        assert httpx.get(f"{url}/v2/models/exported").json()["platform"] == "onnxruntime_onnx"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    output = log.read_text(errors="replace")
-    assert "Traceback" not in output, output
