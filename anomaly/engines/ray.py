@@ -101,8 +101,12 @@ def run(pending: list[Block], scorer_kwargs: dict, *, address: str | None = None
         actor_cls: the callable class Ray Data runs (:class:`RayScorer`, or one that wraps it:
             a GPU variant, fault injection in tests).
     """
+    import logging
+
     ray = import_ray()
     _init(ray, address)
+    # Ray Data logs each execution's start and end at INFO on stderr: our progress says it.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
