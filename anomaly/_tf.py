@@ -2,7 +2,8 @@
 
 TensorFlow 2.21 logs oneDNN, CPU-feature and "no CUDA driver" lines through absl before any
 log level applies, which buries the CLI's own output. They are discarded while TensorFlow
-imports and initializes its devices; set ``ANOMALY_TF_LOGS=1`` to see them.
+imports and initializes its devices; set ``ANOMALY_TF_LOGS=1`` to see them. Under ``TF_CONFIG``
+the devices are left for ``MultiWorkerMirroredStrategy`` to initialize.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ def import_quietly() -> None:
         os.dup2(devnull, 2)
         import tensorflow as tf
 
-        tf.config.list_logical_devices()
+        # A worker of a TF_CONFIG cluster leaves the devices alone: MultiWorkerMirroredStrategy
+        # configures collective ops, which TensorFlow refuses once its devices are initialized
+        # ("Collective ops must be configured at program startup"). Its noise then shows.
+        if not os.environ.get("TF_CONFIG"):
+            tf.config.list_logical_devices()
         # Retracing notices are expected: each Scorer compiles its own graph once.
         tf.get_logger().setLevel("ERROR")
     finally:
