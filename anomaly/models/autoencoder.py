@@ -210,18 +210,31 @@ class Autoencoder(keras.Model):
         else:
             z, kl = z_mean, ops.zeros((ops.shape(x)[0],))
         recon = ops.sum(self.pixel_losses(x, self.decode_logits(z)), axis=(1, 2, 3))
-        recon, kl = ops.mean(recon), ops.mean(kl)
+        # A multi-replica strategy splits an epoch's last, short batch over the replicas and may
+        # give one an empty batch, whose mean is NaN: its losses are 0 here, and _track gives
+        # it no weight.
+        nonempty = ops.shape(recon)[0] > 0
+        recon = ops.where(nonempty, ops.mean(recon), 0.0)
+        kl = ops.where(nonempty, ops.mean(kl), 0.0)
         return recon + self.beta * kl, recon, kl
 
     @property
     def metrics(self):
         return [self.loss_tracker, self.recon_tracker, self.kl_tracker]
 
-    def _track(self, loss, recon, kl):
-        self.loss_tracker.update_state(loss)
-        self.recon_tracker.update_state(recon)
-        self.kl_tracker.update_state(kl)
-        return {m.name: m.result() for m in self.metrics}
+    def _track(self, loss, recon, kl, n):
+        # An epoch's loss is the mean of its batches' means: each batch weighs 1, an empty one 0.
+        weight = ops.cast(ops.minimum(n, 1), "float32")
+        self.loss_tracker.update_state(loss, sample_weight=weight)
+        self.recon_tracker.update_state(recon, sample_weight=weight)
+        self.kl_tracker.update_state(kl, sample_weight=weight)
+        results = {m.name: m.result() for m in self.metrics}
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3 reduces a step's outputs across workers with reduce("MEAN", axis=0),
+            # which fails on scalars (tensorflow/tensorflow#72388): one value per worker makes
+            # it the mean over the workers. Epoch logs are read from the metrics themselves.
+            results = {k: ops.reshape(v, (1,)) for k, v in results.items()}
+        return results
 
     def train_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -232,14 +245,14 @@ class Autoencoder(keras.Model):
             scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
         grads = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
-        return self._track(loss, recon, kl)
+        return self._track(loss, recon, kl, ops.shape(x)[0])
 
     def test_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         # A denoising model is validated on what it is trained for, noisy inputs against clean
         # targets: on clean inputs early stopping would keep an epoch before it learned to
         # denoise (measured: 4.6x the error on noisy images).
-        return self._track(*self.compute_losses(x, training=False, noisy=True))
+        return self._track(*self.compute_losses(x, training=False, noisy=True), ops.shape(x)[0])
 
     def get_config(self):
         return {

@@ -154,3 +154,16 @@ def test_affine_translation_of_one_pixel_shifts_the_image_by_one_pixel(unit, axi
         slice(None), slice(1, None), slice(None))
     np.testing.assert_allclose(moved[cut], plain[ahead], atol=1e-5)
     assert np.abs(moved - plain).max() > 1e-3  # and it did move
+
+
+def test_an_empty_batch_counts_for_nothing():
+    """MultiWorkerMirroredStrategy hands a replica an empty batch when an epoch's last batch
+    has fewer images than there are replicas: its loss must be no NaN in the epoch's mean."""
+    model = Autoencoder("dense-ae", (28, 28, 1), latent_dim=4, hidden=[32], seed=0)
+    empty = np.zeros((0, 28, 28, 1), np.float32)
+    assert [float(v) for v in model.compute_losses(empty, training=False)] == [0.0, 0.0, 0.0]
+    batch = np.full((4, 28, 28, 1), 0.5, np.float32)
+    alone = float(model.test_step(batch)["loss"])
+    model.reset_metrics()
+    model.test_step(empty)
+    assert float(model.test_step(batch)["loss"]) == alone
