@@ -121,8 +121,6 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1, skip_bad: bool = False) -> FitR
     # A killed run resumes from the state saved for the same configuration.
     run_key = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
     backup_dir = root / name / f".resume-{run_key}"
-    if backup_dir.exists():
-        log(f"Resuming from the state in {backup_dir}")
     t = time.perf_counter()
     train_end = _train_end_timer()
     try:

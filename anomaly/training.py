@@ -4,8 +4,10 @@ The network and its loss live in :mod:`anomaly.models`; this module only runs Ke
 normal images with early stopping on the normal validation loss, under a ``tf.distribute``
 strategy: one device by default, ``MirroredStrategy`` over the GPUs of one machine, or
 ``MultiWorkerMirroredStrategy`` across machines described by ``TF_CONFIG``. A run given a ``backup_dir``
-saves its state at the end of every epoch (``keras.callbacks.BackupAndRestore``): a run killed
-part-way and started again with the same ``backup_dir`` resumes from its last finished epoch.
+saves its state at the end of every epoch (:class:`EpochBackup`): a run killed part-way and
+started again with the same ``backup_dir`` resumes from its last finished epoch, early stopping
+and history included. Each worker of a cluster keeps its own state, in a sub-folder of
+``backup_dir`` (:func:`worker_backup_dir`), and the workers agree on the epoch they resume from.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ from anomaly._tf import tf  # first: TensorFlow without its start-up noise
 
 # isort: split
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import keras
@@ -26,6 +32,8 @@ import numpy as np
 from anomaly.data.images import with_channels
 from anomaly.errors import ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder
+
+_log = logging.getLogger(__name__)
 
 
 def set_seed(seed: int, deterministic: bool = True) -> None:
@@ -49,19 +57,41 @@ def choose_strategy(requested: str = "auto", *, env: dict | None = None,
         raise expected(f"a strategy in {STRATEGIES}", repr(requested), cls=ConfigError)
     if requested != "auto":
         return requested
-    env = os.environ if env is None else env
-    raw = env.get("TF_CONFIG")
-    if raw:
-        try:
-            cluster = json.loads(raw).get("cluster", {})
-        except (json.JSONDecodeError, AttributeError):
-            raise expected("TF_CONFIG as JSON with a 'cluster' and a 'task'", raw[:80],
-                           cls=ConfigError) from None
-        if sum(len(v) for v in cluster.values() if isinstance(v, list)) > 1:
-            return "multi-worker"
+    if cluster_task(env) is not None:
+        return "multi-worker"
     if n_gpus is None:
         n_gpus = len(tf.config.list_logical_devices("GPU"))
     return "mirrored" if n_gpus > 1 else "none"
+
+
+def cluster_task(env: dict | None = None) -> tuple[str, int] | None:
+    """This process's task ``(type, index)`` when ``TF_CONFIG`` names a cluster of more than one
+    task, else ``None``."""
+    env = os.environ if env is None else env
+    raw = env.get("TF_CONFIG")
+    if not raw:
+        return None
+    try:
+        tf_config = json.loads(raw)
+        cluster = tf_config.get("cluster", {})
+        n_tasks = sum(len(v) for v in cluster.values() if isinstance(v, list))
+        task = tf_config.get("task") or {}
+        kind, index = str(task.get("type", "worker")), int(task.get("index", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise expected("TF_CONFIG as JSON with a 'cluster' and a 'task'", raw[:80],
+                       cls=ConfigError) from None
+    return (kind, index) if n_tasks > 1 else None
+
+
+def worker_backup_dir(backup_dir: str | Path, env: dict | None = None) -> Path:
+    """The folder of this process's own training state under ``backup_dir``.
+
+    ``backup_dir`` itself on one machine; ``backup_dir/TYPE-INDEX`` (``worker-1``) for a task of
+    a ``TF_CONFIG`` cluster: the workers of one run share ``backup_dir`` (a shared volume), and
+    each writing the same files would have them race on them.
+    """
+    task = cluster_task(env)
+    return Path(backup_dir) if task is None else Path(backup_dir) / f"{task[0]}-{task[1]}"
 
 
 def is_chief(env: dict | None = None) -> bool:
@@ -115,33 +145,227 @@ class _EpochLog(keras.callbacks.Callback):
               + f" ({time.perf_counter() - self._t0:.1f} s)", file=sys.stderr, flush=True)
 
 
+#: A worker's training state, in its backup folder (see :class:`EpochBackup`).
+STATE_FILE = "state.json"
+_STATE_FORMAT = 1
+
+
+class _EarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping on ``val_loss`` with the best weights restored, whose record (best
+    loss, its epoch and weights, the epochs waited) a resumed run carries on with: Keras' own
+    starts afresh, so a resumed run would forget a better epoch before the kill, wait longer
+    than ``patience`` and end on worse weights."""
+
+    def __init__(self, patience: int):
+        super().__init__(monitor="val_loss", patience=patience, restore_best_weights=True)
+        self.resumed: tuple[dict, list[np.ndarray] | None] | None = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.resumed is not None:
+            record, weights = self.resumed
+            self.best, self.best_epoch, self.wait = (record["best"], record["best_epoch"],
+                                                     record["wait"])
+            self.best_weights = weights
+
+
+class EpochBackup(keras.callbacks.Callback):
+    """The training state at the end of every epoch, in one worker's ``folder``.
+
+    The state is the model's and optimizer's weights, early stopping's record and the history.
+    Keras' ``BackupAndRestore`` overwrites one weights file and then its epoch counter in place:
+    a kill between or during the two leaves them disagreeing, or the weights unreadable. Here
+    each epoch's files are new ones, and :data:`STATE_FILE`, which names them, replaces the
+    last one in a single rename, so a kill at any moment leaves a whole state. The state before
+    it stays too (``previous``): a worker killed while saving epoch N resumes one epoch behind
+    the others, and :func:`resume_point` makes them all resume from N-1.
+    """
+
+    def __init__(self, folder: str | Path, early_stopping: _EarlyStopping,
+                 resumed: dict | None = None):
+        super().__init__()
+        self.folder = Path(folder)
+        self.early_stopping = early_stopping
+        self.last = resumed
+        self.history = {k: list(v) for k, v in (resumed or {}).get("history", {}).items()}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # A new name each time: a restarted run must not overwrite a file the state names.
+        token = f"{epoch + 1}-{uuid.uuid4().hex[:8]}"
+        weights = f"epoch-{token}.weights.h5"
+        self.model.save_weights(self.folder / weights)
+        _fsync(self.folder / weights)
+        es = self.early_stopping
+        best_file = (self.last or {}).get("early_stopping", {}).get("best_weights")
+        if es.best_weights is not None and es.best_epoch == epoch:
+            best_file = f"best-{token}.npz"
+            with open(self.folder / best_file, "wb") as f:
+                np.savez(f, *es.best_weights)
+                f.flush()
+                os.fsync(f.fileno())
+        record = {
+            "epoch": epoch + 1,
+            "weights": weights,
+            "early_stopping": {"best": None if es.best is None else float(es.best),
+                               "best_epoch": int(es.best_epoch), "wait": int(es.wait),
+                               "stopped": bool(self.model.stop_training),
+                               "best_weights": best_file},
+            "history": {k: list(v) for k, v in self.history.items()},
+        }
+        _write_json(self.folder / STATE_FILE,
+                    {"format": _STATE_FORMAT, **record, "previous": self.last})
+        keep = _files_of(record) | _files_of(self.last)
+        for path in self.folder.iterdir():
+            if path.name.startswith(("epoch-", "best-")) and path.name not in keep:
+                path.unlink(missing_ok=True)
+        self.last = record
+
+
+def _files_of(record: dict | None) -> set[str]:
+    if record is None:
+        return set()
+    return {record["weights"]} | ({record["early_stopping"]["best_weights"]} - {None})
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_state(folder: str | Path) -> dict | None:
+    """The training state saved in ``folder`` by :class:`EpochBackup`, or ``None``.
+
+    An unreadable state (not one this code wrote) is reported and ignored: training starts over
+    rather than failing on every restart.
+    """
+    path = Path(folder) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        _log.warning("the training state %s is unreadable (%s): training starts over", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        _log.warning("the training state %s is of an unknown format: training starts over", path)
+        return None
+    return state
+
+
+def resume_point(folder: str | Path, strategy: tf.distribute.Strategy | None = None
+                 ) -> dict | None:
+    """The saved epoch record to resume from (``None``: start from the first epoch).
+
+    On one machine, the last one saved in ``folder``. Under ``MultiWorkerMirroredStrategy`` each
+    worker reads its own folder and the workers exchange what they hold (a collective: every
+    worker must call this): all resume from the last epoch that every one of them saved, or all
+    start over. The workers' weights are equal at equal epochs, so each loading its own copy
+    keeps them in sync; resuming from different epochs would pair one worker's steps with
+    another's steps of a different epoch, on different weights.
+    """
+    state = read_state(folder)
+    records: dict[int, dict | None] = {0: None}
+    if state is not None:
+        previous = state.get("previous")
+        if previous:
+            records[int(previous["epoch"])] = previous
+        records[int(state["epoch"])] = {k: v for k, v in state.items()
+                                        if k not in ("format", "previous")}
+    mine = ([e for e in sorted(records, reverse=True) if e] + [0, 0])[:2]
+    epoch = common_epoch(_epochs_of_every_worker(strategy or tf.distribute.get_strategy(), mine))
+    if epoch != max(records):
+        _log.info("this worker saved epoch %d, another one not: all resume from epoch %d",
+                  max(records), epoch)
+    return records[epoch]
+
+
+def common_epoch(held: list[list[int]]) -> int:
+    """The last epoch whose state every worker holds, from each worker's list of the epochs it
+    holds (0, the start, is everyone's)."""
+    return max(set.intersection(*({0, *map(int, epochs)} for epochs in held)))
+
+
+def _epochs_of_every_worker(strategy: tf.distribute.Strategy, mine: list[int]) -> list[list[int]]:
+    """``mine`` from every worker of a multi-worker strategy (a collective), else ``[mine]``."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return [mine]
+    rows = strategy.gather(strategy.run(lambda: tf.constant([mine], tf.int64)), axis=0)
+    return rows.numpy().tolist()
+
+
+def _restore(model: Autoencoder, folder: Path, record: dict,
+             early_stopping: _EarlyStopping) -> None:
+    """Load a saved epoch's weights into ``model`` and its record into ``early_stopping``."""
+    es = record["early_stopping"]
+    try:
+        if not model.optimizer.built:  # its variables are in the weights file
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(folder / record["weights"])
+        best = None
+        if es["best_weights"]:
+            with np.load(folder / es["best_weights"], allow_pickle=False) as saved:
+                best = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    except (OSError, ValueError) as exc:
+        raise expected(f"the training state of epoch {record['epoch']} to load",
+                       f"{type(exc).__name__}: {str(exc)[:200]} in {folder}",
+                       hint=f"Delete {folder} to train from the first epoch") from None
+    early_stopping.resumed = (es, best)
+
+
 def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs: int,
           batch_size: int, learning_rate: float, patience: int,
           backup_dir: str | Path | None = None, verbose: int = 1,
           callbacks: list[keras.callbacks.Callback] | tuple = ()) -> dict[str, list[float]]:
     """Fit ``model`` on normal images with early stopping on the validation loss.
 
+    Runs under the strategy whose scope it is called in; ``batch_size`` is the global batch,
+    split over the replicas (of all workers), so one step is that of a one-device run.
+
     Args:
         model: an un-trained :class:`Autoencoder`.
         x_train: normal training images ``(n_train, H, W[, C])`` float32 in [0, 1].
         x_val: normal validation images ``(n_val, H, W[, C])``.
-        backup_dir: folder for per-epoch state; an existing state there is resumed.
+        backup_dir: folder for per-epoch state (:class:`EpochBackup`; a worker of a cluster
+            uses its :func:`worker_backup_dir`); an existing state there is resumed, and
+            removed once training ends.
         verbose: 0 silent, 1 progress (a bar on a terminal, a line per epoch otherwise; with
             :func:`anomaly.progress.set_verbosity` (2) a full line per epoch in both).
 
     Returns:
         The Keras history: per-epoch lists for ``loss``, ``val_loss``, ``reconstruction_loss``,
-        ``kl_loss``, their ``val_`` twins, and ``epoch`` (1-based, counting resumed epochs). The model holds the best (lowest ``val_loss``)
-        weights on return.
+        ``kl_loss``, their ``val_`` twins, and ``epoch`` (1-based), the resumed epochs
+        included. The model holds the best (lowest ``val_loss``) weights on return.
     """
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
-    cbs: list = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
-                                               restore_best_weights=True)]
-    if backup_dir is not None:
-        os.makedirs(backup_dir, exist_ok=True)
-        cbs.append(keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=True))
-    from anomaly.progress import VERBOSE, is_tty, verbosity
+    from anomaly.progress import VERBOSE, is_tty, status, verbosity
 
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate))
+    early_stopping = _EarlyStopping(patience)
+    cbs: list = [early_stopping]
+    folder = resumed = None
+    initial_epoch = 0
+    if backup_dir is not None:
+        folder = worker_backup_dir(backup_dir)
+        resumed = resume_point(folder)
+        if resumed is not None:
+            _restore(model, folder, resumed, early_stopping)
+            initial_epoch = int(resumed["epoch"])
+            if verbose:
+                status(f"Resuming from the state in {folder}: {initial_epoch} of {epochs} "
+                       "epochs done")
+        # After early stopping: the state saved holds its record of the same epoch.
+        cbs.append(EpochBackup(folder, early_stopping, resumed))
     keras_verbose = 0
     if verbose:
         # Keras' own bar on a terminal; plain lines in logs, and with -v in both.
@@ -154,13 +378,27 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
     # one whose op attributes make TF 2.21 log a spurious error line).
     seed = int(model.seed or 0)
     x_train, x_val = with_channels(x_train), with_channels(x_val)
+    # Arrays in memory have no files to shard by: each worker of a cluster builds the whole
+    # pipeline and keeps its share of every batch (DATA; AUTO would try FILE first, and warn).
+    # That needs the same order on every worker, which the seeded shuffle gives.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_ds = (tf.data.Dataset.from_tensor_slices(np.asarray(x_train, np.float32))
                 .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
-                .batch(batch_size).prefetch(tf.data.AUTOTUNE))
-    val_ds = tf.data.Dataset.from_tensor_slices(np.asarray(x_val, np.float32)).batch(batch_size)
+                .batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options))
+    val_ds = (tf.data.Dataset.from_tensor_slices(np.asarray(x_val, np.float32))
+              .batch(batch_size).with_options(options))
+    stopped = resumed is not None and resumed["early_stopping"]["stopped"]
     hist = model.fit(train_ds, epochs=epochs, validation_data=val_ds, callbacks=cbs,
-                     verbose=keras_verbose, shuffle=False)
-    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-    # Absolute epoch numbers: a resumed run starts after the epochs restored from backup_dir.
-    history["epoch"] = [float(e + 1) for e in hist.epoch]
+                     verbose=keras_verbose, shuffle=False,
+                     initial_epoch=epochs if stopped else initial_epoch)
+    history = {k: list(v) for k, v in (resumed or {}).get("history", {}).items()}
+    for key, values in hist.history.items():
+        history.setdefault(key, []).extend(float(v) for v in values)
+    history["epoch"] = [float(e) for e in range(1, initial_epoch + len(hist.epoch) + 1)]
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder != Path(backup_dir):
+            with contextlib.suppress(OSError):  # another worker's state is still there
+                Path(backup_dir).rmdir()
     return history

@@ -17,6 +17,7 @@ import pytest
 from anomaly.artifact import verify
 from anomaly.cli import main
 from anomaly.detector import Detector
+from anomaly.training import EpochBackup
 from tests.conftest import error_line, make_blobs, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -130,7 +131,7 @@ def test_data_fetch_reports_the_verified_cache(mnist, capsys):
 
 
 class _Interrupt(keras.callbacks.Callback):
-    """Ctrl-C at the end of the first epoch (after BackupAndRestore saved it)."""
+    """Ctrl-C at the end of the first epoch (after its state was saved)."""
 
     def on_epoch_end(self, epoch, logs=None):
         self.weights = [w.copy() for w in self.model.get_weights()]
@@ -161,7 +162,7 @@ def test_interrupted_fit_resumes_from_its_last_epoch(mnist, tmp_path):
     recorder = _Recorder()
     det = Detector("conv-ae", force_calibration=True, **params).fit(x, backup_dir=backup, callbacks=[recorder])
     assert recorder.epochs == [1, 2]  # epoch 0 was not run again
-    assert len(det.history_["loss"]) == 2
+    assert len(det.history_["loss"]) == 3  # the history holds the epoch from before, too
     # Training started from the weights saved at the interruption, not from a fresh init.
     for restored, saved in zip(recorder.start_weights, interrupt.weights, strict=True):
         np.testing.assert_array_equal(restored, saved)
@@ -173,13 +174,13 @@ def test_interrupted_cli_fit_resumes(mnist, tmp_path, capsys, monkeypatch):
     out = tmp_path / "models"
     argv = ["fit", "--force-calibration", "--normal-class", "0", "--train-limit", "100", "--test-limit", "200",
             "--epochs", "2", "--hidden", "8,16", "--latent-dim", "4", "--output", str(out)]
-    original = keras.callbacks.BackupAndRestore.on_epoch_end
+    original = EpochBackup.on_epoch_end
 
     def save_then_interrupt(self, epoch, logs=None):
         original(self, epoch, logs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", save_then_interrupt)
+    monkeypatch.setattr(EpochBackup, "on_epoch_end", save_then_interrupt)
     assert main(argv) == 130
     err = capsys.readouterr().err
     assert "interrupted: nothing was written" in err and "epoch 1/2" not in err

@@ -1,14 +1,29 @@
-"""Strategy selection for tf.distribute, and a fit under a one-device MirroredStrategy."""
+"""Strategy selection for tf.distribute, a fit under a one-device MirroredStrategy, and the
+per-epoch training state that a killed fit resumes from (per worker of a cluster).
+
+Two real workers on loopback: tests/test_training_multiworker.py.
+"""
 
 from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
 
 from anomaly.errors import ConfigError
-from anomaly.training import choose_strategy, is_chief, make_strategy
+from anomaly.training import (
+    STATE_FILE,
+    choose_strategy,
+    common_epoch,
+    is_chief,
+    make_strategy,
+    read_state,
+    resume_point,
+    train,
+    worker_backup_dir,
+)
 
 
 def _tf_config(n_workers: int, task_type: str = "worker", index: int = 0, chief: bool = False):
@@ -74,3 +89,108 @@ def test_fit_under_one_device_mirrored_strategy(normal_images, anomaly_images):
     det.fit(normal_images, distribute="none")
     assert det.strategy_ == "none"
     assert det.decision_function(anomaly_images).shape == (len(anomaly_images),)
+
+
+def test_each_worker_of_a_cluster_keeps_its_state_in_its_own_folder(tmp_path):
+    assert worker_backup_dir(tmp_path, env={}) == tmp_path
+    assert worker_backup_dir(tmp_path, env=_tf_config(1)) == tmp_path  # a one-task cluster
+    assert worker_backup_dir(tmp_path, env=_tf_config(2, "worker", 0)) == tmp_path / "worker-0"
+    assert worker_backup_dir(tmp_path, env=_tf_config(2, "worker", 1)) == tmp_path / "worker-1"
+    # With a chief, worker 0 is not the chief: the task type tells their folders apart.
+    assert (worker_backup_dir(tmp_path, env=_tf_config(2, "chief", 0, chief=True))
+            == tmp_path / "chief-0")
+    with pytest.raises(ConfigError, match="Expected TF_CONFIG as JSON"):
+        worker_backup_dir(tmp_path, env={"TF_CONFIG": '{"cluster": [], "task": {}}'})
+
+
+@pytest.mark.parametrize(("held", "want"), [
+    ([[3, 2]], 3),                # one machine: its last epoch
+    ([[3, 2], [3, 2]], 3),
+    ([[3, 2], [2, 1]], 2),        # worker 1 was killed while it saved epoch 3
+    ([[2, 1], [3, 2], [3, 2]], 2),
+    ([[3, 2], [0, 0]], 0),        # worker 1 lost its state (or had none yet): all start over
+    ([[5, 4], [2, 1]], 0),        # not one run's states: start over rather than mix them
+])
+def test_workers_resume_from_the_last_epoch_all_of_them_saved(held, want):
+    assert common_epoch(held) == want
+
+
+def _model():
+    from anomaly.models import Autoencoder
+
+    return Autoencoder("dense-ae", (28, 28, 1), latent_dim=4, hidden=[32], seed=0)
+
+
+class _KillAfter(keras.callbacks.Callback):
+    """A kill at the end of epoch ``n`` (after the state of that epoch was saved)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.n:
+            raise KeyboardInterrupt
+
+
+_FIT = {"batch_size": 32, "learning_rate": 1e-3, "verbose": 0}
+
+
+def test_the_state_names_only_whole_files_and_keeps_the_epoch_before(normal_images, tmp_path):
+    x, x_val = normal_images[:200], normal_images[200:]
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), x, x_val, epochs=4, patience=4, backup_dir=tmp_path,
+              callbacks=[_KillAfter(3)], **_FIT)
+    state = read_state(tmp_path)
+    assert state["epoch"] == 3 and state["previous"]["epoch"] == 2
+    assert state["previous"].get("previous") is None  # one epoch back, no chain
+    assert len(state["history"]["val_loss"]) == 3
+    named = {r["weights"] for r in (state, state["previous"])}
+    named |= {r["early_stopping"]["best_weights"] for r in (state, state["previous"])}
+    # Epoch 1's files went once epoch 3 was saved; nothing half-written is left.
+    assert {p.name for p in tmp_path.iterdir()} == named | {STATE_FILE}
+    assert resume_point(tmp_path)["epoch"] == 3
+
+
+def test_a_resumed_fit_keeps_the_early_stopping_record_and_the_history(normal_images, tmp_path):
+    """Keras' own early stopping starts afresh on a resumed run: it would forget a better
+    epoch before the kill, wait longer than its patience and end on worse weights."""
+    x, x_val = normal_images[:200], normal_images[200:]
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), x, x_val, epochs=8, patience=2, backup_dir=tmp_path,
+              callbacks=[_KillAfter(2)], **_FIT)
+    # Make the best epoch so far one that no later epoch beats.
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    best = state["early_stopping"]
+    best.update(best=-1.0, wait=0)
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    with np.load(tmp_path / best["best_weights"]) as saved:
+        best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+    model = _model()
+    history = train(model, x, x_val, epochs=8, patience=2, backup_dir=tmp_path, **_FIT)
+    assert history["epoch"] == [1.0, 2.0, 3.0, 4.0]  # two epochs without a better one: stop
+    assert history["val_loss"][:2] == state["history"]["val_loss"]
+    for restored, saved in zip(model.get_weights(), best_weights, strict=True):
+        np.testing.assert_array_equal(restored, saved)
+    assert not tmp_path.exists()  # the state goes once training ends
+
+
+def test_a_state_saved_after_early_stopping_ended_training_trains_no_further(normal_images,
+                                                                                tmp_path):
+    x, x_val = normal_images[:200], normal_images[200:]
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), x, x_val, epochs=8, patience=2, backup_dir=tmp_path,
+              callbacks=[_KillAfter(2)], **_FIT)
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    state["early_stopping"]["stopped"] = True
+    (tmp_path / STATE_FILE).write_text(json.dumps(state))
+    history = train(_model(), x, x_val, epochs=8, patience=2, backup_dir=tmp_path, **_FIT)
+    assert history["epoch"] == [1.0, 2.0]
+    assert history["loss"] == state["history"]["loss"]
+
+
+def test_an_unreadable_state_is_ignored_not_fatal(tmp_path, caplog):
+    (tmp_path / STATE_FILE).write_text("{half a state")
+    assert resume_point(tmp_path) is None
+    assert "unreadable" in caplog.text
