@@ -20,8 +20,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,7 +33,7 @@ import keras
 import numpy as np
 
 from anomaly.data.images import with_channels
-from anomaly.errors import ConfigError, expected
+from anomaly.errors import AnomalyError, ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder
 
 _log = logging.getLogger(__name__)
@@ -115,7 +118,13 @@ def is_chief(env: dict | None = None) -> bool:
 def make_strategy(kind: str, devices: list[str] | None = None) -> tf.distribute.Strategy:
     """The strategy object for a :func:`choose_strategy` result."""
     if kind == "multi-worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # TensorFlow's coordination service takes SIGTERM for preemption notices that nothing
+        # here reads, and so ignores it (measured: a worker sent SIGTERM trained on to the end).
+        # A deleted or evicted pod must stop at once, as when killed: its state is on disk.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return strategy
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy(devices=devices)
     return tf.distribute.get_strategy()
@@ -324,6 +333,33 @@ def _restore(model: Autoencoder, folder: Path, record: dict,
     early_stopping.resumed = (es, best)
 
 
+#: What a collective op of MultiWorkerMirroredStrategy raises when another worker is gone: its
+#: connection reset (a crash), or no heartbeat for about 10 s (a hung or unreachable machine).
+_LOST_WORKER = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.AbortedError, tf.errors.CancelledError)
+
+
+def lost_worker_error(exc: Exception) -> AnomalyError:
+    """The one-line error of a worker whose cluster lost another worker mid-training.
+
+    TensorFlow cannot go on with fewer workers: every worker must be started again, as
+    Kubernetes restarts a Job's failed pods; they resume from the last epoch all of them saved.
+    """
+    lines = [ln.strip() for ln in str(getattr(exc, "message", exc)).splitlines() if ln.strip()]
+    at = next((i for i, ln in enumerate(lines) if "aborted by:" in ln), None)
+    if at is None:
+        reason = lines[-1] if lines else ""
+    else:
+        reason = lines[at].split("aborted by:", 1)[1].strip()
+        if reason.endswith(":") and at + 1 < len(lines):  # the task named on the next line
+            reason += " " + lines[at + 1]
+    reason = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", reason)[:200]
+    return expected("every worker of the TF_CONFIG cluster to stay up until training ends",
+                    f"{type(exc).__name__}: {reason}",
+                    hint="Start every worker again: training resumes from the last epoch all "
+                         "of them saved")
+
+
 def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs: int,
           batch_size: int, learning_rate: float, patience: int,
           backup_dir: str | Path | None = None, verbose: int = 1,
@@ -389,9 +425,14 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
     val_ds = (tf.data.Dataset.from_tensor_slices(np.asarray(x_val, np.float32))
               .batch(batch_size).with_options(options))
     stopped = resumed is not None and resumed["early_stopping"]["stopped"]
-    hist = model.fit(train_ds, epochs=epochs, validation_data=val_ds, callbacks=cbs,
-                     verbose=keras_verbose, shuffle=False,
-                     initial_epoch=epochs if stopped else initial_epoch)
+    try:
+        hist = model.fit(train_ds, epochs=epochs, validation_data=val_ds, callbacks=cbs,
+                         verbose=keras_verbose, shuffle=False,
+                         initial_epoch=epochs if stopped else initial_epoch)
+    except _LOST_WORKER as exc:
+        if not isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        raise lost_worker_error(exc) from None
     history = {k: list(v) for k, v in (resumed or {}).get("history", {}).items()}
     for key, values in hist.history.items():
         history.setdefault(key, []).extend(float(v) for v in values)

@@ -12,12 +12,13 @@ import keras
 import numpy as np
 import pytest
 
-from anomaly.errors import ConfigError
+from anomaly.errors import AnomalyError, ConfigError
 from anomaly.training import (
     STATE_FILE,
     choose_strategy,
     common_epoch,
     is_chief,
+    lost_worker_error,
     make_strategy,
     read_state,
     resume_point,
@@ -194,3 +195,20 @@ def test_an_unreadable_state_is_ignored_not_fatal(tmp_path, caplog):
     (tmp_path / STATE_FILE).write_text("{half a state")
     assert resume_point(tmp_path) is None
     assert "unreadable" in caplog.text
+
+
+def test_a_lost_worker_is_one_error_line():
+    import tensorflow as tf
+
+    message = ("{{function_node __wrapped__CollectiveReduceV2_device_/job:worker/replica:0/"
+               "task:0/device:CPU:0}} Collective ops is aborted by: Error reported from "
+               "/job:worker/task:1: The following tasks are unhealthy (stopped sending "
+               "heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed. Check the "
+               "task logs for an earlier error.\n [Op:CollectiveReduceV2]")
+    err = lost_worker_error(tf.errors.UnavailableError(None, None, message))
+    assert isinstance(err, AnomalyError)
+    assert str(err) == (
+        "Expected every worker of the TF_CONFIG cluster to stay up until training ends. "
+        "Received: UnavailableError: Error reported from /job:worker/task:1: The following tasks "
+        "are unhealthy (stopped sending heartbeats): /job:worker/replica:0/task:1. Start every "
+        "worker again: training resumes from the last epoch all of them saved")
