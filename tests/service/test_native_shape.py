@@ -116,3 +116,36 @@ def test_v1_nested_list_of_another_shape_is_a_clear_error(native):
     r = client.post("/v1/models/stripes/score", json={"images": [[[0] * 24] * 40]})
     assert 400 <= r.status_code < 500, r.text
     assert "Expected " in r.text and "Received: " in r.text
+
+
+def test_tritonclient_at_the_native_shape_against_a_real_server(native, tmp_path):
+    """The V2 protocol as Triton's own client speaks it, at 40x24x3: metadata, binary and
+    JSON tensors, against a real ``anomaly serve`` process."""
+    triton = pytest.importorskip("tritonclient.http")
+    from tests.service.conftest import Server
+
+    det, _ = native
+    root = tmp_path / "models"
+    det.save(root / "stripes" / "v1", metadata={"dataset": "stripes", "normal_classes": [0]})
+    x = _images(5, seed=9)
+    with Server(root).serving() as srv:
+        tc = triton.InferenceServerClient(url=f"127.0.0.1:{srv.port}")
+        try:
+            meta = tc.get_model_metadata("stripes")
+            assert meta["inputs"][0]["shape"] == [-1, *SHAPE]
+            inp = triton.InferInput("images", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            res = tc.infer("stripes", [inp], outputs=[
+                triton.InferRequestedOutput(n) for n in ("anomaly_score", "reconstruction")])
+            want = det.detect(x, reconstruction=True)
+            np.testing.assert_array_equal(res.as_numpy("anomaly_score"), want.scores)
+            assert res.as_numpy("reconstruction").shape == (5, *SHAPE)
+            u8 = np.rint(x * 255).astype(np.uint8)
+            inp = triton.InferInput("images", list(u8.shape), "UINT8")
+            inp.set_data_from_numpy(u8, binary_data=False)
+            res = tc.infer("stripes", [inp], outputs=[
+                triton.InferRequestedOutput("anomaly_score", binary_data=False)])
+            np.testing.assert_allclose(res.as_numpy("anomaly_score"),
+                                       det.decision_function(u8), rtol=1e-6)
+        finally:
+            tc.close()
