@@ -102,6 +102,17 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
+def _scale(text: str) -> int:
+    """``--size Nx``: a whole decoding scale, 1x to 8x."""
+    from anomaly.detector import MAX_DECODE_SCALE
+
+    body = text.strip().lower().removesuffix("x")
+    if not body.isdigit() or not 1 <= int(body) <= MAX_DECODE_SCALE:
+        raise argparse.ArgumentTypeError(str(expected(
+            f"a scale like 2x (1x to {MAX_DECODE_SCALE}x)", repr(text))))
+    return int(body)
+
+
 def _float(text: str) -> float:
     try:
         v = float(text)
@@ -618,10 +629,11 @@ def cmd_denoise(args: argparse.Namespace) -> int:
     check_output(args.output, codes=False)
     det = Detector.load(args.artifact)
     images = load_images(args.input, shape=det.image_shape_)
-    recon = reconstruct(det, images.images, normalize=args.normalize)
+    recon = reconstruct(det, images.images, normalize=args.normalize, scale=args.size)
     write_images(args.output, recon, images.ids, images.labels)
     what = "normalized reconstructions" if args.normalize else "reconstructions"
-    _say(f"Wrote the {what} of {len(recon)} images to {args.output}")
+    size = f" at {recon.shape[1]}x{recon.shape[2]}" if args.size != 1 else ""
+    _say(f"Wrote the {what} of {len(recon)} images{size} to {args.output}")
     return 0
 
 
@@ -828,6 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "then one column per pixel value) or a folder for PNG files (required)")
     p.add_argument("--normalize", action="store_true",
                    help=f"affine-vae: decode with the affine transform removed {_OFF}")
+    p.add_argument("--size", type=_scale, default=1, metavar="Nx",
+                   help="affine-vae: decode at N times the model's size, e.g. 2x (its "
+                   "coordinate decoder is resolution-free) (default: 1x)")
     p.set_defaults(func=cmd_denoise)
 
     p = add("serve", help="serve a models directory over HTTP (REST, V2, metrics)")

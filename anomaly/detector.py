@@ -47,6 +47,8 @@ _log = logging.getLogger(__name__)
 _DEFAULT_MODEL = default_of("model")
 #: The detector's file format inside an artifact (see :meth:`Detector.save`).
 DETECTOR_FORMAT = 2
+#: Largest ``reconstruct(scale=...)``: 8x the training size (a 28x28 model decodes 224x224).
+MAX_DECODE_SCALE = 8
 
 
 @dataclass
@@ -336,20 +338,29 @@ class Detector(OutlierMixin, BaseEstimator):
         self._check_fitted()
         return self.calibration_.normalize(scores)
 
-    def reconstruct(self, images, *, normalize: bool = False) -> np.ndarray:
-        """Reconstructions ``(N, H, W[, C])`` in [0, 1] (decoded at the posterior mean).
+    def reconstruct(self, images, *, normalize: bool = False, scale: int = 1) -> np.ndarray:
+        """Reconstructions ``(N, scale*H, scale*W[, C])`` in [0, 1] (decoded at the posterior
+        mean).
 
         ``normalize=True`` (``affine-vae``): decode with the identity transform.
+        ``scale`` > 1 (``affine-vae``): decode on a finer pixel grid (super-resolution by the
+        resolution-free coordinate decoder).
         """
         self._check_fitted()
         from keras import ops
 
+        if not isinstance(scale, int) or not 1 <= scale <= MAX_DECODE_SCALE:
+            raise expected(f"a decoding scale in 1..{MAX_DECODE_SCALE}", repr(scale),
+                           cls=ConfigError)
         x = self._images(images)
         x4 = x[..., None] if x.ndim == 3 else x
+        step = max(1, 1024 // (scale * scale))  # the decoded pixels bound the memory
         out = []
-        for start in range(0, len(x4), 1024):
-            z, _ = self.model_.encode(x4[start : start + 1024])
-            out.append(ops.convert_to_numpy(ops.sigmoid(self.model_.decode_logits(z, normalize))))
+        for start in range(0, len(x4), step):
+            z, _ = self.model_.encode(x4[start : start + step])
+            logits = (self.model_.decode_logits(z, normalize) if scale == 1
+                      else self.model_.decode_logits_at(z, scale, normalize))
+            out.append(ops.convert_to_numpy(ops.sigmoid(logits)))
         return without_channels(np.concatenate(out))
 
     def encode(self, images) -> np.ndarray:

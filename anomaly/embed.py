@@ -160,9 +160,14 @@ def embed(detector, images) -> np.ndarray:
     return np.asarray(detector.encode(images), dtype=np.float32)
 
 
-def reconstruct(detector, images, *, normalize: bool = False) -> np.ndarray:
-    """Reconstructions ``(N, H, W[, C])`` float32 in [0, 1]; see :meth:`Detector.reconstruct`."""
+def reconstruct(detector, images, *, normalize: bool = False, scale: int = 1) -> np.ndarray:
+    """Reconstructions ``(N, scale*H, scale*W[, C])`` float32 in [0, 1]; see
+    :meth:`Detector.reconstruct`."""
     if normalize and detector.model != "affine-vae":
         raise expected("an affine-vae artifact for --normalize (the transform-free "
                        "reconstruction)", detector.model, cls=ConfigError)
-    return np.asarray(detector.reconstruct(images, normalize=normalize), dtype=np.float32)
+    if scale != 1 and detector.model != "affine-vae":
+        raise expected("an affine-vae artifact for --size (its coordinate decoder is "
+                       "resolution-free)", detector.model, cls=ConfigError)
+    return np.asarray(detector.reconstruct(images, normalize=normalize, scale=scale),
+                      dtype=np.float32)

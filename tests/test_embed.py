@@ -119,3 +119,36 @@ def test_denoise_and_embed_bad_usage(capsys, tmp_path, saved_artifact, images):
                      tmp_path / "full")
     assert rc == 2 and "empty" in error_line(err)
 
+
+
+def test_affine_vae_decodes_at_twice_its_size(capsys, tmp_path, fitted, images):
+    """``--size 2x``: the coordinate decoder on a grid twice as fine, over the same extent,
+    is the 1x reconstruction at a higher resolution."""
+    from PIL import Image
+
+    det = fitted("affine-vae")
+    art = det.save(tmp_path / "models" / "affine" / "1")
+    rc, out, err = run(capsys, "denoise", art, "--input", images, "--output",
+                       tmp_path / "x2.npy", "--size", "2x")
+    assert rc == 0, err
+    assert "at 56x56" in out + err
+    x2 = np.load(tmp_path / "x2.npy")
+    x1 = det.reconstruct(load_images(images).images)
+    assert x2.shape == (8, 56, 56) and x2.min() >= 0 and x2.max() <= 1
+    down = np.stack([np.asarray(Image.fromarray(a).resize((28, 28), Image.Resampling.BOX))
+                     for a in x2])
+    assert np.abs(down - x1).mean() < 0.05
+    np.testing.assert_allclose(det.reconstruct(load_images(images).images, scale=1), x1)
+
+
+def test_size_needs_an_affine_vae_and_a_whole_scale(capsys, tmp_path, saved_artifact, images):
+    rc, _, err = run(capsys, "denoise", saved_artifact, "--input", images, "--output",
+                     tmp_path / "r.npy", "--size", "2x")
+    assert rc == 2 and "affine-vae artifact for --size" in error_line(err)
+    for bad in ("1.5x", "0x", "9x", "big"):
+        with pytest.raises(SystemExit) as exc:
+            run(capsys, "denoise", saved_artifact, "--input", images, "--output",
+                tmp_path / "r.npy", "--size", bad)
+        assert exc.value.code == 2
+        assert "a scale like 2x" in error_line(capsys.readouterr().err), bad
+    assert not (tmp_path / "r.npy").exists()

@@ -162,6 +162,25 @@ class Autoencoder(keras.Model):
             return self.decoder.get_layer("coord_net")(z, normalize=True)
         return self.decoder(z)
 
+    def decode_logits_at(self, z, scale: int, normalize: bool = False):
+        """Codes ``(batch, code_dim)`` -> logits ``(batch, scale*H, scale*W, C)``: the
+        ``affine-vae``'s coordinate decoder evaluated on a ``scale`` times finer pixel grid
+        over the same extent (its weights see coordinates, not pixels)."""
+        if self.architecture != "affine-vae":
+            raise expected("an affine-vae model to decode at another size (its coordinate "
+                           "decoder is resolution-free)", self.architecture, cls=ConfigError)
+        if scale == 1:
+            return self.decode_logits(z, normalize)
+        from anomaly.models.layers import AffineCoordinateDecoder
+
+        trained = self.decoder.get_layer("coord_net")
+        config = {**trained.get_config(), "height": trained.height * scale,
+                  "width": trained.width * scale, "name": f"coord_net_x{scale}"}
+        finer = AffineCoordinateDecoder.from_config(config)
+        finer.build(z.shape)
+        finer.set_weights(trained.get_weights())
+        return finer(z, normalize=normalize)
+
     def call(self, x, training: bool = False):
         z_mean, z_log_var = self.encode(x, training=training)
         z = self.sampler([z_mean, z_log_var]) if training and self.variational else z_mean
