@@ -105,11 +105,12 @@ def score_dataset(artifact: str | Path, input: str | Path, output: str | Path, *
     if on_start is not None:
         on_start(plan.n_rows, sum(b.n_rows for b in pending))
     t0 = time.perf_counter()
-    rows, per_process, runtimes = 0, {}, set()
+    rows, per_process, runtimes, written = 0, {}, set(), {}
     if pending:
         for counts in ENGINES[engine](pending, scorer_kwargs, address=address,
                                       num_actors=num_actors):
             rows += counts["rows"]
+            written[counts["index"]] = counts
             per_process[counts["pid"]] = max(per_process.get(counts["pid"], 0.0),
                                              counts["rss_mib"])
             runtimes.add(counts["runtime"])
@@ -124,4 +125,4 @@ def score_dataset(artifact: str | Path, input: str | Path, output: str | Path, *
         "images_per_s": round(rows / seconds, 1) if rows and seconds else None,
         "processes": len(per_process),
         "peak_rss_mib_per_process": round(max(per_process.values()), 1) if per_process
-        else None})
+        else None}, written)

@@ -165,13 +165,20 @@ class RunOutput:
         return {b.index for b in plan.blocks
                 if (self.path / part_name(b.index, self.output_format)).is_file()}
 
-    def finish(self, plan: Plan, summary: dict) -> dict:
-        """Totals over every part (read back, so a resumed run counts the earlier ones too),
-        written to ``_SUCCESS.json``."""
+    def finish(self, plan: Plan, summary: dict, written: dict[int, dict]) -> dict:
+        """Totals over every part, written to ``_SUCCESS.json``: ``written`` (index -> the
+        counts :meth:`BlockScorer.score_block` returned) for the parts of this run, the
+        earlier parts of a resumed run read back."""
         import pandas as pd
 
         rows = anomalous = skipped = 0
         for b in plan.blocks:
+            if b.index in written:
+                c = written[b.index]
+                rows, anomalous, skipped = (rows + c["rows"] + c["skipped"],
+                                            anomalous + c["anomalous"],
+                                            skipped + c["skipped"])
+                continue
             part = self.path / part_name(b.index, self.output_format)
             df = (pd.read_csv(part) if self.output_format == "csv" else
                   pd.read_parquet(part))
