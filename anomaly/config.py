@@ -57,12 +57,16 @@ class DetectorConfig:
                            "from transformed copies and score the restoration error over "
                            "all of them: none, rot4 (90-degree rotations, square images) or "
                            "flip4 (flips)", group="model")
-    score: str = _opt("mse+knn", "anomaly score: mse, bce, elbo (VAEs) or mse+knn "
-                      "(reconstruction error plus latent kNN distance)", group="score")
+    score: str = _opt("mse+knn", "anomaly score: mse, bce, elbo (VAEs), mse+knn "
+                      "(reconstruction error plus latent kNN distance) or mse+knn+tp (plus "
+                      "transformation prediction)", group="score")
     aggregation: str = _opt("top10", "per-pixel error aggregation: mean, sum, max or top10 (mean "
                             "of the worst 10%% of pixels)", group="score")
     mc_samples: int = _opt(0, "Monte Carlo samples of the elbo score (0 = at the posterior "
                            "mean)", group="score")
+    tp_transforms: str = _opt("auto", "transforms the mse+knn+tp score's classifier learns to "
+                              "recognize on normal images (GEOM-style): auto (rot4 for square "
+                              "images, flip4 otherwise), rot4 or flip4", group="score")
     knn_k: int = _opt(5, "neighbours averaged by the mse+knn score", group="score")
     knn_memory: int = _opt(10000, "normal training codes kept for mse+knn", group="score",
                            metavar="N")
@@ -118,6 +122,11 @@ class RunConfig:
     output: str = _opt("models", "models directory", group="output")
     name: str | None = _opt(None, "artifact name (default DATASET-CLASSES-MODEL)",
                             group="output")
+    preset: str | None = _opt(None, "fast (the defaults) or accurate (score mse+knn+tp: "
+                              "higher AUROC, about twice the fit time and a third of the "
+                              "scoring speed; README \"Benchmarks\"); its values replace the "
+                              "defaults and the config file's, flags override them",
+                              group="model")
     distribute: str = _opt("auto", "tf.distribute strategy: auto (multi-worker from TF_CONFIG, "
                            "mirrored on several GPUs, else none), none, mirrored, multi-worker",
                            group="training")
@@ -259,15 +268,39 @@ def make_run_config(values: dict) -> RunConfig:
     return RunConfig(detector=DetectorConfig(**det), **run)
 
 
+#: Named detector configurations (``--preset``): the values each sets. ``fast`` is the defaults.
+PRESETS: dict[str, dict] = {
+    "fast": {},
+    "accurate": {"score": "mse+knn+tp"},
+}
+
+
+def preset_values(name: str | None) -> dict:
+    """The keys a preset sets (``{}`` for none); an unknown name is a :class:`ConfigError`."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise expected(f"a preset in {sorted(PRESETS)}", _preview(name), cls=ConfigError)
+    return dict(PRESETS[name])
+
+
 def resolve(config_file: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides (flags; ``None`` values are ignored)."""
+    """Defaults <- YAML file <- preset <- overrides (flags; ``None`` values are ignored).
+
+    A preset (the ``preset`` key, from the file or a flag) replaces the values of the keys it
+    sets, the file's included; flags still override it.
+    """
     values: dict = {}
     if config_file is not None:
         values.update(load_yaml(config_file))
+    flags = {}
     for k, v in (overrides or {}).items():
         if v is not None:
             key = normalize_key(k)
-            values[key] = coerce(key, v)
+            flags[key] = coerce(key, v)
+    preset = flags.get("preset", values.get("preset"))
+    values.update(preset_values(preset))
+    values.update(flags)
     return make_run_config(values)
 
 

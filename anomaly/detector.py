@@ -147,6 +147,10 @@ class Detector(OutlierMixin, BaseEstimator):
         if self.transforms not in TRANSFORMS:
             raise expected(f"transforms in {sorted(TRANSFORMS)}", repr(self.transforms),
                            cls=ConfigError)
+        tp_choices = ["auto", *sorted(set(TRANSFORMS) - {"none"})]
+        if self.tp_transforms not in tp_choices:
+            raise expected(f"tp_transforms in {tp_choices}", repr(self.tp_transforms),
+                           cls=ConfigError)
         if self.recon_loss not in ("bce", "mse"):
             raise expected("recon_loss in ('bce', 'mse')", repr(self.recon_loss),
                            cls=ConfigError)
@@ -169,10 +173,14 @@ class Detector(OutlierMixin, BaseEstimator):
 
     def _build(self, image_shape):
         from anomaly.models.autoencoder import Autoencoder
+        from anomaly.models.transforms import resolve_tp_transforms
 
+        predict = (resolve_tp_transforms(self.tp_transforms, image_shape)
+                   if self.score == "mse+knn+tp" else "none")
         return Autoencoder(self.model, image_shape, latent_dim=self.latent_dim,
                            hidden=self.hidden, beta=self.beta, recon_loss=self.recon_loss,
-                           denoise=self.denoise, transforms=self.transforms, seed=self.seed)
+                           denoise=self.denoise, transforms=self.transforms,
+                           predict_transforms=predict, seed=self.seed)
 
     # -- fitting ------------------------------------------------------------------------------
 
@@ -196,7 +204,7 @@ class Detector(OutlierMixin, BaseEstimator):
         Returns:
             self
         """
-        from anomaly.scoring import check_score_settings
+        from anomaly.scoring import KNN_SCORES, check_score_settings
         from anomaly.training import choose_strategy, make_strategy, set_seed, train
 
         self.check_params()
@@ -221,7 +229,7 @@ class Detector(OutlierMixin, BaseEstimator):
         self.knn_ = self.standardizer_ = None
         self._scorer = None
         in_memory = np.ones(len(x), bool)
-        if self.score == "mse+knn":
+        if self.score in KNN_SCORES:
             self.knn_, in_memory = self._fit_knn(x)
         if len(self._scorer_uncached().part_names) > 1:
             from anomaly.scoring import Standardizer

@@ -63,6 +63,23 @@ def test_cli_flags_override_yaml(tmp_path):
     assert cfg.detector.model == "vae"
 
 
+def test_a_preset_replaces_defaults_and_file_values_and_flags_override_it(tmp_path):
+    from anomaly.config import PRESETS
+
+    assert PRESETS["fast"] == {}  # fast is the defaults: Detector() == a default fit
+    path = _write(tmp_path, "score: mse\nepochs: 3\n")
+    assert resolve(path).detector.score == "mse"
+    cfg = resolve(path, {"preset": "accurate"})
+    assert cfg.detector.score == "mse+knn+tp" and cfg.preset == "accurate"
+    assert cfg.detector.epochs == 3  # a key the preset does not set keeps the file's value
+    assert resolve(path, {"preset": "accurate", "score": "bce"}).detector.score == "bce"
+    # From the file itself too.
+    assert resolve(_write(tmp_path, "preset: accurate\n")).detector.score == "mse+knn+tp"
+    with pytest.raises(ConfigError, match=r"Expected a preset in \['accurate', 'fast'\]. "
+                                          r"Received: 'turbo'"):
+        resolve(None, {"preset": "turbo"})
+
+
 def test_to_yaml_round_trip(tmp_path):
     cfg = resolve(None, {"model": "dense-ae", "hidden": [32], "epochs": 2, "target_fprs": [0.01,
                                                                                            0.05]})

@@ -31,6 +31,8 @@ def test_unfitted_detector_refuses_to_score():
     ({"denoise": 2.0}, r"denoise \(noise std\) in \[0, 1\]"),
     ({"score": "elbo"}, "a variational model"),
     ({"aggregation": "median"}, "an aggregation in"),
+    ({"tp_transforms": "none"}, r"tp_transforms in \['auto', 'd4', 'flip4', 'rot4'\]. "
+                                r"Received: 'none'"),
 ])
 def test_bad_hyperparameters_fail_before_training(kwargs, match, normal_images):
     params = {"model": "dense-ae", "hidden": [8], "latent_dim": 2, "epochs": 1, **kwargs}

@@ -129,7 +129,10 @@ def test_higher_score_means_more_anomalous(dense_detector, normal_test_images, a
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"score": "l1"}, r"Expected a score in \('mse', 'bce', 'elbo', 'mse\+knn'\). Received: 'l1'"),
+    ({"score": "l1"}, r"Expected a score in \('mse', 'bce', 'elbo', 'mse\+knn', 'mse\+knn\+tp'\)"
+                      r". Received: 'l1'"),
+    ({"score": "mse+knn+tp"}, "a model trained with transformation prediction for the "
+                              "'mse\\+knn\\+tp' score. Received: dense-ae without it"),
     ({"score": "elbo"}, "a variational model .* for the 'elbo' score. Received: dense-ae"),
     ({"aggregation": "median"}, "Expected an aggregation in"),
     ({"mc_samples": -1}, "mc_samples as an integer >= 0"),
@@ -209,3 +212,25 @@ def test_batches_are_padded_to_a_short_ladder_of_sizes():
         assert n <= size <= 1024 and size % ROW_BLOCK == 0
         assert n < 64 or size <= 1.25 * n
     assert padded_rows(1000, 1000) == 1000 and padded_rows(9, 8) == 8
+
+
+def test_mse_knn_tp_adds_the_log_transform_nll_as_a_third_standardized_part(
+        normal_images, normal_test_images, anomaly_images):
+    from anomaly import Detector
+
+    det = Detector("conv-ae", force_calibration=True, hidden=[8, 16], latent_dim=4, epochs=2,
+                   batch_size=32, score="mse+knn+tp", seed=0).fit(normal_images)
+    assert det.model_.predict_transforms == "rot4"  # auto, for square images
+    assert det.scorer.part_names == ("log_mse", "log_knn", "log_tp")
+    x = np.concatenate([normal_test_images[:20], anomaly_images[:20]])
+    parts = det.scorer.parts(x)
+    x4 = x[..., None]
+    np.testing.assert_allclose(parts[:, 2], np.log(np.asarray(det.model_.transform_nll(x4))
+                                                   + 1e-6), rtol=1e-5)
+    std = det.standardizer_
+    np.testing.assert_allclose(det.decision_function(x),
+                               ((parts - std.mean) / std.std).sum(1), rtol=1e-9)
+    # Non-square images cannot be rotated by 90 degrees: auto predicts flips instead.
+    wide = Detector("conv-ae", force_calibration=True, hidden=[8], latent_dim=4, epochs=1,
+                    batch_size=32, score="mse+knn+tp", seed=0).fit(normal_images[:, :, :20])
+    assert wide.model_.predict_transforms == "flip4"

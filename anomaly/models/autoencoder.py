@@ -22,6 +22,7 @@ from anomaly.models.transforms import (
     TRANSFORMS,
     all_transforms,
     check_transforms,
+    labelled_transform,
     random_transform,
 )
 
@@ -84,6 +85,10 @@ class Autoencoder(keras.Model):
         denoise: standard deviation of Gaussian noise added to training inputs (0 = off).
         transforms: attribute restoration (:mod:`anomaly.models.transforms`): ``"none"``,
             ``"rot4"`` or ``"flip4"``.
+        predict_transforms: transformation prediction: ``"none"``, or the transforms
+            (``"rot4"``, ``"flip4"``) a classifier network (:func:`networks.transform_classifier`)
+            learns to recognize on the training images, trained in the same steps (its
+            cross-entropy is added to the loss; it shares no weights with the autoencoder).
         seed: seed of the sampling and noise generators.
 
     Inputs are images ``(batch, H, W, C)`` in [0, 1]; ``call`` returns reconstructions of the
@@ -95,8 +100,8 @@ class Autoencoder(keras.Model):
                  hidden: list[int] | tuple[int, ...] | None = None,
                  beta: float = default_of("beta"), recon_loss: str = default_of("recon_loss"),
                  denoise: float = default_of("denoise"),
-                 transforms: str = default_of("transforms"), seed: int | None = None,
-                 **kwargs):
+                 transforms: str = default_of("transforms"), predict_transforms: str = "none",
+                 seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         spec = get_spec(architecture)
         if recon_loss not in RECON_LOSSES:
@@ -129,12 +134,19 @@ class Autoencoder(keras.Model):
             self.encoder = networks.conv_encoder(shape, code, self.hidden, True, dense_units=256)
             self.decoder = networks.affine_decoder(shape, code, units=128, depth=3)
         self.code_dim = code
+        if predict_transforms != "none":
+            check_transforms(predict_transforms, self.image_shape)
+            self.transform_net = networks.transform_classifier(
+                shape, TRANSFORMS[predict_transforms])
+        self.predict_transforms = predict_transforms
+        self.tp_gen = keras.random.SeedGenerator(None if seed is None else seed + 3)
         self.sampler = Sampling(seed=seed, name="sampling")
         self.noise_gen = keras.random.SeedGenerator(None if seed is None else seed + 1)
         self.transform_gen = keras.random.SeedGenerator(None if seed is None else seed + 2)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.recon_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_tracker = keras.metrics.Mean(name="kl_loss")
+        self.tp_tracker = keras.metrics.Mean(name="transform_loss")
         self.built = True  # encoder and decoder are functional models, built above
 
     def build(self, input_shape=None):
@@ -186,6 +198,35 @@ class Autoencoder(keras.Model):
         z = self.sampler([z_mean, z_log_var]) if training and self.variational else z_mean
         return ops.sigmoid(self.decode_logits(z))
 
+    def transform_nll(self, x):
+        """Transformation prediction's part: the mean over the transforms ``t`` of
+        ``-log p(t | t(x))`` under the classifier, ``(batch,)`` for images ``(batch, H, W, C)``.
+        """
+        count = TRANSFORMS[self.predict_transforms]
+        logits = self.transform_net(ops.reshape(all_transforms(x, self.predict_transforms),
+                                                (-1, *self.image_shape)), training=False)
+        logits = ops.reshape(logits, (count, -1, count))  # (transform applied, batch, class)
+        # -log p(t) = log(1 + sum_{j != t} exp(l_j - l_t)): exact where p(t) is near 1, where
+        # log_softmax's l_t - logsumexp(l) cancels to a few ulps of the logits.
+        own = []
+        for t in range(count):
+            rest = ops.concatenate([logits[t, :, :t], logits[t, :, t + 1:]], axis=-1)
+            own.append(ops.log1p(ops.sum(ops.exp(rest - logits[t, :, t : t + 1]), axis=-1)))
+        return ops.mean(ops.stack(own, axis=0), axis=0)
+
+    def _transform_loss(self, x, training: bool):
+        """Mean cross-entropy of the classifier: on one random transform of each image while
+        training (as restoration draws its inputs), on every transform when validating."""
+        count = TRANSFORMS[self.predict_transforms]
+        if training:
+            x_t, label = labelled_transform(x, self.predict_transforms, self.tp_gen)
+        else:
+            x_t = ops.reshape(all_transforms(x, self.predict_transforms), (-1, *self.image_shape))
+            label = ops.repeat(ops.arange(count), ops.shape(x)[0])
+        logits = self.transform_net(x_t, training=training)
+        ce = keras.losses.sparse_categorical_crossentropy(label, logits, from_logits=True)
+        return ops.where(ops.shape(ce)[0] > 0, ops.mean(ce), 0.0)
+
     # -- the loss -----------------------------------------------------------------------------
 
     def pixel_losses(self, x, logits):
@@ -201,11 +242,14 @@ class Autoencoder(keras.Model):
         return -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=-1)
 
     def compute_losses(self, x, training: bool, noisy: bool | None = None):
-        """``(loss, reconstruction_loss, kl_loss)``, means over the batch.
+        """``(loss, reconstruction_loss, kl_loss, transform_loss)``, means over the batch
+        (``transform_loss`` is 0 without transformation prediction).
 
         ``noisy``: corrupt the inputs (denoising models); default: while training.
         """
         x = ops.cast(x, "float32")
+        tp = (self._transform_loss(x, training) if self.predict_transforms != "none"
+              else ops.zeros(()))
         if self.transforms != "none":
             # Restoration: the target is the image itself, the input a transformed copy (one
             # drawn at random while training, every one of them for validation).
@@ -235,18 +279,18 @@ class Autoencoder(keras.Model):
         nonempty = ops.shape(recon)[0] > 0
         recon = ops.where(nonempty, ops.mean(recon), 0.0)
         kl = ops.where(nonempty, ops.mean(kl), 0.0)
-        return recon + self.beta * kl, recon, kl
+        return recon + self.beta * kl + tp, recon, kl, tp
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.recon_tracker, self.kl_tracker]
+        trackers = [self.loss_tracker, self.recon_tracker, self.kl_tracker]
+        return trackers + ([self.tp_tracker] if self.predict_transforms != "none" else [])
 
-    def _track(self, loss, recon, kl, n):
+    def _track(self, loss, recon, kl, tp, n):
         # An epoch's loss is the mean of its batches' means: each batch weighs 1, an empty one 0.
         weight = ops.cast(ops.minimum(n, 1), "float32")
-        self.loss_tracker.update_state(loss, sample_weight=weight)
-        self.recon_tracker.update_state(recon, sample_weight=weight)
-        self.kl_tracker.update_state(kl, sample_weight=weight)
+        for tracker, value in zip(self.metrics, (loss, recon, kl, tp), strict=False):
+            tracker.update_state(value, sample_weight=weight)
         results = {m.name: m.result() for m in self.metrics}
         if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             # Keras 3 reduces a step's outputs across workers with reduce("MEAN", axis=0),
@@ -258,13 +302,13 @@ class Autoencoder(keras.Model):
     def train_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            loss, recon, kl = self.compute_losses(x, training=True)
+            loss, recon, kl, tp = self.compute_losses(x, training=True)
             # Under a multi-replica strategy the replicas' gradients are summed: divide so the
             # step is that of the mean loss over the global batch, as Keras' own train_step does.
             scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
         grads = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights, strict=True))
-        return self._track(loss, recon, kl, ops.shape(x)[0])
+        return self._track(loss, recon, kl, tp, ops.shape(x)[0])
 
     def test_step(self, data):
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -284,5 +328,6 @@ class Autoencoder(keras.Model):
             "recon_loss": self.recon_loss,
             "denoise": self.denoise,
             "transforms": self.transforms,
+            "predict_transforms": self.predict_transforms,
             "seed": self.seed,
         }

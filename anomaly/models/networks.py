@@ -131,3 +131,35 @@ def affine_decoder(image_shape: tuple[int, int, int], latent_dim: int, units: in
     out = AffineCoordinateDecoder(height, width, channels=channels, units=units, depth=depth,
                                   name="coord_net")(z_in)
     return keras.Model(z_in, out, name="decoder")
+
+
+#: Filters of the transformation-prediction classifier's stages (the score ``mse+knn+tp``).
+TP_FILTERS = (16, 32, 64)
+
+
+def transform_classifier(image_shape: tuple[int, int, int], n_transforms: int,
+                         filters: tuple[int, ...] = TP_FILTERS) -> keras.Model:
+    """Which of ``n_transforms`` transforms an image ``(batch, H, W, C)`` got: logits
+    ``(batch, n_transforms)``.
+
+    Two 3x3 convolutions (batch-normalized) per stage, 2x2 max-pooling between stages, as many
+    stages as the autoencoder's encoder has (:func:`conv_stages`, at least the configured
+    filters' count; the filters double beyond them), then global average pooling: a 28x28 image
+    goes 28 -> 14 -> 7 pixels. Its own weights: the autoencoder is trained as before.
+    """
+    stages = max(len(filters), conv_stages(image_shape[0], image_shape[1]) + 1)
+    widths = list(filters)
+    while len(widths) < stages:
+        widths.append(widths[-1] * 2)
+    x_in = keras.Input(image_shape, name="image")
+    h = x_in
+    for i, f in enumerate(widths):
+        if i:
+            h = layers.MaxPooling2D(2, padding="same", name=f"pool_{i}")(h)
+        for j in range(2 if i < len(widths) - 1 else 1):
+            h = layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"conv_{i}_{j}")(h)
+            h = layers.BatchNormalization(name=f"bn_{i}_{j}")(h)
+            h = layers.ReLU(name=f"relu_{i}_{j}")(h)
+    h = layers.GlobalAveragePooling2D(name="pool")(h)
+    return keras.Model(x_in, layers.Dense(n_transforms, name="logits")(h),
+                       name="transform_classifier")

@@ -161,9 +161,54 @@ def test_an_empty_batch_counts_for_nothing():
     has fewer images than there are replicas: its loss must be no NaN in the epoch's mean."""
     model = Autoencoder("dense-ae", (28, 28, 1), latent_dim=4, hidden=[32], seed=0)
     empty = np.zeros((0, 28, 28, 1), np.float32)
-    assert [float(v) for v in model.compute_losses(empty, training=False)] == [0.0, 0.0, 0.0]
+    assert [float(v) for v in model.compute_losses(empty, training=False)] == [0.0] * 4
     batch = np.full((4, 28, 28, 1), 0.5, np.float32)
     alone = float(model.test_step(batch)["loss"])
     model.reset_metrics()
     model.test_step(empty)
     assert float(model.test_step(batch)["loss"]) == alone
+
+
+def test_transformation_prediction_is_a_network_of_its_own_trained_in_the_same_steps(tmp_path):
+    """predict_transforms adds a classifier whose cross-entropy joins the loss (and is tracked
+    as transform_loss); transform_nll is its mean -log p(t | t(x)) over the transforms."""
+    import keras
+
+    model = Autoencoder("conv-ae", (16, 16, 1), latent_dim=4, hidden=[8], seed=0,
+                        predict_transforms="rot4")
+    x = np.random.default_rng(0).random((6, 16, 16, 1)).astype(np.float32)
+    loss, recon, kl, tp = (float(v) for v in model.compute_losses(x, training=False))
+    assert tp > 0 and loss == pytest.approx(recon + kl + tp, rel=1e-6)
+    assert abs(tp - np.log(4)) < 0.5  # an untrained classifier: about chance, log(4)
+    nll = np.asarray(model.transform_nll(x))
+    assert nll.shape == (6,) and np.all(nll > 0)
+    # By hand: the classifier's log-softmax of each rotation at its own index.
+    logits = np.asarray(model.transform_net(np.concatenate(
+        [np.rot90(x, k, axes=(1, 2)) for k in range(4)])))
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    want = -np.mean([logp[k * 6:(k + 1) * 6, k] for k in range(4)], axis=0)
+    np.testing.assert_allclose(nll, want, rtol=1e-4)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    logs = model.train_on_batch(x, return_dict=True)
+    assert "transform_loss" in logs
+    model.save(tmp_path / "m.keras")
+    back = keras.models.load_model(tmp_path / "m.keras", safe_mode=True, compile=False)
+    assert back.predict_transforms == "rot4"
+    np.testing.assert_allclose(np.asarray(back.transform_nll(x)),
+                               np.asarray(model.transform_nll(x)), rtol=1e-5)
+    plain = Autoencoder("conv-ae", (16, 16, 1), latent_dim=4, hidden=[8], seed=0)
+    assert not hasattr(plain, "transform_net") and "transform_loss" not in [
+        m.name for m in plain.metrics]
+
+
+def test_the_eight_symmetries_of_the_square():
+    from anomaly.models.transforms import all_transforms
+
+    x = np.random.default_rng(1).random((2, 5, 5, 1)).astype(np.float32)
+    got = np.asarray(all_transforms(x, "d4"))
+    assert got.shape == (8, 2, 5, 5, 1)
+    flat = {got[k].tobytes() for k in range(8)}
+    assert len(flat) == 8  # all distinct for a random image
+    want = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
+    want_m = [np.rot90(x[:, :, ::-1], k, axes=(1, 2)) for k in range(4)]
+    assert {w.tobytes() for w in want + want_m} == flat
