@@ -72,7 +72,8 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
     from anomaly.progress import progress
 
     todo = parse_classes(classes, n_classes=10, leave_anomalies=False)
-    rows = []
+    rows: list[dict] = []
+    md, df = "", pd.DataFrame()
     with progress("Benchmark", total=len(todo) * len(seeds), unit="runs") as bar:
         for c, seed in ((c, seed) for c in todo for seed in seeds):
             run = dataclasses.replace(cfg, normal_classes=[c],
@@ -105,15 +106,24 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
             rows.append(row)
             log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in row.items()))
+            # After every run: a benchmark of hours that stops keeps what it measured.
+            df = pd.DataFrame(rows)
+            md = _write(df, cfg, output, tag)
             bar.update()
-    df = pd.DataFrame(rows)
+    print(md)
+    return df
+
+
+def _write(df: pd.DataFrame, cfg: RunConfig, output: str | Path, tag: str | None) -> str:
+    """Write ``STEM.csv`` and ``STEM.md`` atomically; returns the markdown. The stem is
+    ``tag``, else ``DATASET-MODEL`` (plus ``-PRESET`` for a preset other than ``fast``)."""
     out = Path(output)
-    stem = tag or f"{Path(cfg.dataset).name}-{cfg.detector.model}"
+    preset = f"-{cfg.preset}" if cfg.preset not in (None, "fast") else ""
+    stem = tag or f"{Path(cfg.dataset).name}-{cfg.detector.model}{preset}"
     atomic_write_text(out / f"{stem}.csv", df.to_csv(index=False, float_format="%.5f"))
     md = markdown(df, cfg)
     atomic_write_text(out / f"{stem}.md", md)
-    print(md)
-    return df
+    return md
 
 
 def markdown(df: pd.DataFrame, cfg: RunConfig) -> str:

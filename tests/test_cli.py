@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from anomaly.cli import main
@@ -299,6 +300,33 @@ def test_benchmark_on_user_data(capsys, tmp_path):
     assert (table["epochs"] == 3).all()
     md = (tmp_path / "bench" / "ten.npz-dense-ae.md").read_text()
     assert "| **mean** |" in md and md in out and "std of the 10-class mean across seeds" in md
+
+
+def test_fit_with_the_accurate_preset(capsys, tmp_path):
+    """--preset accurate trains the transformation-prediction classifier too; the artifact's
+    config says so and a flag still overrides a value the preset sets."""
+    x = np.concatenate([make_blobs(200, seed=5), make_bars(50, seed=5)])
+    y = np.r_[np.zeros(200, int), np.ones(50, int)]
+    np.savez(tmp_path / "shapes.npz", x=x, y=y)
+    common = ("--force-calibration", "--dataset", tmp_path / "shapes.npz", "--model", "dense-ae",
+              "--hidden", "16", "--latent-dim", "2", "--epochs", "1", "--output", tmp_path / "m",
+              "--no-report", "--quiet")
+    rc, _, err = run(capsys, "fit", *common, "--preset", "accurate", "--name", "a")
+    assert rc == 0, err
+    path = next((tmp_path / "m" / "a").iterdir())
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    assert config["preset"] == "accurate" and config["score"] == "mse+knn+tp"
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["auroc"] > 0.5
+    rc, _, err = run(capsys, "fit", *common, "--preset", "accurate", "--score", "mse",
+                     "--name", "b")
+    assert rc == 0, err
+    path = next((tmp_path / "m" / "b").iterdir())
+    assert yaml.safe_load((path / "config.yaml").read_text())["score"] == "mse"
+    rc, _, err = run(capsys, "fit", *common, "--preset", "turbo", "--name", "c")
+    assert rc != 0
+    assert error_line(err) == "error: Expected a preset in ['accurate', 'fast']. Received: 'turbo'"
+    assert not (tmp_path / "m" / "c").exists()
 
 
 def test_evaluate_rebuilds_the_runs_own_test_split(capsys, tmp_path):
