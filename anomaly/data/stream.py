@@ -402,8 +402,12 @@ def decoded_bytes(dataset: str, *, image_size: tuple[int, int] | None = None,
     if not streamable(dataset) or not p.exists():
         return 0
     if _is_npy_input(p):
+        try:
+            shards, counts = _npy_rows(p)
+        except DataError:  # the reader refuses it with its own words
+            return 0
         total = 0
-        for shard, n in zip(*_npy_rows(p), strict=True):
+        for shard, n in zip(shards, counts, strict=True):
             dims = np.load(shard, mmap_mode="r", allow_pickle=False).shape[1:]
             if image_size is not None:
                 values = image_size[0] * image_size[1] * (1 if grayscale else 3)
