@@ -285,11 +285,13 @@ def folder_labels(root: Path, files: list[Path]
 
 
 def no_images_in(path: Path) -> DataError:
+    """The error of a folder without image files (the in-memory and streaming readers')."""
     return expected(f"image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {path}",
                     "none", cls=DataError)
 
 
 def all_skipped(path: Path, n_skipped: int) -> DataError:
+    """The error of a folder whose ``n_skipped`` files were all skipped as bad."""
     return expected(f"at least one readable image file in the folder {path}",
                     f"{n_skipped} files, all skipped as bad", cls=DataError)
 
