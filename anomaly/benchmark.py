@@ -27,6 +27,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from anomaly.config import RunConfig
 from anomaly.data.prepare import prepare
 from anomaly.data.splits import parse_classes
+from anomaly.data.stream import DiskImages
 from anomaly.pipeline import log
 from anomaly.utils import atomic_write_text
 
@@ -100,9 +101,13 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
             row.update({"fit_s": fit_s, "score_per_s": len(scores) / score_s,
                         "epochs": len(det.history_.get("loss", []))})
             if baselines:
+                # PCA and the isolation forest fit on the whole matrix: a streamed training
+                # set is read into memory for them.
+                x_train = (split.x_train.load() if isinstance(split.x_train, DiskImages)
+                           else split.x_train)
                 for name, fn in (("pca", pca_scores), ("iforest", iforest_scores)):
                     row[f"{name}_auroc"] = roc_auc_score(split.y_test,
-                                                         fn(split.x_train, split.x_test))
+                                                         fn(x_train, split.x_test))
             rows.append(row)
             log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in row.items()))

@@ -26,16 +26,26 @@ from anomaly.errors import ConfigError, expected
 
 
 def _opt(default, help: str, *, group: str = "", metavar: str | None = None,
-         flag: str | None = None, kind: str | None = None):
+         flag: str | None = None, kind: str | None = None,
+         choices: tuple[str, ...] | None = None):
     """A config field: its default plus what the CLI and the docs need to describe it.
 
     ``kind`` names a CLI parser: ``ints`` (``32,64``), ``fprs`` (``1%,5%``) or ``flag`` (a
-    switch without a value).
+    switch without a value). ``choices``: the only values :func:`coerce` accepts.
     """
-    meta = {"help": help, "group": group, "metavar": metavar, "flag": flag, "kind": kind}
+    meta = {"help": help, "group": group, "metavar": metavar, "flag": flag, "kind": kind,
+            "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+#: ``stream: auto`` streams the training images from disk when, decoded to float32, they would
+#: take more than this fraction of the memory available to the process (the smaller of the
+#: machine's and its cgroup's). A quarter because reading them into memory holds about two
+#: copies at its peak (the decoded set and the split, then the split and TensorFlow's tensor),
+#: and the model, its activations and the scoring batches need the rest.
+STREAM_MEMORY_FRACTION = 0.25
 
 
 @dataclass
@@ -117,6 +127,11 @@ class RunConfig:
                                   metavar="HxW")
     grayscale: bool = _opt(False, "convert colour images to grey (ITU-R 601 luma) before "
                            "training", group="data", kind="flag")
+    stream: str = _opt("auto", "read the training images from disk batch by batch (tf.data) "
+                       f"instead of into memory: auto (when, decoded to float32, they would "
+                       f"take more than {STREAM_MEMORY_FRACTION:.0%}% of the memory available), "
+                       "always or never",
+                       group="data", metavar="MODE", choices=("auto", "always", "never"))
     cache_dir: str | None = _opt(None, "data set cache (default: $ANOMALY_CACHE_DIR or the user "
                                  "cache dir)", group="data")
     output: str = _opt("models", "models directory", group="output")
@@ -205,6 +220,9 @@ def coerce(key: str, value):
         names = " or ".join(t.__name__ for t in allowed)
         raise expected(f"'{key}' as {names}", f"{_preview(value)} ({type(value).__name__})",
                        cls=ConfigError)
+    choices = FIELDS[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise expected(f"'{key}' in {choices}", _preview(value), cls=ConfigError)
     item_type = _LIST_ITEMS.get(key)
     if item_type and isinstance(value, list):
         bad = [v for v in value if not isinstance(v, item_type) or isinstance(v, bool)]

@@ -40,6 +40,7 @@ from anomaly.calibration import Calibration, calibrate, fpr_name
 from anomaly.config import DETECTOR_FIELDS, DetectorConfig, default_of
 from anomaly.data.images import image_shape_of, to_unit_float, without_channels
 from anomaly.data.splits import holdout
+from anomaly.data.stream import DiskImages, blockwise
 from anomaly.errors import ArtifactError, ConfigError, expected
 
 _log = logging.getLogger(__name__)
@@ -191,7 +192,10 @@ class Detector(OutlierMixin, BaseEstimator):
 
         Args:
             X: normal training images ``(n, H, W)`` or ``(n, H, W, C)`` (any input
-                :func:`~anomaly.data.images.to_unit_float` takes); they set ``image_shape_``.
+                :func:`~anomaly.data.images.to_unit_float` takes, or
+                :class:`~anomaly.data.stream.DiskImages`, which are streamed from disk: then
+                training reads them batch by batch, and the kNN memory, the hold-out's and the
+                training images' scores block by block); they set ``image_shape_``.
             y: ignored (unsupervised), as in PyOD.
             x_val: normal validation images for early stopping and calibration; when ``None``,
                 ``val_fraction`` of ``X`` is held out (the same hold-out ``anomaly fit`` makes).
@@ -208,12 +212,15 @@ class Detector(OutlierMixin, BaseEstimator):
         from anomaly.training import choose_strategy, make_strategy, set_seed, train
 
         self.check_params()
-        x = to_unit_float(X, what="training images")
+        x = X if isinstance(X, DiskImages) else to_unit_float(X, what="training images")
         if x_val is None:
             train_idx, val_idx = holdout(len(x), self.val_fraction, self.seed)
             x, x_val = x[train_idx], x[val_idx]
-        else:
+        elif not isinstance(x_val, DiskImages):
             x_val = to_unit_float(x_val, shape=image_shape_of(x), what="validation images")
+        elif x_val.image_shape != image_shape_of(x):
+            raise expected(f"validation images of the training images' shape "
+                           f"{image_shape_of(x)}", x_val.image_shape, cls=ConfigError)
         self.image_shape_ = image_shape_of(x)
         self.strategy_ = choose_strategy(distribute)
         strategy = make_strategy(self.strategy_)
@@ -234,15 +241,17 @@ class Detector(OutlierMixin, BaseEstimator):
         if len(self._scorer_uncached().part_names) > 1:
             from anomaly.scoring import Standardizer
 
-            self.standardizer_ = Standardizer.fit(self._scorer_uncached().parts(x_val))
+            self.standardizer_ = Standardizer.fit(blockwise(self._scorer_uncached().parts,
+                                                            x_val))
         self._scorer = None
         self.calibrate(x_val, calibration_anomalies)
         self.decision_scores_ = self._training_scores(x, in_memory)
         self.labels_ = self.calibration_.decide(self.decision_scores_).astype(np.int64)
         return self
 
-    def _fit_knn(self, x: np.ndarray):
-        """Keep (at most ``knn_memory``) normal training codes.
+    def _fit_knn(self, x):
+        """Keep (at most ``knn_memory``, a seeded sample) normal training codes of images
+        ``(n, H, W[, C])`` (an array or :class:`~anomaly.data.stream.DiskImages`).
 
         Returns:
             The memory and a ``(n,)`` bool mask of the training images it holds.
@@ -256,19 +265,22 @@ class Detector(OutlierMixin, BaseEstimator):
             member[keep] = True
         return LatentKNN(self.encode(x[member]).astype(np.float32), k=self.knn_k), member
 
-    def _training_scores(self, x: np.ndarray, in_memory: np.ndarray) -> np.ndarray:
-        """Scores ``(n,)`` of the training images; the kNN part of those in the memory leaves
-        their own code out (else it would be 0), as PyOD does for ``decision_scores_``."""
+    def _training_scores(self, x, in_memory: np.ndarray) -> np.ndarray:
+        """Scores ``(n,)`` of the training images ``(n, H, W[, C])``; the kNN part of those in
+        the memory leaves their own code out (else it would be 0), as PyOD does for
+        ``decision_scores_``."""
         scorer = self.scorer
         parts = np.empty((len(x), len(scorer.part_names)))
         if in_memory.any():
-            parts[in_memory] = scorer.parts(x[in_memory], leave_one_out=True)
+            parts[in_memory] = blockwise(lambda b: scorer.parts(b, leave_one_out=True),
+                                         x[in_memory])
         if (~in_memory).any():
-            parts[~in_memory] = scorer.parts(x[~in_memory])
+            parts[~in_memory] = blockwise(scorer.parts, x[~in_memory])
         return scorer.combine(parts)
 
     def calibrate(self, x_normal, x_anomalies=None) -> Detector:
-        """(Re)calibrate thresholds on normal images ``(n, H, W[, C])`` and optional anomalies."""
+        """(Re)calibrate thresholds on normal images ``(n, H, W[, C])`` and optional anomalies
+        (arrays, or :class:`~anomaly.data.stream.DiskImages` scored block by block)."""
         normal_scores = self.decision_function(x_normal)
         anomaly_scores = (self.decision_function(x_anomalies) if x_anomalies is not None
                           else None)
@@ -305,10 +317,11 @@ class Detector(OutlierMixin, BaseEstimator):
         return to_unit_float(X, shape=self.image_shape_)
 
     def decision_function(self, X) -> np.ndarray:
-        """Anomaly scores ``(N,)`` float64 for images ``(N, H, W[, C])``; higher = more
+        """Anomaly scores ``(N,)`` float64 for images ``(N, H, W[, C])`` (or
+        :class:`~anomaly.data.stream.DiskImages`, scored block by block); higher = more
         anomalous."""
         self._check_fitted()
-        return self.scorer(self._images(X)).scores
+        return blockwise(lambda x: self.scorer(self._images(x)).scores, X)
 
     def score_samples(self, X) -> np.ndarray:
         """scikit-learn's sign: ``(N,)``, higher = more normal (``-decision_function``)."""
@@ -372,15 +385,21 @@ class Detector(OutlierMixin, BaseEstimator):
         return without_channels(np.concatenate(out))
 
     def encode(self, images) -> np.ndarray:
-        """Latent codes ``(N, code_dim)`` (posterior means for VAEs)."""
+        """Latent codes ``(N, code_dim)`` (posterior means for VAEs) of images
+        ``(N, H, W[, C])`` (or :class:`~anomaly.data.stream.DiskImages`, read block by
+        block)."""
         self._check_fitted()
         from keras import ops
 
         shape = getattr(self, "image_shape_", None)
-        x = to_unit_float(images, shape=shape)
-        x4 = x[..., None] if x.ndim == 3 else x
-        return np.concatenate([ops.convert_to_numpy(self.model_.encode(x4[i : i + 1024])[0])
-                               for i in range(0, len(x4), 1024)])
+
+        def codes(images):
+            x = to_unit_float(images, shape=shape)
+            x4 = x[..., None] if x.ndim == 3 else x
+            return np.concatenate([ops.convert_to_numpy(self.model_.encode(x4[i : i + 1024])[0])
+                                   for i in range(0, len(x4), 1024)])
+
+        return blockwise(codes, images)
 
     # -- persistence --------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from anomaly.artifact import check_name, new_version_path
 from anomaly.config import RunConfig
 from anomaly.data.prepare import load_test_set, prepare
 from anomaly.data.splits import OneClassSplit, TestSet
+from anomaly.data.stream import DiskImages
 from anomaly.errors import ConfigError, expected
 from anomaly.progress import in_chunks, status
 
@@ -115,9 +116,10 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1, skip_bad: bool = False) -> FitR
                                                cfg.detector.model))
     root = Path(cfg.output)
     timings["data_s"] = time.perf_counter() - t0
+    streamed = isinstance(split.x_train, DiskImages)
     log(f"Training {cfg.detector.model} on {len(split.x_train)} normal images of "
         f"{split.dataset} (classes {list(split.normal_classes)}), validating on "
-        f"{len(split.x_val)}.")
+        f"{len(split.x_val)}" + (", streamed from disk." if streamed else "."))
     # A killed run resumes from the state saved for the same configuration.
     run_key = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
     backup_dir = root / name / f".resume-{run_key}"
@@ -159,6 +161,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1, skip_bad: bool = False) -> FitR
         "n_val": len(split.x_val),
         "epochs_run": epochs_run(detector.history_),
         "distribute": detector.strategy_,
+        "streamed": streamed,
     }
     if skip_bad:
         metadata["skip_bad"] = True

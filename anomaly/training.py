@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from anomaly.data.images import with_channels
+from anomaly.data.stream import DiskImages
 from anomaly.errors import AnomalyError, ConfigError, expected
 from anomaly.models.autoencoder import Autoencoder
 
@@ -360,6 +361,46 @@ def lost_worker_error(exc: Exception) -> AnomalyError:
                          "of them saved")
 
 
+def image_dataset(x, batch_size: int, *, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Batches ``(batch, H, W, C)`` float32 of images ``(n, H, W[, C])``: an array in memory, or
+    :class:`~anomaly.data.stream.DiskImages` read from disk batch by batch (decoded and resized
+    in the pipeline, the next batches prefetched while one trains).
+
+    ``shuffle_seed``: shuffled, in a new order each epoch, from this seed. A stream shuffles the
+    images' positions with the same op, seed and buffer as the array's images, so each batch
+    holds the same images in the same order as from the array.
+    """
+    # Arrays in memory have no files to shard by: each worker of a cluster builds the whole
+    # pipeline and keeps its share of every batch (DATA; AUTO would try FILE first, and warn).
+    # That needs the same order on every worker, which the seeded shuffle gives. A stream's
+    # files are not tf.data's own reader's either, so it is sharded the same way.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    streamed = isinstance(x, DiskImages)
+    if streamed:
+        ds = tf.data.Dataset.from_tensor_slices(np.arange(len(x), dtype=np.int64))
+    else:
+        # No map stage for an array: Keras' array adapter adds one whose op attributes make
+        # TF 2.21 log a spurious error line.
+        ds = tf.data.Dataset.from_tensor_slices(np.asarray(with_channels(x), np.float32))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(x), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if streamed:
+        shape = (None, *x.image_shape)
+
+        def read(positions):
+            return with_channels(x.read(positions.numpy()))
+
+        # One reader: op determinism (set_seed) turns a parallel map of a Python function into
+        # a sequential one anyway, and the rewrite logs a spurious error line in TF 2.21. The
+        # prefetch still reads the next batches while one trains.
+        ds = ds.map(lambda p: tf.ensure_shape(tf.py_function(read, [p], tf.float32), shape))
+    if streamed or shuffle_seed is not None:
+        ds = ds.prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(options)
+
+
 def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs: int,
           batch_size: int, learning_rate: float, patience: int,
           backup_dir: str | Path | None = None, verbose: int = 1,
@@ -371,8 +412,9 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
 
     Args:
         model: an un-trained :class:`Autoencoder`.
-        x_train: normal training images ``(n_train, H, W[, C])`` float32 in [0, 1].
-        x_val: normal validation images ``(n_val, H, W[, C])``.
+        x_train: normal training images ``(n_train, H, W[, C])`` float32 in [0, 1], or
+            :class:`~anomaly.data.stream.DiskImages` streamed from disk (:func:`image_dataset`).
+        x_val: normal validation images ``(n_val, H, W[, C])``, likewise.
         backup_dir: folder for per-epoch state (:class:`EpochBackup`; a worker of a cluster
             uses its :func:`worker_backup_dir`); an existing state there is resumed, and
             removed once training ends.
@@ -410,26 +452,24 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
         if not is_tty() or verbosity() >= VERBOSE:
             cbs.append(_EpochLog(epochs, full=verbosity() >= VERBOSE))
     cbs.extend(callbacks)
-    # Our own tf.data pipeline: a seeded shuffle, and no map stage (Keras' array adapter adds
-    # one whose op attributes make TF 2.21 log a spurious error line).
     seed = int(model.seed or 0)
-    x_train, x_val = with_channels(x_train), with_channels(x_val)
-    # Arrays in memory have no files to shard by: each worker of a cluster builds the whole
-    # pipeline and keeps its share of every batch (DATA; AUTO would try FILE first, and warn).
-    # That needs the same order on every worker, which the seeded shuffle gives.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train_ds = (tf.data.Dataset.from_tensor_slices(np.asarray(x_train, np.float32))
-                .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
-                .batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options))
-    val_ds = (tf.data.Dataset.from_tensor_slices(np.asarray(x_val, np.float32))
-              .batch(batch_size).with_options(options))
+    train_ds = image_dataset(x_train, batch_size, shuffle_seed=seed)
+    val_ds = image_dataset(x_val, batch_size)
     stopped = resumed is not None and resumed["early_stopping"]["stopped"]
     try:
         hist = model.fit(train_ds, epochs=epochs, validation_data=val_ds, callbacks=cbs,
                          verbose=keras_verbose, shuffle=False,
                          initial_epoch=epochs if stopped else initial_epoch)
-    except _LOST_WORKER as exc:
+    except tf.errors.OpError as exc:
+        # A file that went bad after the scan: its own error, not TensorFlow's wrapping of it.
+        failed = next((x.error for x in (x_train, x_val)
+                       if isinstance(x, DiskImages) and x.error is not None), None)
+        if failed is not None:
+            raise failed from None
+        if not isinstance(exc, _LOST_WORKER) or not isinstance(
+                tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            raise
+        raise lost_worker_error(exc) from None
         if not isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             raise
         raise lost_worker_error(exc) from None

@@ -372,6 +372,8 @@ def test_single_class_folder_trains_without_evaluation(capsys, tmp_path):
     (["--target-fpr", "2"], ["Expected target FPRs in (0, 1)", "Received: [2.0]"]),
     (["--default-operating-point", "f1-max"], ["--calibration-anomalies N for the 'f1-max'"]),
     (["--default-operating-point", "fpr@3%"], ["Expected a default operating point in"]),
+    (["--stream", "sometimes"], ["Expected 'stream' in ('auto', 'always', 'never')",
+                                 "Received: 'sometimes'"]),
 ])
 def test_bad_settings_fail_before_any_data_or_training(capsys, argv, fragments, tmp_path):
     line = assert_error(capsys, ["fit", "--dataset", tmp_path / "absent.npz", *argv], *fragments)
@@ -703,3 +705,40 @@ def test_fit_skip_bad_records_the_skipped_files(capsys, tmp_path):
     assert rc == 0, err
     again = json.loads(out)
     assert again["n_test"] == 15 and again["auroc"] == pytest.approx(saved["auroc"])
+
+
+def test_fit_streams_a_folder_from_disk_with_the_same_results(capsys, tmp_path):
+    """--stream always: the artifact records it, scores, and evaluate rebuilds its split; the
+    metrics are those of the same fit read into memory (the same batches: see
+    tests/test_training.py)."""
+    folder = tmp_path / "pngs"
+    for name, images in (("good", make_blobs(60, seed=2)), ("bars", make_bars(15, seed=7))):
+        (folder / name).mkdir(parents=True)
+        for i, img in enumerate(images):
+            Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(folder / name / f"{i}.png")
+    metrics = {}
+    for stream in ("always", "never"):
+        rc, out, err = run(capsys, "fit", "--dataset", folder, "--normal-class", "good",
+                           *_TINY_FIT, "--stream", stream, "--output", tmp_path / "m",
+                           "--name", stream, "--json")
+        assert rc == 0, err
+        metrics[stream] = json.loads(out)["metrics"]
+        path = next((tmp_path / "m" / stream).iterdir())
+        assert json.loads((path / "metadata.json").read_text())["streamed"] is (
+            stream == "always")
+    assert metrics["always"] == metrics["never"]
+    path = next((tmp_path / "m" / "always").iterdir())
+    rc, out, err = run(capsys, "evaluate", path, "--json")
+    assert rc == 0, err
+    assert json.loads(out)["auroc"] == metrics["always"]["auroc"]
+    rc, _, err = run(capsys, "score", path, "--input", folder / "bars",
+                     "--output", tmp_path / "s.csv")
+    assert rc == 0, err
+    scores = pd.read_csv(tmp_path / "s.csv")
+    assert len(scores) == 15 and np.isfinite(scores["score"]).all()
+
+
+def test_stream_always_refuses_what_cannot_be_streamed_before_loading(capsys, tmp_path):
+    assert_error(capsys, ["fit", "--dataset", "mnist", "--stream", "always", "--output",
+                          tmp_path], "to stream from disk (--stream always)",
+                 "Received: 'mnist'", "--stream auto or never")

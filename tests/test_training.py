@@ -212,3 +212,89 @@ def test_a_lost_worker_is_one_error_line():
         "Received: UnavailableError: Error reported from /job:worker/task:1: The following tasks "
         "are unhealthy (stopped sending heartbeats): /job:worker/replica:0/task:1. Start every "
         "worker again: training resumes from the last epoch all of them saved")
+
+
+# -- training images streamed from disk --------------------------------------------------------
+
+
+def _png_folder(folder, images) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i, img in enumerate(images):
+        Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def test_a_streamed_fit_is_the_in_memory_fit(normal_images, tmp_path):
+    """The same seed gives the same fit, to the bit: the stream shuffles the images' positions
+    with the op, seed and buffer the in-memory pipeline shuffles the images with, so every
+    batch holds the same pixels in the same order, and the scores after training are
+    independent of their batches (anomaly.scoring). mse+knn with a kNN memory smaller than
+    the training set covers the seeded sample of codes and the standardizer."""
+    from anomaly.config import resolve
+    from anomaly.data.prepare import prepare
+    from anomaly.data.stream import DiskImages
+    from tests.conftest import tiny_detector
+
+    _png_folder(tmp_path / "d", normal_images[:120])
+    fitted = {}
+    for stream in ("never", "always"):
+        split = prepare(resolve(None, {"dataset": str(tmp_path / "d"), "stream": stream}))
+        assert isinstance(split.x_train, DiskImages) is (stream == "always")
+        det = tiny_detector("dense-ae", score="mse+knn", knn_memory=40, epochs=3, batch_size=16)
+        fitted[stream] = det.fit(split.x_train, x_val=split.x_val)
+    a, b = fitted["never"], fitted["always"]
+    assert a.history_ == b.history_
+    assert np.array_equal(a.knn_.memory, b.knn_.memory) and len(b.knn_.memory) == 40
+    assert a.standardizer_ == b.standardizer_
+    assert a.calibration_.to_dict() == b.calibration_.to_dict()
+    assert np.array_equal(a.decision_scores_, b.decision_scores_)
+    assert np.array_equal(a.decision_function(normal_images[200:]),
+                          b.decision_function(normal_images[200:]))
+
+
+def test_fit_holds_out_from_disk_images_by_the_one_rule(normal_images, tmp_path):
+    """Detector.fit without x_val holds out the same images from DiskImages as from the
+    array (splits.holdout), and scores a stream block by block."""
+    from anomaly.data.stream import open_images
+    from tests.conftest import tiny_detector
+
+    _png_folder(tmp_path / "d", normal_images[:60])
+    disk = open_images(tmp_path / "d").images
+    a = tiny_detector("dense-ae", epochs=1).fit(disk.load())
+    b = tiny_detector("dense-ae", epochs=1).fit(disk)
+    assert a.history_ == b.history_
+    assert np.array_equal(a.decision_function(disk.load()), b.decision_function(disk))
+
+
+def test_a_file_that_goes_bad_during_training_is_its_own_error(normal_images, tmp_path):
+    from anomaly.data.stream import open_images
+    from anomaly.errors import DataError
+    from tests.conftest import tiny_detector
+
+    _png_folder(tmp_path / "d", normal_images[:40])
+    disk = open_images(tmp_path / "d").images
+    (tmp_path / "d" / "007.png").write_bytes(b"truncated")  # after the scan
+    with pytest.raises(DataError, match=r"007\.png to be a PNG, JPEG or other image file"):
+        tiny_detector("dense-ae", epochs=1).fit(disk)
+
+
+def test_a_streamed_fit_reads_no_more_than_a_batch_or_a_block_at_once(normal_images, tmp_path,
+                                                                      monkeypatch):
+    """Training reads a batch at a time, and the kNN codes, the standardizer, calibration and
+    the training scores a block at a time: nothing holds the training set in memory."""
+    from anomaly.data import stream
+    from tests.conftest import tiny_detector
+
+    _png_folder(tmp_path / "d", normal_images[:100])
+    monkeypatch.setattr(stream, "MAX_BLOCK_ROWS", 24)
+    reads = []
+    read = stream.DiskImages.read
+    monkeypatch.setattr(stream.DiskImages, "read",
+                        lambda self, positions: reads.append(len(positions)) or read(self,
+                                                                                    positions))
+    monkeypatch.setattr(stream.DiskImages, "load", None)  # would hold them all
+    det = tiny_detector("dense-ae", score="mse+knn", knn_memory=30, batch_size=16)
+    det.fit(stream.open_images(tmp_path / "d").images)
+    assert max(reads) == 24 and len(det.knn_.memory) == 30
+    assert sum(reads) >= 2 * 90 + 100  # two epochs, then the scores

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,19 +213,22 @@ def decode_image_bytes(data: bytes, *, name: str = "image", channels: int | None
                        f"undecodable bytes ({exc.__class__.__name__})", cls=DataError) from None
 
 
+def check_one_size(sizes: set[tuple[int, int]]) -> None:
+    """Refuse training images of several sizes ``(H, W)``, naming them and ``--image-size``."""
+    if len(sizes) > 1:
+        shown = sorted(sizes)
+        text = ", ".join(f"{h}x{w}" for h, w in shown[:5]) + (" ..." if len(shown) > 5 else "")
+        raise expected("images of one size (HxW) to train on", f"sizes {text}",
+                       hint="Pass --image-size HxW to resize them to one size.", cls=DataError)
+
+
 def stack_images(images: list[np.ndarray], names: list[str], *,
                  shape: tuple[int, int, int] | None = None) -> np.ndarray:
     """Stack decoded images ``(H, W)``/``(H, W, 3)`` into one float array (see
     :func:`to_unit_float`): brought to ``shape`` when given, else they must share one size
     (colour wins over grey)."""
     if shape is None:
-        sizes = sorted({img.shape[:2] for img in images})
-        if len(sizes) > 1:
-            shown = ", ".join(f"{h}x{w}" for h, w in sizes[:5]) + (" ..." if len(sizes) > 5
-                                                                    else "")
-            raise expected("images of one size (HxW) to train on", f"sizes {shown}",
-                           hint="Pass --image-size HxW to resize them to one size.",
-                           cls=DataError)
+        check_one_size({img.shape[:2] for img in images})
         if any(img.ndim == 3 for img in images):
             images = [img if img.ndim == 3 else np.repeat(img[..., None], 3, -1)
                       for img in images]
@@ -242,43 +246,72 @@ def list_files(folder: Path, suffixes=IMAGE_SUFFIXES) -> list[Path]:
                   and not any(s.startswith(".") for s in p.relative_to(folder).parts))
 
 
-def _load_folder(path: Path, shape, *, skip_bad: bool = False) -> ImageSet:
-    """A folder's image files (sub-folders name classes).
+def decode_files(root: Path, files: list[Path], channels: int | None, *, skip_bad: bool,
+                 skipped: list[tuple[str, str]], desc: str
+                 ) -> Iterator[tuple[Path, np.ndarray]]:
+    """Decode image files one by one, with progress: ``(file, pixels)`` (see
+    :func:`decode_image_bytes` for ``channels``).
 
-    ``skip_bad``: a file that cannot be read or decoded is left out and listed in
-    ``ImageSet.skipped`` with the reason, instead of failing the whole folder.
+    ``skip_bad``: a file that cannot be read or decoded is left out and appended to ``skipped``
+    as ``(path relative to root, reason)`` instead of failing the whole folder.
     """
     from anomaly.progress import progress
 
-    files = list_files(path)
-    if not files:
-        raise expected(f"image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {path}",
-                       "none", cls=DataError)
-    channels = None if shape is None else shape[2]
-    kept, images, skipped = [], [], []
-    with progress(f"Reading {path}", total=len(files), unit="files") as bar:
+    with progress(desc, total=len(files), unit="files") as bar:
         for p in files:
             try:
-                images.append(decode_image_bytes(p.read_bytes(), name=str(p),
-                                                 channels=channels))
-                kept.append(p)
+                img = decode_image_bytes(p.read_bytes(), name=str(p), channels=channels)
             except (DataError, OSError) as exc:
                 if not skip_bad:
                     raise
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                skipped.append((str(p.relative_to(path)), reason))
-            bar.update()
+                skipped.append((str(p.relative_to(root)), reason))
+            else:
+                yield p, img
+            finally:
+                bar.update()
+
+
+def folder_labels(root: Path, files: list[Path]
+                  ) -> tuple[np.ndarray | None, tuple[str, ...] | None]:
+    """Class labels ``(N,)`` and names of a folder's files when one level of sub-folders
+    names the classes (e.g. normal/ and anomaly/, or 0/ .. 9/), else ``(None, None)``."""
+    subdirs = [p.parent.relative_to(root).parts for p in files]
+    if not all(len(parts) == 1 for parts in subdirs):
+        return None, None
+    names = sorted({parts[0] for parts in subdirs})
+    return (np.array([names.index(parts[0]) for parts in subdirs], dtype=np.int64),
+            tuple(names))
+
+
+def no_images_in(path: Path) -> DataError:
+    """The error of a folder without image files (the in-memory and streaming readers')."""
+    return expected(f"image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder {path}",
+                    "none", cls=DataError)
+
+
+def all_skipped(path: Path, n_skipped: int) -> DataError:
+    """The error of a folder whose ``n_skipped`` files were all skipped as bad."""
+    return expected(f"at least one readable image file in the folder {path}",
+                    f"{n_skipped} files, all skipped as bad", cls=DataError)
+
+
+def _load_folder(path: Path, shape, *, skip_bad: bool = False) -> ImageSet:
+    """A folder's image files (sub-folders name classes); ``skip_bad``: see
+    :func:`decode_files`."""
+    files = list_files(path)
+    if not files:
+        raise no_images_in(path)
+    channels = None if shape is None else shape[2]
+    kept, images, skipped = [], [], []
+    for p, img in decode_files(path, files, channels, skip_bad=skip_bad, skipped=skipped,
+                               desc=f"Reading {path}"):
+        kept.append(p)
+        images.append(img)
     if not kept:
-        raise expected(f"at least one readable image file in the folder {path}",
-                       f"{len(skipped)} files, all skipped as bad", cls=DataError)
+        raise all_skipped(path, len(skipped))
     ids = [str(p.relative_to(path)) for p in kept]
-    subdirs = [p.parent.relative_to(path).parts for p in kept]
-    labels = class_names = None
-    # One level of sub-folders names the classes (e.g. normal/ and anomaly/, or 0/ .. 9/).
-    if all(len(parts) == 1 for parts in subdirs):
-        names = sorted({parts[0] for parts in subdirs})
-        class_names = tuple(names)
-        labels = np.array([names.index(parts[0]) for parts in subdirs], dtype=np.int64)
+    labels, class_names = folder_labels(path, kept)
     return ImageSet(stack_images(images, ids, shape=shape), ids, labels, class_names, skipped)
 
 

@@ -30,6 +30,7 @@ from anomaly.data.images import (
     IMAGE_SUFFIXES,
     ImageSet,
     decode_image_bytes,
+    image_shape_of,
     load_images,
     stack_images,
     to_unit_float,
@@ -147,7 +148,8 @@ class MVTecData:
     has_mask: np.ndarray
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """A folder's own image files (no sub-folders), sorted: what an MVTec AD folder holds."""
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                   and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -184,7 +186,7 @@ def load_mvtec(path: str | Path, *, image_size: tuple[int, int] | None = None,
             its image, training images of several sizes without ``image_size``.
     """
     root = Path(path)
-    train_files = _image_files(root / "train" / GOOD)
+    train_files = image_files(root / "train" / GOOD)
     if not train_files:
         raise expected(f"image files in {root / 'train' / GOOD}", "none", cls=DataError)
     channels = 1 if grayscale else None
@@ -199,9 +201,18 @@ def load_mvtec(path: str | Path, *, image_size: tuple[int, int] | None = None,
                                               shape=(*image_size, c)))
     del raw_train
     check_trainable(x_train)
-    shape = (int(x_train.shape[1]), int(x_train.shape[2]),
-             1 if x_train.ndim == 3 else int(x_train.shape[3]))
+    test = load_mvtec_test(root, image_shape_of(x_train))
+    return MVTecData(x_train, *test)
 
+
+def load_mvtec_test(root: str | Path, shape: tuple[int, int, int]) -> tuple:
+    """The test part of an MVTec AD category at the training images' ``shape`` ``(H, W, C)``:
+    ``(x_test, classes, class_names, ids, masks, has_mask)`` as in :class:`MVTecData`.
+
+    Raises:
+        DataError: an empty defect folder, a mask that is not the size of its image.
+    """
+    root = Path(root)
     test_root = root / "test"
     folders = sorted(p for p in test_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     # good first, so the images are in class order (good = class 0, then the defects).
@@ -211,7 +222,7 @@ def load_mvtec(path: str | Path, *, image_size: tuple[int, int] | None = None,
     images, classes, ids, masks, has_mask = [], [], [], [], []
     n_missing = 0
     for folder in folders:
-        files = _image_files(folder)
+        files = image_files(folder)
         if not files:
             raise expected(f"image files in the test folder {folder}", "an empty folder",
                            hint="Remove the folder or add its images.", cls=DataError)
@@ -243,5 +254,5 @@ def load_mvtec(path: str | Path, *, image_size: tuple[int, int] | None = None,
     if n_missing:
         _log.info("%d defect image(s) of %s have no mask in ground_truth/: they are scored as "
                   "images, their pixels are left out of the pixel metrics", n_missing, root)
-    return MVTecData(x_train, np.concatenate(images), np.asarray(classes, np.int64),
-                     class_names, ids, np.stack(masks), np.asarray(has_mask, bool))
+    return (np.concatenate(images), np.asarray(classes, np.int64), class_names, ids,
+            np.stack(masks), np.asarray(has_mask, bool))

@@ -18,14 +18,23 @@ from anomaly.config import RunConfig, resolve
 from anomaly.data.builtin import DATASETS, load_dataset
 from anomaly.data.images import load_images, to_unit_float
 from anomaly.data.layouts import (
+    MVTecData,
     apply_size,
     check_trainable,
     is_mvtec,
     load_folder,
     load_mvtec,
+    load_mvtec_test,
     parse_image_size,
 )
 from anomaly.data.splits import OneClassSplit, TestSet, parse_classes, split_one_class
+from anomaly.data.stream import (
+    DiskImages,
+    choose_stream,
+    is_npy_shards,
+    open_images,
+    open_mvtec_train,
+)
 from anomaly.errors import ConfigError, DataError, expected
 
 _log = logging.getLogger(__name__)
@@ -57,7 +66,8 @@ class LabelledData:
 
 def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | None = None,
               seed: int = 0, image_size: str | tuple[int, int] | None = None,
-              grayscale: bool = False, skip_bad: bool = False) -> LabelledData:
+              grayscale: bool = False, skip_bad: bool = False,
+              stream: bool = False) -> LabelledData:
     """A built-in data set by name, or a user's images (file, folder or MVTec AD root) by path.
 
     User data with labels of two or more classes and no ``test_data`` is split (by shuffling
@@ -66,7 +76,8 @@ def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | No
     (:func:`~anomaly.data.layouts.is_mvtec`) brings its own test split and masks.
     ``image_size`` (``"HxW"``) resizes every image, ``grayscale`` converts colour to grey.
     ``skip_bad``: see :func:`~anomaly.data.images.load_images`; the files left out are in
-    ``skipped``.
+    ``skipped``. ``stream``: the training images (and a labelled folder's test part) stay on
+    disk as :class:`~anomaly.data.stream.DiskImages` (a folder, MVTec AD or ``.npy`` input).
     """
     size = (parse_image_size(image_size) if not isinstance(image_size, tuple)
             else image_size)
@@ -83,13 +94,22 @@ def load_data(dataset: str, *, test_data: str | None = None, cache_dir: str | No
         if test_data is not None:
             raise expected("no --test-data with an MVTec AD folder (its test/ folder is the "
                            "test data)", repr(test_data), cls=ConfigError)
-        mv = load_mvtec(dataset, image_size=size, grayscale=grayscale)
+        if stream:
+            x_train = open_mvtec_train(dataset, image_size=size, grayscale=grayscale)
+            mv = MVTecData(x_train, *load_mvtec_test(dataset, x_train.image_shape))
+        else:
+            mv = load_mvtec(dataset, image_size=size, grayscale=grayscale)
         # Every training image is normal (train/good holds class 0, "good").
         return LabelledData(Path(dataset).name, mv.x_train,
                             np.zeros(len(mv.x_train), np.int64), mv.x_test, mv.classes,
                             mv.class_names, str(Path(dataset).resolve()), mv.masks,
                             mv.has_mask)
-    train = load_folder(dataset, image_size=size, grayscale=grayscale, skip_bad=skip_bad)
+    if stream or is_npy_shards(dataset):
+        train = open_images(dataset, image_size=size, grayscale=grayscale, skip_bad=skip_bad)
+        if not stream:  # shards have no reader of their own: the same images, in memory
+            train.images = train.images.load()
+    else:
+        train = load_folder(dataset, image_size=size, grayscale=grayscale, skip_bad=skip_bad)
     skipped = list(train.skipped)
     check_trainable(train.images)
     if train.labels is not None and len(np.unique(train.labels)) < 2:
@@ -131,9 +151,12 @@ def prepare(cfg: RunConfig, *, skip_bad: bool = False) -> OneClassSplit:
     ``skip_bad``: leave out undecodable files of image folders (``split.skipped``).
     """
     det = cfg.detector
+    size = parse_image_size(cfg.image_size)
+    stream = choose_stream(cfg.stream, cfg.dataset, builtin=cfg.dataset in DATASETS,
+                           image_size=size, grayscale=cfg.grayscale)
     data = load_data(cfg.dataset, test_data=cfg.test_data, cache_dir=cfg.cache_dir,
-                     seed=det.seed, image_size=cfg.image_size, grayscale=cfg.grayscale,
-                     skip_bad=skip_bad)
+                     seed=det.seed, image_size=size, grayscale=cfg.grayscale,
+                     skip_bad=skip_bad, stream=stream)
     if data.y_train is None:
         normal: tuple[int, ...] = (0,)
         if cfg.calibration_anomalies:
@@ -160,6 +183,12 @@ def prepare(cfg: RunConfig, *, skip_bad: bool = False) -> OneClassSplit:
                             class_names=data.class_names, dataset=data.name,
                             source=data.source, test_masks=masks, test_has_mask=has_mask)
     split.skipped = data.skipped
+    # What is evaluated on, and the few calibration anomalies, are read into memory; only the
+    # training images and their hold-out stay on disk.
+    if isinstance(split.x_test, DiskImages):
+        split.x_test = split.x_test.load()
+    if isinstance(split.x_cal_anomalies, DiskImages):
+        split.x_cal_anomalies = split.x_cal_anomalies.load()
     if split.y_test is not None and not 0 < split.y_test.sum() < len(split.y_test):
         _log.info("the test data holds only one of normal/anomalous images: AUROC is "
                   "undefined.")

@@ -233,6 +233,15 @@ def _decode_all(blobs: list, ids: list[str], shape, where: str, skip_bad: bool):
     return kept, x, skipped
 
 
+def read_npy_rows(path: str | Path, rows: slice | np.ndarray,
+                  shape: tuple[int, int, int] | None) -> np.ndarray:
+    """Rows of a ``.npy`` file, memory-mapped so that only they are read, validated and brought
+    to ``shape`` ``(H, W, C)`` (``None``: their own): ``(n, H, W[, C])`` float32 in [0, 1], in
+    the order of ``rows`` (a slice or positions ``(n,)``)."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)[rows]
+    return to_unit_float(np.asarray(arr), shape=shape, what=f"the array in {path}")
+
+
 def read_block(block: Block, shape: tuple[int, int, int], *, image_column: str = IMAGE_COLUMN,
                id_column: str = ID_COLUMN, skip_bad: bool = False
                ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
@@ -244,9 +253,8 @@ def read_block(block: Block, shape: tuple[int, int, int], *, image_column: str =
     """
     where = block.path
     if block.kind == "npy":
-        arr = np.load(block.path, mmap_mode="r", allow_pickle=False)[block.start : block.stop]
         ids = [f"{block.id_prefix}{i}" for i in range(block.start, block.stop)]
-        return ids, to_unit_float(np.asarray(arr), shape=shape, what=f"the array in {where}"), []
+        return ids, read_npy_rows(block.path, slice(block.start, block.stop), shape), []
     if block.kind == "folder":
         root = Path(block.path)
         blobs = []

@@ -122,8 +122,10 @@ class OneClassSplit:
     """The one split of a run: fit, calibration, evaluation and the report all use it.
 
     Attributes:
-        x_train: normal training images, ``(n_train, H, W[, C])`` float32 in [0, 1].
-        x_val: normal hold-out images for early stopping and calibration, ``(n_val, ...)``.
+        x_train: normal training images, ``(n_train, H, W[, C])`` float32 in [0, 1] (an
+            array, or :class:`~anomaly.data.stream.DiskImages` when they are streamed).
+        x_val: normal hold-out images for early stopping and calibration, ``(n_val, ...)``
+            (likewise).
         x_test: test images, ``(n_test, ...)``; ``y_test`` (``(n_test,)``) is 1 for anomalies.
         test_classes: original class label of each test image, ``(n_test,)``.
         x_cal_anomalies: optional labelled anomalies from the training split, ``(n_cal, ...)``.
@@ -168,7 +170,9 @@ def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.
     """Select the normal classes, hold out a validation part and label the test set.
 
     Args:
-        x_train: training images ``(n, H, W[, C])``, uint8 or float in [0, 1].
+        x_train: training images ``(n, H, W[, C])``, uint8 or float in [0, 1]; anything that
+            indexes like an array (:class:`~anomaly.data.stream.DiskImages`) is split
+            without being read.
         y_train: class labels ``(n,)``, or ``None`` when every training image is normal.
         x_test, y_test: test images and class labels, or ``None`` for no evaluation.
         normal_classes: class indices that are normal; all others are anomalies.
