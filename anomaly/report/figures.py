@@ -25,6 +25,7 @@ from anomaly.report.analysis import (
     ImageSet,
     Latent,
     Manifold,
+    MaskSet,
     Missing,
     ReportData,
     Rows,
@@ -38,6 +39,8 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
           "#7f7f7f", "#bcbd22", "#17becf")
 #: Pixels between images in a mosaic.
 PAD = 3
+#: Colour of the ground-truth mask contour: it must stand out on the inferno heat map.
+CONTOUR_COLOR = "#00e5ff"
 
 
 @dataclass(frozen=True)
@@ -481,6 +484,42 @@ for _kind, _title in (("typical_normal", "Reconstructions: typical normal images
                       ("false_negatives", "Reconstructions: worst false negatives")):
     register(f"recon_{_kind}.png", "Reconstructions", _title, _ERR_CAPTION)(
         partial(fig_recon, kind=_kind))
+
+
+# -- localization ---------------------------------------------------------------------------------
+
+
+@register("mask_errors.png", "Localization", "Error maps over the ground-truth masks",
+          "For each defect type its highest- and median-scored test image: the image, its "
+          "per-pixel error map, and the same map with the ground-truth mask's outline "
+          "(contour at 0.5). Error inside the outline is a defect found where it is; error "
+          "outside it, a false alarm of those pixels. The maps share one colour scale.")
+def fig_mask_errors(d: ReportData):
+    """Images ``(k, H, W[, 3])``, error maps ``(k, H, W)`` and the masks' outlines over the
+    maps, from ``d.mask_errors``; each column titled with its defect type and score."""
+    m = d.mask_errors
+    if not isinstance(m, MaskSet):
+        return m
+    k = len(m.x)
+    fig = new_figure(max(6.5, 1.25 * k + 2.2), 5.4)
+    cols = [f"{m.defects[j]}\n{m.picks[j]}, score {m.scores[j]:.4g}" for j in range(k)]
+    colors = ["#c00000" if f else "#006000" for f in m.flagged]
+    maps = {1: ("inferno", m.vmax), 2: ("inferno", m.vmax)}
+    axes, ims = image_rows(fig, [m.x, m.error_map, m.error_map],
+                           ["image", "error map", "error map,\nmask outline"], cols,
+                           maps=maps, col_colors=colors)
+    # On the mosaic itself: the background between images keeps the outlines apart.
+    ax = axes[2]
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()  # contour rescales the view: keep the image's
+    ax.contour(mosaic(m.masks, fill=0.0), levels=[0.5], colors=CONTOUR_COLOR, linewidths=1.2)
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+    fig.colorbar(ims[1], ax=list(axes[1:]), label=f"per-pixel {d.error_name}", shrink=0.9,
+                 pad=0.01)
+    fig.suptitle(wrap(f"{m.title}\n(threshold {d.calibration.get().threshold:.4g}; red = "
+                      "flagged as anomalous)", fig), fontsize=10)
+    fig.supxlabel("test images (columns): defect type, which pick, score", fontsize=9)
+    return fig
 
 
 # -- latent space ---------------------------------------------------------------------------------
