@@ -47,6 +47,9 @@ POOL = 200
 MASK_DEFECTS = 8
 #: Test images scored per call for the pixel metrics' error maps (bounds their memory).
 MAP_CHUNK = 256
+#: The finer decoding grid of the affine-vae picture, and how many test images it shows.
+DECODE_SCALE = 2
+DECODE_EXAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,23 @@ class MaskSet:
 
 
 @dataclass
+class Upscaled:
+    """Test images decoded at their size and on a ``scale`` times finer grid.
+
+    ``x``, ``reconstruction``: ``(k, H, W)`` or ``(k, H, W, C)``; ``upscaled``:
+    ``(k, scale*H, scale*W[, C])``, all in [0, 1]; ``labels``, ``scores``: ``(k,)``.
+    """
+
+    title: str
+    x: np.ndarray
+    reconstruction: np.ndarray
+    upscaled: np.ndarray
+    scale: int
+    labels: list[str]
+    scores: np.ndarray
+
+
+@dataclass
 class Latent:
     """2-D view of the codes of ``n`` test images: ``points`` ``(n, 2)``, ``classes`` ``(n,)``."""
 
@@ -397,6 +417,7 @@ class ReportData:
     training: Training | Missing
     pixel: dict | Missing = NOT_COMPUTED
     mask_errors: MaskSet | Missing = NOT_COMPUTED
+    upscaled: Upscaled | Missing = NOT_COMPUTED
     extra: dict = field(default_factory=dict)
 
     def class_label(self, c: int, with_role: bool = True) -> str:
@@ -667,6 +688,7 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, evaluation=None
     pool = idx_n[:POOL] if len(idx_n) else np.arange(min(POOL, len(x)))
     data.affine = _affine(detector, x[pool], scores[pool], k)
     data.denoising = _denoising(detector, x[pool], k, seed)
+    data.upscaled = _upscaled(detector, x, scores, picks, data)
     return data
 
 
@@ -713,6 +735,24 @@ def _mask_errors(detector, x, masks, has_mask, classes, y, scores, data) -> Mask
                    out.scores, out.is_anomaly,
                    [data.class_label(int(c), False) for c in classes[sel]], picks,
                    max(float(np.max(err)), 1e-12))
+
+
+def _upscaled(detector, x, scores, picks, data) -> Upscaled | Missing:
+    if detector.model != "affine-vae":
+        return Missing(f"Only for affine-vae models, whose coordinate decoder maps pixel "
+                       f"coordinates and so decodes on a finer grid; a {detector.model} decodes "
+                       "at its training size only.")
+    half = DECODE_EXAMPLES // 2
+    sel = [int(i) for kind in ("typical_normal", "top_anomalies") if kind in picks
+           for i in picks[kind][0][:half]]
+    if not sel:
+        return Missing("No test images.")
+    sel = np.asarray(list(dict.fromkeys(sel)))
+    return Upscaled(f"affine-vae: reconstructions decoded at the training size and on a "
+                    f"{DECODE_SCALE}x finer grid, with the same weights", x[sel],
+                    detector.reconstruct(x[sel]), detector.reconstruct(x[sel], scale=DECODE_SCALE),
+                    DECODE_SCALE, [data.class_label(int(c)) for c in data.classes[sel]],
+                    scores[sel])
 
 
 def _interpolation(detector, x, classes, scores, picks, normal_idx, steps: int = 9):

@@ -32,6 +32,7 @@ from anomaly.report.analysis import (
     ScoreParts,
     Training,
     Uniformity,
+    Upscaled,
 )
 
 DPI = 100
@@ -603,6 +604,49 @@ register("affine.png", "The generative model",
          "The affine units (rotation, shear, scale, shift) are set to the identity in the "
          "normalized reconstruction: slanted images come out straightened.")(
     lambda d: fig_rows(d.affine))
+def _show(ax, image: np.ndarray) -> None:
+    """One image ``(H, W[, 3])`` pixel for pixel, without ticks."""
+    a = displayable(image[None])[0]
+    kw = {"cmap": "gray", "vmin": 0, "vmax": 1} if a.ndim == 2 else {}
+    ax.imshow(np.clip(a, 0, 1), interpolation="nearest", **kw)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+@register("decode_2x.png", "The generative model", "Decoding on a 2x finer grid",
+          "The same weights decode each test image at its size (1x) and on a pixel grid twice "
+          "as fine over the same extent (2x), each drawn at its own resolution in a panel of "
+          "the same size: one 1x pixel covers four 2x pixels. The decoder was trained only at "
+          "the 1x pixel positions, so the extra detail of the 2x is the network's "
+          "interpolation between them, not detail recovered from the image.")
+def fig_upscaled(d: ReportData):
+    """Rows of original ``(H, W[, 3])``, 1x reconstruction and the ``(s*H, s*W[, 3])``
+    decoding of ``d.upscaled``, in panels of one size (the 2x is not resized to H x W)."""
+    u = d.upscaled
+    if not isinstance(u, Upscaled):
+        return u
+    h, w = u.x.shape[1:3]
+    s = u.scale
+    # A panel's longer side in inches: a screen pixel per 2x pixel, so the PNG does not
+    # resample it away (up to 8 in, about 400 px sides at 2x).
+    side = min(8.0, max(1.8, s * max(h, w) / DPI))
+    ph, pw = side * h / max(h, w), side * w / max(h, w)
+    rows = min(len(u.x), max(1, int(22 / (ph + 0.45))))
+    fig = new_figure(3 * pw + 1.8, rows * (ph + 0.45) + 0.9)
+    axes = fig.subplots(rows, 3, squeeze=False)
+    heads = [f"original ({h}x{w})", f"reconstruction, 1x ({h}x{w})",
+             f"decoded at {s}x ({s * h}x{s * w})"]
+    for i in range(rows):
+        for j, img in enumerate((u.x[i], u.reconstruction[i], u.upscaled[i])):
+            _show(axes[i, j], img)
+            if i == 0:
+                axes[i, j].set_title(heads[j], fontsize=9)
+        axes[i, 0].set_ylabel(f"{u.labels[i]}\nscore {u.scores[i]:.3g}", fontsize=8)
+    fig.suptitle(wrap(f"{u.title}; the extra detail of the {s}x is the network's "
+                      "interpolation", fig), fontsize=10)
+    return fig
+
+
 register("denoise.png", "The generative model", "Denoising",
          "Noise of the strength the model was trained to remove (--denoise).")(
     lambda d: fig_rows(d.denoising))
