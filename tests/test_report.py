@@ -27,9 +27,10 @@ from anomaly.report import FIGURES, REPORTS_DIR, default_report_dir, report_for_
 from tests.conftest import make_bars, make_blobs
 
 #: Figures of every model with both kinds of test images and a history (no t-SNE of a 2-D
-#: code, no manifold without a prior, no affine or denoising pictures, no mse+knn parts).
+#: code, no manifold without a prior, no affine, 2x or denoising pictures, no mse+knn parts,
+#: no masks to draw error maps over).
 ALWAYS = set(FIGURES) - {"latent_tsne.png", "manifold.png", "affine.png", "denoise.png",
-                         "score_parts.png"}
+                         "score_parts.png", "decode_2x.png", "mask_errors.png"}
 TINY_FIT = ["--epochs", "1", "--batch-size", "32", "--hidden", "8,16", "--latent-dim", "2",
             "--quiet"]
 
@@ -173,7 +174,7 @@ def test_report_command_affine_vae(shapes, tmp_path):
     rc, out = _run("report", artifact, "--output", tmp_path / "rep", "--tsne", "40",
                    "--max-points", "50")
     assert rc == 0 and f"Report: {tmp_path / 'rep' / 'report.html'}" in out
-    summary = check_report(tmp_path / "rep", set(FIGURES) - {"denoise.png"})
+    summary = check_report(tmp_path / "rep", set(FIGURES) - {"denoise.png", "mask_errors.png"})
     assert summary["code_dim"] == 8
     assert summary["latent_projection"].startswith("PCA")
     assert summary["latent_points"] == 50 and summary["tsne_points"] == 40
@@ -239,9 +240,11 @@ class _CountingScores:
 
 def test_report_after_fit_reports_on_the_fits_own_split_and_scores(dense_detector,
                                                                      artifact_copy):
-    """With ``result.test`` and ``result.scores`` nothing is loaded or scored again."""
+    """With ``result.test``, ``result.scores`` and ``result.evaluation`` nothing is loaded,
+    scored or evaluated again."""
     from types import SimpleNamespace
 
+    from anomaly.evaluation import evaluate
     from anomaly.report import report_after_fit
 
     x = np.concatenate([make_blobs(30, seed=5), make_bars(10, seed=5)])
@@ -249,13 +252,18 @@ def test_report_after_fit_reports_on_the_fits_own_split_and_scores(dense_detecto
     test = SimpleNamespace(x=x, y=classes.copy(), classes=classes, class_names=None,
                            dataset="handed-over", normal_classes=(0,))
     det = _CountingScores(dense_detector)
-    result = SimpleNamespace(path=artifact_copy, detector=det, evaluation=object(), test=test,
-                             scores=dense_detector.decision_function(x))
+    scores = dense_detector.decision_function(x)
+    ev = evaluate(scores, classes, dense_detector.calibration_, classes)
+    ev.per_class["name"] = ["the fit's normals", "the fit's anomalies"]
+    result = SimpleNamespace(path=artifact_copy, detector=det, evaluation=ev, test=test,
+                             scores=scores)
     page = report_after_fit(result)
     assert page == default_report_dir(artifact_copy) / "report.html"
     summary = json.loads((page.parent / "summary.json").read_text())
     assert det.score_calls == 0
     assert summary["dataset"] == "handed-over" and summary["n_test"] == 40
+    table = (page.parent / "per_class.csv").read_text()
+    assert "the fit's normals" in table and "the fit's anomalies" in table
     assert summary["artifact"] == str(artifact_copy.resolve())
 
 

@@ -15,9 +15,10 @@ forbids unlisted files, and not beside it in ``MODELS/NAME/``, where the service
 ``anomaly models`` would take a folder for a model version: the service skips top-level folders
 of the models directory whose names start with ``_``, and the report has no manifest.
 
-**Test images.** ``anomaly fit`` hands over the test split it evaluated on and its scores;
-``anomaly report`` rebuilds the artifact's own split from its ``config.yaml`` (or takes
-``--dataset``/``--test-data``). Every test image is scored for the curves and tables; the
+**Test images.** ``anomaly fit`` hands over the test split it evaluated on, its scores and
+its evaluation; ``anomaly report`` rebuilds the artifact's own split from its ``config.yaml``
+(or takes ``--dataset``/``--test-data``). Ground-truth masks (MVTec AD layout) travel with the
+split in both cases and add the pixel metrics and the error-map-over-mask figure. Every test image is scored for the curves and tables; the
 pictures use at most ``max_points`` of them (latent scatter, k-means) and ``tsne_points`` for
 t-SNE, so a report takes seconds.
 

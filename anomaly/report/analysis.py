@@ -22,6 +22,8 @@ Statistics (issue #10):
   scores) should be uniform on [0, 1] when validation and test normals come from the same
   distribution; Kolmogorov-Smirnov statistic against U(0, 1), with the two-sample p-value
   that allows for the reference being a finite sample.
+- **Localization.** Where the test images have ground-truth masks (MVTec AD layout), the pixel
+  AUROC and PRO of their error maps (:mod:`anomaly.localization`), overall and per defect type.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ PARTIAL_MAX_FPR = 0.1
 N_BOOTSTRAP = 1000
 #: Images of each kind used by the pictures of normal images (affine, denoising).
 POOL = 200
+#: Defect types in the error-map-over-mask figure (two images each: its columns stay legible).
+MASK_DEFECTS = 8
+#: Test images scored per call for the pixel metrics' error maps (bounds their memory).
+MAP_CHUNK = 256
+#: The finer decoding grid of the affine-vae picture, and how many test images it shows.
+DECODE_SCALE = 2
+DECODE_EXAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,9 @@ class Missing:
     """Stands in for a part of the report that does not apply; ``reason`` says why."""
 
     reason: str
+
+
+NOT_COMPUTED = Missing("Not computed.")
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -267,6 +279,44 @@ class Rows:
 
 
 @dataclass
+class MaskSet:
+    """Test images of each defect type with their error maps and ground-truth masks.
+
+    ``x``: ``(k, H, W)`` or ``(k, H, W, C)`` in [0, 1]; ``error_map``: ``(k, H, W)`` (channels
+    averaged); ``masks``: ``(k, H, W)`` bool, True on defect pixels; ``scores``, ``flagged``:
+    ``(k,)``; ``defects``: each image's defect type; ``picks``: why it was picked ("highest"
+    or "median" score of its type). ``vmax``: the error maps' shared colour scale.
+    """
+
+    title: str
+    x: np.ndarray
+    error_map: np.ndarray
+    masks: np.ndarray
+    scores: np.ndarray
+    flagged: np.ndarray
+    defects: list[str]
+    picks: list[str]
+    vmax: float
+
+
+@dataclass
+class Upscaled:
+    """Test images decoded at their size and on a ``scale`` times finer grid.
+
+    ``x``, ``reconstruction``: ``(k, H, W)`` or ``(k, H, W, C)``; ``upscaled``:
+    ``(k, scale*H, scale*W[, C])``, all in [0, 1]; ``labels``, ``scores``: ``(k,)``.
+    """
+
+    title: str
+    x: np.ndarray
+    reconstruction: np.ndarray
+    upscaled: np.ndarray
+    scale: int
+    labels: list[str]
+    scores: np.ndarray
+
+
+@dataclass
 class Latent:
     """2-D view of the codes of ``n`` test images: ``points`` ``(n, 2)``, ``classes`` ``(n,)``."""
 
@@ -365,6 +415,9 @@ class ReportData:
     affine: Rows | Missing
     denoising: Rows | Missing
     training: Training | Missing
+    pixel: dict | Missing = NOT_COMPUTED
+    mask_errors: MaskSet | Missing = NOT_COMPUTED
+    upscaled: Upscaled | Missing = NOT_COMPUTED
     extra: dict = field(default_factory=dict)
 
     def class_label(self, c: int, with_role: bool = True) -> str:
@@ -482,6 +535,15 @@ def check_test_set(test, scores) -> np.ndarray:
         if np.shape(a) != (n,):
             raise expected(f"{what} of shape ({n},), one per test image",
                            f"shape {np.shape(a)}", cls=DataError)
+    masks = getattr(test, "masks", None)
+    if masks is not None:
+        if np.shape(masks) != x.shape[:3]:
+            raise expected(f"ground-truth masks of shape {x.shape[:3]}, one per test image at "
+                           "its size", f"shape {np.shape(masks)}", cls=DataError)
+        has_mask = getattr(test, "has_mask", None)
+        if has_mask is not None and np.shape(has_mask) != (n,):
+            raise expected(f"has_mask of shape ({n},), one per test image",
+                           f"shape {np.shape(has_mask)}", cls=DataError)
     if scores is not None:
         scores = np.asarray(scores, np.float64)
         if scores.shape != (n,) or not np.isfinite(scores).all():
@@ -490,8 +552,8 @@ def check_test_set(test, scores) -> np.ndarray:
     return scores
 
 
-def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
-            max_points: int = 2000, tsne_points: int = 300, examples: int = 6,
+def analyze(detector, test, scores: np.ndarray | None = None, *, evaluation=None,
+            history=None, max_points: int = 2000, tsne_points: int = 300, examples: int = 6,
             seed: int = 0) -> ReportData:
     """Compute everything the report shows.
 
@@ -499,10 +561,14 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
         detector: a fitted :class:`~anomaly.detector.Detector`.
         test: labelled test images with attributes ``x`` ``(N, H, W)`` or ``(N, H, W, C)``
             float32 in [0, 1], ``y`` ``(N,)`` (1 = anomaly), ``classes`` ``(N,)``,
-            ``class_names``, ``dataset`` and ``normal_classes``
+            ``class_names``, ``dataset`` and ``normal_classes``, and optionally ``masks``
+            ``(N, H, W)`` bool and ``has_mask`` ``(N,)`` (ground truth of the MVTec AD layout)
             (:class:`anomaly.data.splits.TestSet`).
         scores: the detector's scores ``(N,)`` of ``test.x`` when the caller has them;
             computed otherwise.
+        evaluation: the :class:`~anomaly.evaluation.Evaluation` of these ``scores`` when the
+            caller has it (with its pixel metrics where ``test`` has masks); computed
+            otherwise.
         history: per-epoch losses (a dict of lists or a DataFrame), or ``None``.
         max_points: test images in the latent scatter, k-means and score-part scatter.
         tsne_points: test images for t-SNE (0 = none); only for codes over 2 units.
@@ -520,7 +586,15 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
     names = tuple(test.class_names) if test.class_names is not None else None
     cal = detector.calibration_
     op = cal.get()
-    ev = evaluate(scores, y, cal, classes, names)
+    masks = getattr(test, "masks", None)
+    has_mask = getattr(test, "has_mask", None)
+    if masks is not None:
+        masks = np.asarray(masks, bool)
+        has_mask = (np.ones(len(x), bool) if has_mask is None
+                    else np.asarray(has_mask, bool))
+    ev = evaluation if evaluation is not None else evaluate(scores, y, cal, classes, names)
+    if masks is not None and "pixel" not in ev.metrics:
+        _add_pixel_metrics(detector, x, masks, has_mask, classes, ev)
     flagged = scores > op.threshold
     rng = np.random.default_rng(seed)
     variational = bool(detector.model_.variational)
@@ -538,7 +612,8 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
         groups={}, error_vmax=1.0, latent=None, tsne=Missing(""), kmeans_ari={},
         score_parts=Missing(""), manifold=Missing(""), interpolation=Missing(""),
         affine=Missing(""), denoising=Missing(""),
-        training=_training(history, variational))
+        training=_training(history, variational),
+        pixel=ev.metrics.get("pixel") or Missing(NO_MASKS))
 
     # Reconstruction grids, drawn on one colour scale so error maps compare across grids.
     idx_n, idx_a = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
@@ -573,6 +648,8 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
                                      out.is_anomaly, [data.class_label(int(c), False)
                                                       for c in classes[sel]])
     data.error_vmax = max(vmax, 1e-12)
+    data.mask_errors = (_mask_errors(detector, x, masks, has_mask, classes, y, scores, data)
+                        if masks is not None else Missing(NO_MASKS))
 
     # Latent space on a random subset.
     sub = np.sort(rng.permutation(len(x))[:max_points])
@@ -611,7 +688,71 @@ def analyze(detector, test, scores: np.ndarray | None = None, *, history=None,
     pool = idx_n[:POOL] if len(idx_n) else np.arange(min(POOL, len(x)))
     data.affine = _affine(detector, x[pool], scores[pool], k)
     data.denoising = _denoising(detector, x[pool], k, seed)
+    data.upscaled = _upscaled(detector, x, scores, picks, data)
     return data
+
+
+NO_MASKS = ("The test data has no ground-truth masks: only a data set in the MVTec AD layout "
+            "(ROOT/ground_truth/<defect>/<name>_mask.png) brings them.")
+
+
+def _add_pixel_metrics(detector, x, masks, has_mask, classes, ev) -> None:
+    """Pixel AUROC and PRO of every test image's error map into ``ev``, as ``anomaly fit``
+    measures them; for a caller that handed over no evaluation with them."""
+    from anomaly.evaluation import add_pixel_metrics
+
+    maps = np.concatenate([
+        channels_mean(detector.detect(x[i:i + MAP_CHUNK], error_map=True,
+                                      validated=True).error_map).astype(np.float32)
+        for i in range(0, len(x), MAP_CHUNK)])
+    add_pixel_metrics(ev, maps, masks, has_mask, classes)
+
+
+def _mask_errors(detector, x, masks, has_mask, classes, y, scores, data) -> MaskSet | Missing:
+    """The highest- and median-scored image of each defect type whose mask marks defect
+    pixels (an image without a mask has no contour to draw)."""
+    usable = has_mask & masks.reshape(len(masks), -1).any(axis=1) & (y == 1)
+    defect_classes = [int(c) for c in np.unique(classes[usable])]
+    if not defect_classes:
+        return Missing("No anomalous test image has a ground-truth mask with defect pixels.")
+    shown = defect_classes[:MASK_DEFECTS]
+    sel, picks = [], []
+    for c in shown:
+        idx = np.flatnonzero(usable & (classes == c))
+        idx = idx[np.argsort(-scores[idx], kind="stable")]
+        sel.append(idx[0])
+        picks.append("highest")
+        if len(idx) > 1:  # the median of the descending order: never the highest again
+            sel.append(idx[len(idx) // 2])
+            picks.append("median")
+    sel = np.asarray(sel)
+    out = detector.detect(x[sel], error_map=True, validated=True)
+    err = channels_mean(out.error_map)
+    more = (f" (the first {len(shown)} of {len(defect_classes)} defect types)"
+            if len(shown) < len(defect_classes) else "")
+    return MaskSet(f"Error maps over the ground-truth masks: the highest- and median-scored "
+                   f"test image of each defect type{more}", x[sel], err, masks[sel],
+                   out.scores, out.is_anomaly,
+                   [data.class_label(int(c), False) for c in classes[sel]], picks,
+                   max(float(np.max(err)), 1e-12))
+
+
+def _upscaled(detector, x, scores, picks, data) -> Upscaled | Missing:
+    if detector.model != "affine-vae":
+        return Missing(f"Only for affine-vae models, whose coordinate decoder maps pixel "
+                       f"coordinates and so decodes on a finer grid; a {detector.model} decodes "
+                       "at its training size only.")
+    half = DECODE_EXAMPLES // 2
+    sel = [int(i) for kind in ("typical_normal", "top_anomalies") if kind in picks
+           for i in picks[kind][0][:half]]
+    if not sel:
+        return Missing("No test images.")
+    sel = np.asarray(list(dict.fromkeys(sel)))
+    return Upscaled(f"affine-vae: reconstructions decoded at the training size and on a "
+                    f"{DECODE_SCALE}x finer grid, with the same weights", x[sel],
+                    detector.reconstruct(x[sel]), detector.reconstruct(x[sel], scale=DECODE_SCALE),
+                    DECODE_SCALE, [data.class_label(int(c)) for c in data.classes[sel]],
+                    scores[sel])
 
 
 def _interpolation(detector, x, classes, scores, picks, normal_idx, steps: int = 9):
@@ -724,4 +865,28 @@ def summary(data: ReportData) -> dict:
         out["kept_epoch"] = data.training.kept_epoch
     if isinstance(data.denoising, Rows):
         out["denoise"] = data.denoising.numbers
+    if isinstance(data.pixel, dict):
+        out["pixel"] = data.pixel
+        out["per_defect"] = defect_rows(data)
     return out
+
+
+def _number(v) -> float | None:
+    """A table cell as a float, ``None`` where pandas holds a missing value as NaN."""
+    return None if v is None or pd.isna(v) else float(v)
+
+
+def defect_rows(data: ReportData) -> list[dict]:
+    """One row per anomaly class (defect type) of the per-class table: ``n``, how many of its
+    images the default operating point flags and their share, and its ``pixel_auroc`` and
+    ``pro`` (its images with the normal ones; ``None`` where undefined)."""
+    op = data.calibration.default
+    df = data.evaluation.per_class
+    rows = []
+    for _, r in df[df["role"] == "anomaly"].iterrows():
+        rate = float(r[f"flagged@{op}"])
+        rows.append({"class": int(r["class"]), "name": str(r["name"]), "n": int(r["n"]),
+                     "detected": round(rate * int(r["n"])), "detection_rate": rate,
+                     "pixel_auroc": _number(r.get("pixel_auroc")),
+                     "pro": _number(r.get("pro"))})
+    return rows

@@ -94,8 +94,8 @@ def _jsonable(o):
 
 
 def build_report(detector, test, output: str | Path | None = None, *,
-                 scores: np.ndarray | None = None, artifact: str | Path | None = None,
-                 history=None, max_points: int = 2000, tsne_points: int = 300,
+                 scores: np.ndarray | None = None, evaluation=None,
+                 artifact: str | Path | None = None, history=None, max_points: int = 2000, tsne_points: int = 300,
                  examples: int = 6, seed: int = 0) -> Report:
     """Write the report of a fitted detector on labelled test images.
 
@@ -103,11 +103,13 @@ def build_report(detector, test, output: str | Path | None = None, *,
         detector: a fitted :class:`~anomaly.detector.Detector`.
         test: the test images, with attributes ``x`` ``(N, H, W)`` or ``(N, H, W, C)``
             float32 in [0, 1], ``y`` ``(N,)`` (1 = anomaly), ``classes`` ``(N,)``,
-            ``class_names``, ``dataset`` and ``normal_classes``
-            (an :class:`anomaly.data.splits.TestSet`).
+            ``class_names``, ``dataset`` and ``normal_classes``, optionally ``masks``
+            ``(N, H, W)`` and ``has_mask`` ``(N,)`` (an :class:`anomaly.data.splits.TestSet`).
         output: the report folder, replaced if it holds an earlier report; default
             :func:`default_report_dir` of ``artifact``.
         scores: the detector's scores ``(N,)`` of ``test.x`` when already computed.
+        evaluation: the :class:`~anomaly.evaluation.Evaluation` of those ``scores`` when
+            already computed (its pixel metrics spare scoring every error map again).
         artifact: the detector's artifact directory, for the page's provenance (metadata,
             hash) and ``history.csv``; optional.
         history: per-epoch losses (dict of lists or DataFrame); default the detector's
@@ -124,8 +126,11 @@ def build_report(detector, test, output: str | Path | None = None, *,
         output = default_report_dir(artifact)
     out_dir = check_report_dir(Path(output))
     meta, sha, history = _provenance(detector, artifact, history)
-    data = analysis.analyze(detector, test, scores, history=history, max_points=max_points,
-                            tsne_points=tsne_points, examples=examples, seed=seed)
+    if scores is None:
+        evaluation = None  # an evaluation belongs to its scores
+    data = analysis.analyze(detector, test, scores, evaluation=evaluation, history=history,
+                            max_points=max_points, tsne_points=tsne_points, examples=examples,
+                            seed=seed)
     pngs: dict[str, bytes] = {}
     notes: dict[str, str] = {}
     for spec in FIGURES.values():
@@ -187,8 +192,9 @@ def report_for_artifact(artifact: str | Path, output: str | Path | None = None, 
 def report_after_fit(result) -> Path | None:
     """The report at the end of ``anomaly fit``: never fails the fit, whose artifact is saved.
 
-    Uses the fit's own test split and scores (``result.test``, ``result.scores``) when the
-    result carries them; otherwise rebuilds the split from the artifact.
+    Uses the fit's own test split, scores and evaluation (``result.test``, ``result.scores``,
+    ``result.evaluation``, with its pixel metrics) when the result carries them; otherwise
+    rebuilds the split from the artifact.
 
     Returns:
         The ``report.html`` path, or ``None`` when there was nothing to report on or it failed
@@ -202,14 +208,16 @@ def report_after_fit(result) -> Path | None:
     try:
         det = result.detector
         test = getattr(result, "test", None)
-        # Scores belong to the fit's own split: never pair them with a reloaded one.
+        # Scores and their evaluation belong to the fit's own split: never pair them with a
+        # reloaded one.
         scores = getattr(result, "scores", None) if test is not None else None
+        evaluation = result.evaluation if scores is not None else None
         if test is None:
             from anomaly.artifact import read_info
 
             test = _load_test_set(result.path, read_info(result.path).metadata, seed=det.seed)
         rep = build_report(det, test, default_report_dir(result.path), scores=scores,
-                           artifact=result.path)
+                           evaluation=evaluation, artifact=result.path)
     except Exception as exc:  # the artifact is already saved: warn, do not fail the fit
         _log(f"warning: the report could not be written ({type(exc).__name__}: {exc}); "
              f"run 'anomaly report {result.path}' to try again")

@@ -25,12 +25,14 @@ from anomaly.report.analysis import (
     ImageSet,
     Latent,
     Manifold,
+    MaskSet,
     Missing,
     ReportData,
     Rows,
     ScoreParts,
     Training,
     Uniformity,
+    Upscaled,
 )
 
 DPI = 100
@@ -38,6 +40,8 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e3
           "#7f7f7f", "#bcbd22", "#17becf")
 #: Pixels between images in a mosaic.
 PAD = 3
+#: Colour of the ground-truth mask contour: it must stand out on the inferno heat map.
+CONTOUR_COLOR = "#00e5ff"
 
 
 @dataclass(frozen=True)
@@ -483,6 +487,42 @@ for _kind, _title in (("typical_normal", "Reconstructions: typical normal images
         partial(fig_recon, kind=_kind))
 
 
+# -- localization ---------------------------------------------------------------------------------
+
+
+@register("mask_errors.png", "Localization", "Error maps over the ground-truth masks",
+          "For each defect type its highest- and median-scored test image: the image, its "
+          "per-pixel error map, and the same map with the ground-truth mask's outline "
+          "(contour at 0.5). Error inside the outline is a defect found where it is; error "
+          "outside it, a false alarm of those pixels. The maps share one colour scale.")
+def fig_mask_errors(d: ReportData):
+    """Images ``(k, H, W[, 3])``, error maps ``(k, H, W)`` and the masks' outlines over the
+    maps, from ``d.mask_errors``; each column titled with its defect type and score."""
+    m = d.mask_errors
+    if not isinstance(m, MaskSet):
+        return m
+    k = len(m.x)
+    fig = new_figure(max(6.5, 1.25 * k + 2.2), 5.4)
+    cols = [f"{m.defects[j]}\n{m.picks[j]}, score {m.scores[j]:.4g}" for j in range(k)]
+    colors = ["#c00000" if f else "#006000" for f in m.flagged]
+    maps = {1: ("inferno", m.vmax), 2: ("inferno", m.vmax)}
+    axes, ims = image_rows(fig, [m.x, m.error_map, m.error_map],
+                           ["image", "error map", "error map,\nmask outline"], cols,
+                           maps=maps, col_colors=colors)
+    # On the mosaic itself: the background between images keeps the outlines apart.
+    ax = axes[2]
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()  # contour rescales the view: keep the image's
+    ax.contour(mosaic(m.masks, fill=0.0), levels=[0.5], colors=CONTOUR_COLOR, linewidths=1.2)
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+    fig.colorbar(ims[1], ax=list(axes[1:]), label=f"per-pixel {d.error_name}", shrink=0.9,
+                 pad=0.01)
+    fig.suptitle(wrap(f"{m.title}\n(threshold {d.calibration.get().threshold:.4g}; red = "
+                      "flagged as anomalous)", fig), fontsize=10)
+    fig.supxlabel("test images (columns): defect type, which pick, score", fontsize=9)
+    return fig
+
+
 # -- latent space ---------------------------------------------------------------------------------
 
 
@@ -564,6 +604,49 @@ register("affine.png", "The generative model",
          "The affine units (rotation, shear, scale, shift) are set to the identity in the "
          "normalized reconstruction: slanted images come out straightened.")(
     lambda d: fig_rows(d.affine))
+def _show(ax, image: np.ndarray) -> None:
+    """One image ``(H, W[, 3])`` pixel for pixel, without ticks."""
+    a = displayable(image[None])[0]
+    kw = {"cmap": "gray", "vmin": 0, "vmax": 1} if a.ndim == 2 else {}
+    ax.imshow(np.clip(a, 0, 1), interpolation="nearest", **kw)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+@register("decode_2x.png", "The generative model", "Decoding on a 2x finer grid",
+          "The same weights decode each test image at its size (1x) and on a pixel grid twice "
+          "as fine over the same extent (2x), each drawn at its own resolution in a panel of "
+          "the same size: one 1x pixel covers four 2x pixels. The decoder was trained only at "
+          "the 1x pixel positions, so the extra detail of the 2x is the network's "
+          "interpolation between them, not detail recovered from the image.")
+def fig_upscaled(d: ReportData):
+    """Rows of original ``(H, W[, 3])``, 1x reconstruction and the ``(s*H, s*W[, 3])``
+    decoding of ``d.upscaled``, in panels of one size (the 2x is not resized to H x W)."""
+    u = d.upscaled
+    if not isinstance(u, Upscaled):
+        return u
+    h, w = u.x.shape[1:3]
+    s = u.scale
+    # A panel's longer side in inches: a screen pixel per 2x pixel, so the PNG does not
+    # resample it away (up to 8 in, about 400 px sides at 2x).
+    side = min(8.0, max(1.8, s * max(h, w) / DPI))
+    ph, pw = side * h / max(h, w), side * w / max(h, w)
+    rows = min(len(u.x), max(1, int(22 / (ph + 0.45))))
+    fig = new_figure(3 * pw + 1.8, rows * (ph + 0.45) + 0.9)
+    axes = fig.subplots(rows, 3, squeeze=False)
+    heads = [f"original ({h}x{w})", f"reconstruction, 1x ({h}x{w})",
+             f"decoded at {s}x ({s * h}x{s * w})"]
+    for i in range(rows):
+        for j, img in enumerate((u.x[i], u.reconstruction[i], u.upscaled[i])):
+            _show(axes[i, j], img)
+            if i == 0:
+                axes[i, j].set_title(heads[j], fontsize=9)
+        axes[i, 0].set_ylabel(f"{u.labels[i]}\nscore {u.scores[i]:.3g}", fontsize=8)
+    fig.suptitle(wrap(f"{u.title}; the extra detail of the {s}x is the network's "
+                      "interpolation", fig), fontsize=10)
+    return fig
+
+
 register("denoise.png", "The generative model", "Denoising",
          "Noise of the strength the model was trained to remove (--denoise).")(
     lambda d: fig_rows(d.denoising))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 
-from anomaly.report.analysis import Missing, ReportData
+from anomaly.report.analysis import Missing, ReportData, defect_rows
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -55,9 +55,11 @@ def render_page(summary: dict, data: ReportData, specs, pngs: dict[str, bytes],
     sections = list(dict.fromkeys(f["section"] for f in figures))
     per_class = data.evaluation.per_class
     op_cols = [c for c in per_class.columns if c.startswith("flagged@")]
+    pixel = data.pixel if isinstance(data.pixel, dict) else None
     return _environment().get_template("report.html.j2").render(
         s=summary, data=data, figures=figures, sections=sections,
         ranking=None if isinstance(data.ranking, Missing) else data.ranking,
         uniformity=None if isinstance(data.uniformity, Missing) else data.uniformity,
         checks=data.fpr_checks, disagree=[c for c in data.fpr_checks if c.agrees is False],
-        per_class=per_class.to_dict("records"), op_cols=op_cols)
+        per_class=per_class.to_dict("records"), op_cols=op_cols, pixel=pixel,
+        defects=defect_rows(data) if pixel else [])

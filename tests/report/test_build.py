@@ -113,7 +113,7 @@ def test_figures_registered_written_and_shown_are_the_same(report):
     assert written == set(rep.figures) == set(rep.summary["figures"])
     assert written.isdisjoint(rep.notes) and written | set(rep.notes) == set(FIGURES)
     assert set(rep.notes) == {"latent_tsne.png", "manifold.png", "affine.png", "denoise.png",
-                              "score_parts.png"}
+                              "score_parts.png", "mask_errors.png", "decode_2x.png"}
     page = rep.html.read_text()
     parser = _Page()
     parser.feed(page)
@@ -218,7 +218,7 @@ def test_one_kind_of_test_image_only(tmp_path, keep, left_out):
                               "classes": full.classes[mask]})
     rep = build_report(StandIn(), test, tmp_path / "rep", tsne_points=0)
     always_out = {"latent_tsne.png", "manifold.png", "affine.png", "denoise.png",
-                  "score_parts.png", "training.png"}
+                  "score_parts.png", "training.png", "mask_errors.png", "decode_2x.png"}
     assert set(rep.notes) == always_out | left_out
     assert "all normal or all anomalous" in rep.notes["roc.png"]
     assert rep.summary["auroc"] is None and "undefined" in rep.html.read_text()
