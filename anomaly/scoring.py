@@ -23,8 +23,8 @@ A score is computed in two steps, so nothing is hidden:
      gives each transform of the image (:meth:`Autoencoder.transform_nll
      <anomaly.models.autoencoder.Autoencoder.transform_nll>`): the classifier learned on normal
      images which way up they are, which an image of another kind does not show. It fails on
-     other images than the first two parts (MNIST 2: 0.971 for mse+knn, 0.987 for the
-     classifier alone, 0.990 together; README "Benchmarks").
+     other images than the first two parts (seed 0, MNIST 2: 0.971 for mse+knn, 0.918 for
+     the classifier's part alone, 0.985 together; README "Benchmarks").
 
 2. The **combination** into one score: a single part is the score; several parts are summed
    after a :class:`Standardizer` fitted on normal validation images turns each into a z-score,
