@@ -76,7 +76,8 @@ class DetectorConfig:
                            "mean)", group="score")
     tp_transforms: str = _opt("auto", "transforms the mse+knn+tp score's classifier learns to "
                               "recognize on normal images (GEOM-style): auto (rot4 for square "
-                              "images, flip4 otherwise), rot4 or flip4", group="score")
+                              "images, flip4 otherwise), rot4, flip4 or d4 (rotations of the "
+                              "mirror image too)", group="score")
     knn_k: int = _opt(5, "neighbours averaged by the mse+knn score", group="score")
     knn_memory: int = _opt(10000, "normal training codes kept for mse+knn", group="score",
                            metavar="N")
