@@ -139,7 +139,7 @@ class RunConfig:
     name: str | None = _opt(None, "artifact name (default DATASET-CLASSES-MODEL)",
                             group="output")
     preset: str | None = _opt(None, "fast (the defaults) or accurate (score mse+knn+tp: "
-                              "higher AUROC, about twice the fit time and a third of the "
+                              "higher AUROC, about twice the fit time and half the "
                               "scoring speed; README \"Benchmarks\"); its values replace the "
                               "defaults and the config file's, flags override them",
                               group="model")
