@@ -58,9 +58,9 @@ def choose_runtime(has_onnx: bool, requested: str | None = None, *,
         has_onnx: the artifact holds ``model.onnx``.
         requested: ``auto``, ``keras`` or ``onnx``; default ``$ANOMALY_RUNTIME`` or ``auto``.
         tensorflow: whether TensorFlow is installed; default :func:`tensorflow_installed`.
-        prefer: what ``auto`` picks when both can run: ``keras`` (the service, where it is
-            the faster on a CPU) or ``onnx`` (batch-scoring actors, which then load no
-            TensorFlow).
+        prefer: what ``auto`` picks when both can run: ``keras`` (the service's default) or
+            ``onnx`` (batch-scoring actors, which then load no TensorFlow). onnxruntime is
+            now the faster of the two on a CPU (bench/results/runtime-bench.md).
     """
     requested = (requested or os.environ.get(ENV) or "auto").strip().lower()
     if requested not in RUNTIMES:
