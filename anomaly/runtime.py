@@ -33,8 +33,9 @@ ONNX_FILE, SIDECAR = "model.onnx", "onnx.json"
 #: Sidecar layout this module reads (``anomaly.export.onnx.EXPORT_FORMAT``).
 SIDECAR_FORMAT = 1
 #: Images per onnxruntime call. Small enough that one call's activations stay in a core's cache
-#: (28x28 conv-vae on this project's 2-core machine, images/s: 32 -> 16,000, 1,024 -> 8,400 with
-#: two threads; bench/results/runtime-bench.md), and it bounds the memory of a huge request.
+#: (the MNIST conv-vae on this project's 2-core machine, two threads of one-thread calls,
+#: images/s: 16 -> 16,100, 32 -> 16,000, 64 -> 14,600, 128 -> 14,000;
+#: bench/results/runtime-bench.md), and it bounds the memory of a huge request.
 CHUNK = 32
 _OUTPUTS = ("score", "normalized", "is_anomaly", "parts")
 
