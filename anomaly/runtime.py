@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,11 @@ ENV = "ANOMALY_RUNTIME"
 ONNX_FILE, SIDECAR = "model.onnx", "onnx.json"
 #: Sidecar layout this module reads (``anomaly.export.onnx.EXPORT_FORMAT``).
 SIDECAR_FORMAT = 1
-#: Images per onnxruntime call: bounds the memory of the per-pixel outputs of a huge request.
-CHUNK = 1024
+#: Images per onnxruntime call. Small enough that one call's activations stay in a core's cache
+#: (the MNIST conv-vae on this project's 2-core machine, two threads of one-thread calls,
+#: images/s: 16 -> 16,100, 32 -> 16,000, 64 -> 14,600, 128 -> 14,000;
+#: bench/results/runtime-bench.md), and it bounds the memory of a huge request.
+CHUNK = 32
 _OUTPUTS = ("score", "normalized", "is_anomaly", "parts")
 
 
@@ -55,9 +59,9 @@ def choose_runtime(has_onnx: bool, requested: str | None = None, *,
         has_onnx: the artifact holds ``model.onnx``.
         requested: ``auto``, ``keras`` or ``onnx``; default ``$ANOMALY_RUNTIME`` or ``auto``.
         tensorflow: whether TensorFlow is installed; default :func:`tensorflow_installed`.
-        prefer: what ``auto`` picks when both can run: ``keras`` (the service, where it is
-            the faster on a CPU) or ``onnx`` (batch-scoring actors, which then load no
-            TensorFlow).
+        prefer: what ``auto`` picks when both can run: ``keras`` (the service's default) or
+            ``onnx`` (batch-scoring actors, which then load no TensorFlow). onnxruntime is
+            now the faster of the two on a CPU (bench/results/runtime-bench.md).
     """
     requested = (requested or os.environ.get(ENV) or "auto").strip().lower()
     if requested not in RUNTIMES:
@@ -129,8 +133,14 @@ class OnnxDetector:
                            cls=ArtifactError)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:  # one actor per core must not start a pool of every core's threads
-            options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
+        # Each call runs on one core, in the calling thread; a batch is split over `threads`
+        # threads of ours, calling the one session at once (onnxruntime lets go of the GIL).
+        # onnxruntime's own pool splits each kernel of a call instead, and waits for its threads
+        # at every node of the graph: 1.5x slower on two cores.
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.threads_ = max(1, int(threads or _cores()))
+        self._pool = None
+        self._pool_lock = threading.Lock()
         try:
             self.session_ = ort.InferenceSession(artifact.file(ONNX_FILE).read_bytes(), options,
                                                  providers=["CPUExecutionProvider"])
@@ -172,9 +182,24 @@ class OnnxDetector:
         names = [*_OUTPUTS, *(("reconstruction", "error_map") if full else ())]
         if len(x) == 0:
             raise expected("at least one image", "0 images", cls=ConfigError)
-        chunks = [self.session_.run(names, {self.input_["name"]: x[i : i + CHUNK]})
-                  for i in range(0, len(x), CHUNK)]
+        feed = self.input_["name"]
+        starts = range(0, len(x), CHUNK)
+        if len(starts) == 1 or self.threads_ == 1:
+            chunks = [self.session_.run(names, {feed: x[i : i + CHUNK]}) for i in starts]
+        else:
+            chunks = list(self._executor().map(
+                lambda i: self.session_.run(names, {feed: x[i : i + CHUNK]}), starts))
+        if len(chunks) == 1:
+            return dict(zip(names, chunks[0], strict=True))
         return {n: np.concatenate([c[k] for c in chunks]) for k, n in enumerate(names)}
+
+    def _executor(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads_, thread_name_prefix="onnx-detect")
+            return self._pool
 
     def detect(self, images, *, operating_point: str | None = None,
                reconstruction: bool = False, error_map: bool = False,
@@ -204,6 +229,14 @@ class OnnxDetector:
         return self.detect(X, operating_point=operating_point).is_anomaly.astype(np.int64)
 
 
+def _cores() -> int:
+    """CPUs this process may run on (a container's or ``taskset``'s share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def load_runtime(artifact_path: str | Path, *, runtime: str | None = None, verify: bool = True,
                  prefer: str = "keras", threads: int | None = None):
     """Load the artifact at ``artifact_path`` with the runtime :func:`choose_runtime` picks.
@@ -213,7 +246,8 @@ def load_runtime(artifact_path: str | Path, *, runtime: str | None = None, verif
         runtime: ``auto``, ``keras`` or ``onnx``; default ``$ANOMALY_RUNTIME`` or ``auto``.
         verify: check the manifest (every file's SHA-256) first.
         prefer: what ``auto`` picks when both runtimes can run (see :func:`choose_runtime`).
-        threads: CPU threads for the runtime's kernels (``None``: its default, every core).
+        threads: CPU threads for the runtime (``None``: every core this process may use); for
+            onnxruntime, how many ``CHUNK``-image calls of a batch run at once, one a thread.
 
     Returns:
         A :class:`anomaly.detector.Detector` (``runtime_ == "keras"``) or an

@@ -102,7 +102,11 @@ def main() -> None:
             print(f"{name}: done", flush=True)
         ref = scores["TensorFlow (Keras)"]
         gap = np.abs(scores["onnxruntime"] - ref)
-        print(f"\nmodel: {keras.model}, score {keras.score} ({keras.aggregation}), kNN memory "
+        from anomaly.runtime import CHUNK
+
+        print(f"\nonnxruntime: {onnx.threads_} threads, each running {CHUNK}-image calls of one "
+              f"thread; TensorFlow: its own pools, {keras.scorer.batch_size}-image calls")
+        print(f"model: {keras.model}, score {keras.score} ({keras.aggregation}), kNN memory "
               f"{len(keras.knn_.memory) if keras.knn_ is not None else 0} codes; export "
               f"{export_s:.1f} s; max |score difference| {gap.max():.3g} "
               f"({(gap / np.abs(ref)).max():.3g} relative, scores span {ref.min():.3g}.."

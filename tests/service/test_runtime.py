@@ -74,6 +74,22 @@ def test_onnx_backend_detects_like_the_detector(onnx_root, detector):
     assert_close_scores(detector, rt.decision_function(u8), detector.detect(u8))
 
 
+def test_a_batch_split_over_threads_scores_like_its_calls_in_turn(onnx_root):
+    from anomaly.runtime import CHUNK
+
+    x = np.concatenate([blobs(2 * CHUNK + 5, seed=7), bars(3)])  # three calls and a part
+    split = load_runtime(onnx_root / "exported" / "v1", runtime="onnx", threads=2)
+    serial = load_runtime(onnx_root / "exported" / "v1", runtime="onnx", threads=1)
+    assert (split.threads_, serial.threads_) == (2, 1)
+    got, want = (rt.detect(x, reconstruction=True) for rt in (split, serial))
+    for field in ("scores", "normalized", "is_anomaly", "parts", "reconstruction"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    # In the images' order: each row is its own image's.
+    alone = [serial.detect(x[i : i + 1], reconstruction=True) for i in range(0, len(x), 9)]
+    np.testing.assert_allclose(got.reconstruction[::9], [o.reconstruction[0] for o in alone],
+                               rtol=0, atol=1e-6)
+
+
 def test_a_graph_with_other_thresholds_is_refused(onnx_root, tmp_path):
     import shutil
 
