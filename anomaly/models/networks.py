@@ -142,10 +142,11 @@ def transform_classifier(image_shape: tuple[int, int, int], n_transforms: int,
     """Which of ``n_transforms`` transforms an image ``(batch, H, W, C)`` got: logits
     ``(batch, n_transforms)``.
 
-    Two 3x3 convolutions (batch-normalized) per stage, 2x2 max-pooling between stages, as many
-    stages as the autoencoder's encoder has (:func:`conv_stages`, at least the configured
-    filters' count; the filters double beyond them), then global average pooling: a 28x28 image
-    goes 28 -> 14 -> 7 pixels. Its own weights: the autoencoder is trained as before.
+    Two 3x3 convolutions (batch-normalized) per stage (one in the last), 2x2 max-pooling
+    between stages, one stage more than the encoder's stride-2 stages (:func:`conv_stages`) and
+    at least one per configured filter count (the filters double beyond them), then global
+    average pooling: an MNIST-sized image is pooled twice, to a quarter of its side, as in
+    the encoder. Its own weights: the autoencoder is trained as before.
     """
     stages = max(len(filters), conv_stages(image_shape[0], image_shape[1]) + 1)
     widths = list(filters)
