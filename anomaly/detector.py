@@ -143,14 +143,13 @@ class Detector(OutlierMixin, BaseEstimator):
         if not isinstance(self.force_calibration, bool):
             raise expected("force_calibration as true or false", repr(self.force_calibration),
                            cls=ConfigError)
-        from anomaly.models.transforms import TRANSFORMS
+        from anomaly.models.transforms import TP_CHOICES, TRANSFORMS
 
         if self.transforms not in TRANSFORMS:
             raise expected(f"transforms in {sorted(TRANSFORMS)}", repr(self.transforms),
                            cls=ConfigError)
-        tp_choices = ["auto", *sorted(set(TRANSFORMS) - {"none"})]
-        if self.tp_transforms not in tp_choices:
-            raise expected(f"tp_transforms in {tp_choices}", repr(self.tp_transforms),
+        if self.tp_transforms not in TP_CHOICES:
+            raise expected(f"tp_transforms in {list(TP_CHOICES)}", repr(self.tp_transforms),
                            cls=ConfigError)
         if self.recon_loss not in ("bce", "mse"):
             raise expected("recon_loss in ('bce', 'mse')", repr(self.recon_loss),

@@ -62,14 +62,17 @@ def all_transforms(x, name: str):
     return ops.stack([_one(x, name, k) for k in range(TRANSFORMS[name])], axis=0)
 
 
+#: What ``tp_transforms`` accepts: ``auto`` or a transform set with something to predict.
+TP_CHOICES = ("auto", *sorted(set(TRANSFORMS) - {"none"}))
+
+
 def resolve_tp_transforms(name: str, image_shape: tuple[int, int, int]) -> str:
     """``tp_transforms`` for images of ``image_shape``: ``auto`` is ``rot4`` for square images
     and ``flip4`` otherwise; ``none`` is refused (nothing to predict)."""
     if name == "auto":
         return "rot4" if image_shape[0] == image_shape[1] else "flip4"
-    if name == "none" or name not in TRANSFORMS:
-        raise expected(f"tp_transforms in {sorted(set(TRANSFORMS) - {'none'} | {'auto'})}",
-                       repr(name), cls=ConfigError)
+    if name not in TP_CHOICES:
+        raise expected(f"tp_transforms in {list(TP_CHOICES)}", repr(name), cls=ConfigError)
     check_transforms(name, image_shape)
     return name
 
