@@ -10,8 +10,10 @@ attributes the service reads: ``model``, ``score``, ``aggregation``, ``image_sha
   --format onnx`` wrote (``model.onnx`` + ``onnx.json``). It never imports TensorFlow, Keras
   or the detector module, so the ``serve`` extra (no TensorFlow) is enough to run it.
 
-Which one (``ANOMALY_RUNTIME``, default ``auto``): ``auto`` uses Keras when TensorFlow is
-installed and onnxruntime otherwise; ``onnx`` and ``keras`` force one. An artifact without
+Which one (``ANOMALY_RUNTIME``, default ``auto``): ``auto`` uses onnxruntime when the artifact
+holds an export and onnxruntime is installed (1.8x the TensorFlow path's images/s on this
+project's 2-core machine, a tenth of its single-image latency: bench/results/runtime-bench.md),
+and Keras otherwise; ``onnx`` and ``keras`` force one. An artifact without
 ``model.onnx`` cannot be served without TensorFlow, and says so, naming ``anomaly export``.
 """
 
@@ -52,16 +54,15 @@ def tensorflow_installed() -> bool:
 
 def choose_runtime(has_onnx: bool, requested: str | None = None, *,
                    tensorflow: bool | None = None, where: str = "the artifact",
-                   prefer: str = "keras") -> str:
+                   prefer: str = "onnx") -> str:
     """``"keras"`` or ``"onnx"`` for an artifact (see the module docstring).
 
     Args:
         has_onnx: the artifact holds ``model.onnx``.
         requested: ``auto``, ``keras`` or ``onnx``; default ``$ANOMALY_RUNTIME`` or ``auto``.
         tensorflow: whether TensorFlow is installed; default :func:`tensorflow_installed`.
-        prefer: what ``auto`` picks when both can run: ``keras`` (the service's default) or
-            ``onnx`` (batch-scoring actors, which then load no TensorFlow). onnxruntime is
-            now the faster of the two on a CPU (bench/results/runtime-bench.md).
+        prefer: what ``auto`` picks when both can run: ``onnx`` (the faster on a CPU, and
+            it loads no TensorFlow) or ``keras``.
     """
     requested = (requested or os.environ.get(ENV) or "auto").strip().lower()
     if requested not in RUNTIMES:
@@ -238,7 +239,7 @@ def _cores() -> int:
 
 
 def load_runtime(artifact_path: str | Path, *, runtime: str | None = None, verify: bool = True,
-                 prefer: str = "keras", threads: int | None = None):
+                 prefer: str = "onnx", threads: int | None = None):
     """Load the artifact at ``artifact_path`` with the runtime :func:`choose_runtime` picks.
 
     Args:

@@ -27,7 +27,9 @@ pytest.importorskip("onnxruntime")
 
 
 def test_choose_runtime():
-    assert choose_runtime(True, "auto", tensorflow=True) == "keras"
+    # Both can run: onnxruntime, the faster on a CPU (bench/results/runtime-bench.md).
+    assert choose_runtime(True, "auto", tensorflow=True) == "onnx"
+    assert choose_runtime(True, "auto", tensorflow=True, prefer="keras") == "keras"
     assert choose_runtime(False, "auto", tensorflow=True) == "keras"
     assert choose_runtime(True, "auto", tensorflow=False) == "onnx"
     assert choose_runtime(True, "ONNX", tensorflow=True) == "onnx"
