@@ -169,19 +169,22 @@ def phase(port: int, raw: bytes, concurrency: int, max_requests: int, max_second
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
+    cpu0 = time.process_time()
     out = runner(_phase(port, raw, concurrency, max_requests, max_seconds))
+    # The load generator shares the cores with the server: say how much of them it took.
+    out["client_cpu_s_per_s"] = (time.process_time() - cpu0) / out["seconds"]
     out["images_per_s"] = out["requests_per_s"] * images_per_request
     out["concurrency"], out["batch"] = concurrency, images_per_request
     return out
 
 
-def raw_throughput(artifact: Path, batch: int, seconds: float) -> float:
-    """Images/s of ``Detector.detect`` on validated images in this process (no HTTP): what
-    the service runs per model call."""
-    import anomaly._tf  # noqa: F401
-    from anomaly.detector import Detector
+def raw_throughput(artifact: Path, batch: int, seconds: float) -> tuple[float, str]:
+    """Images/s of ``detect`` on validated images in this process (no HTTP) with the runtime
+    the server chose (``ANOMALY_RUNTIME``, as the server reads it): what the service runs per
+    model call. Returns ``(images_per_s, runtime)``."""
+    from anomaly.runtime import load_runtime
 
-    det = Detector.load(artifact)
+    det = load_runtime(artifact)
     x = synthetic_images(batch, seed=3)
     for _ in range(5):
         det.detect(x, validated=True)
@@ -189,7 +192,7 @@ def raw_throughput(artifact: Path, batch: int, seconds: float) -> float:
     while time.perf_counter() - start < seconds:
         det.detect(x, validated=True)
         n += batch
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), det.runtime_
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
@@ -285,14 +288,17 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         # Raw numbers with the server gone, so both sides have the machine to themselves.
-        results["raw_single_images_per_s"] = raw_throughput(artifact, 1, min(args.duration, 5))
-        results["raw_batch_images_per_s"] = raw_throughput(artifact, args.batch,
-                                                           min(args.duration, 5))
+        results["raw_single_images_per_s"], runtime = raw_throughput(
+            artifact, 1, min(args.duration, 5))
+        results["raw_batch_images_per_s"], _ = raw_throughput(artifact, args.batch,
+                                                              min(args.duration, 5))
+        results["runtime"] = runtime
 
     lat = results["latency_c1_single"]
     rows = [
         ("single image, concurrency 1", f"p50 {lat['p50_ms']:.2f} ms, p99 {lat['p99_ms']:.2f} "
-         f"ms ({lat['requests']} requests)", "p50 <= 5 ms, p99 <= 20 ms"),
+         f"ms ({lat['requests']} requests; load generator {lat['client_cpu_s_per_s']:.0%} of "
+         "a core)", "p99 <= 5 ms"),
     ]
     ratios = {}
     for key, label, raw_key in (
@@ -305,10 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         r = results[key]
         ratios[key] = r["images_per_s"] / results[raw_key]
         rows.append((label, f"{r['images_per_s']:.0f} images/s (p50 {r['p50_ms']:.1f} ms, p99 "
-                     f"{r['p99_ms']:.1f} ms, {r['failures']} failed); {ratios[key]:.0%} of raw "
+                     f"{r['p99_ms']:.1f} ms, {r['failures']} failed; load generator "
+                     f"{r['client_cpu_s_per_s']:.0%} of a core); {ratios[key]:.0%} of raw "
                      f"batch-{r['batch']} {results[raw_key]:.0f} images/s",
-                     ">= 70% of raw" if "batch" in key else ""))
+                     ">= 85% of raw" if "batch" in key else ">= 1,500 images/s"))
     results["ratios"] = ratios
+    print(f"\nruntime: {results['runtime']} (server and raw side alike)")
     print("\n| phase | result | target |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -29,7 +29,7 @@ from service.schemas import (
     describe_model,
     describe_version,
 )
-from service.scoring import encode_v1, off_loop, score_images
+from service.scoring import INLINE_BYTES, cpu_work, encode_v1, off_loop, score_images
 from service.shapes import image_shape
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[ScoringAuth],
@@ -120,8 +120,10 @@ async def _score_admitted(request: Request, model, settings, metrics, query: dic
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "application/json" or media_type.endswith("+json"):
         body = await request.body()
-        x, options = await off_loop(request, _parse_json, body, settings, query, shape)
+        small = len(body) <= INLINE_BYTES
+        x, options = await cpu_work(request, small, _parse_json, body, settings, query, shape)
     elif media_type == "multipart/form-data":
+        small = False
         files, options = await _read_form(request, settings, query)
         x = await off_loop(request, inputs.decode_files, files, shape=shape,
                            max_images=settings.max_batch_images,
@@ -137,7 +139,8 @@ async def _score_admitted(request: Request, model, settings, metrics, query: dic
     scored = await score_images(metrics, model, x, options.operating_point, full=full,
                                 decode_s=decoded - start)
     encode_start = time.perf_counter()
-    body = await off_loop(request, encode_v1, scored, reconstruction=options.return_reconstruction,
+    body = await cpu_work(request, small and not full, encode_v1, scored,
+                          reconstruction=options.return_reconstruction,
                           error_map=options.return_error_map, image_format=options.image_format)
     metrics.stage_duration.labels(model.name, "encode").observe(
         time.perf_counter() - encode_start)

@@ -50,7 +50,7 @@ from service.schemas import (
     V2InferRequest,
     V2InferResponse,
 )
-from service.scoring import off_loop, score_images
+from service.scoring import INLINE_BYTES, cpu_work, score_images
 from service.shapes import image_shape, tensor_shapes
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"],
@@ -320,15 +320,19 @@ async def _infer_admitted(request: Request, model, settings, metrics, ticket) ->
     start = time.perf_counter()
     body = await request.body()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    req, wanted, op_name, raw, x = await off_loop(
-        request, _parse, body, encoding, request.headers.get("inference-header-content-length"),
+    # A compressed body may inflate to far more than it looks: never parsed on the loop.
+    small = len(body) <= INLINE_BYTES and encoding == "identity"
+    req, wanted, op_name, raw, x = await cpu_work(
+        request, small, _parse, body, encoding,
+        request.headers.get("inference-header-content-length"),
         settings, image_shape(model.detector))
     full = any(name == "reconstruction" for name, _ in wanted)
     ticket.resize(len(x))
     scored = await score_images(metrics, model, x, op_name, full=full,
                                 decode_s=time.perf_counter() - start)
     encode_start = time.perf_counter()
-    head, blobs = await off_loop(request, _respond, req, model, scored, wanted, raw.shape)
+    head, blobs = await cpu_work(request, small and not full, _respond,
+                                 req, model, scored, wanted, raw.shape)
     metrics.stage_duration.labels(model.name, "encode").observe(
         time.perf_counter() - encode_start)
     if not blobs:
