@@ -26,11 +26,13 @@ from service.registry import LoadedModel, ModelEntry, Registry
 from service.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+# Every dependency is ``async def``: FastAPI runs a plain ``def`` one in a worker thread, a
+# hand-off per dependency per request (four on a scoring route) for a few attribute reads.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     registry = getattr(request.app.state, "registry", None)
     if registry is None:  # the app is served without its lifespan having run
         raise expect("a started service (lifespan run)", "a request before start-up",
@@ -38,7 +40,7 @@ def get_registry(request: Request) -> Registry:
     return registry
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
@@ -118,14 +120,14 @@ def _check_bearer(credentials: HTTPAuthorizationCredentials | None,
                      code="forbidden", status_code=403)
 
 
-def require_scoring_key(request: Request, credentials: Bearer) -> None:
+async def require_scoring_key(request: Request, credentials: Bearer) -> None:
     """Dependency of the scoring and model routes: open when no scoring key is set."""
     digests = request.app.state.scoring_key_digests
     if digests:
         _check_bearer(credentials, digests, "scoring")
 
 
-def require_admin_key(request: Request, credentials: AdminBearer) -> None:
+async def require_admin_key(request: Request, credentials: AdminBearer) -> None:
     """Dependency of the admin routes: closed unless an admin key is set (and given) or the
     operator opted in with ``ANOMALY_ADMIN_OPEN=1``."""
     digests = request.app.state.admin_key_digests
