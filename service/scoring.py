@@ -10,8 +10,9 @@ model call). Over ``ANOMALY_MAX_QUEUED_IMAGES`` a scoring request gets 503 with 
 at once instead of queueing without limit, so an overloaded replica answers quickly and a load
 balancer or client can retry elsewhere. CPU work of a request (parsing, validation, decoding,
 encoding) runs in the app's CPU pool (:func:`off_loop`), so health checks and /metrics answer
-while it runs; only a small request's (:func:`cpu_work`, at most :data:`INLINE_BYTES` of body,
-no images in the response) runs on the event loop, where it costs less than the hand-off.
+while it runs; only a small request's (:func:`cpu_work`: at most :data:`INLINE_BYTES` of JSON, and of a
+V2 binary tensor :data:`INLINE_BINARY_BYTES`; no images in the response) runs on the event
+loop, where it costs less than the hand-off.
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ async def off_loop(request: Request, fn: Callable, *args, **kwargs):
 #: event loop: for a single 28x28 image (about 3 KB of JSON) the two hand-offs to the CPU pool
 #: and back cost more than the work (py-spy on the service at concurrency 8).
 INLINE_BYTES = 16 * 1024
+#: A V2 request whose JSON header is that small and whose binary tensor is at most this size is
+#: handled on the loop too: the tensor is read with ``np.frombuffer`` and checked by vectorized
+#: passes (about 0.1 ms for a 64-image 28x28 batch), less than the two hand-offs.
+INLINE_BINARY_BYTES = 1 << 20
 
 
 async def cpu_work(request: Request, small: bool, fn: Callable, *args, **kwargs):

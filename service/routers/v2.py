@@ -50,7 +50,7 @@ from service.schemas import (
     V2InferRequest,
     V2InferResponse,
 )
-from service.scoring import INLINE_BYTES, cpu_work, score_images
+from service.scoring import INLINE_BINARY_BYTES, INLINE_BYTES, cpu_work, score_images
 from service.shapes import image_shape, tensor_shapes
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"],
@@ -258,6 +258,19 @@ def _encode(name: str, arr: np.ndarray, datatype: str, binary: bool,
     return out
 
 
+def _small(body: bytes, encoding: str, header_len: str | None) -> bool:
+    """Whether parsing ``body`` is cheap enough for the event loop (:func:`cpu_work`)."""
+    if encoding not in ("", "identity"):  # a compressed body may inflate to far more
+        return False
+    json_bytes = len(body)
+    if header_len is not None:
+        try:
+            json_bytes = int(header_len)
+        except ValueError:
+            return False  # _parse says what is wrong with it
+    return json_bytes <= INLINE_BYTES and len(body) <= INLINE_BYTES + INLINE_BINARY_BYTES
+
+
 def _parse(body: bytes, encoding: str, header_len: str | None, settings,
            shape: tuple[int, int, int]):
     """The whole request -> (request, wanted outputs, operating point, raw tensor, images).
@@ -320,11 +333,10 @@ async def _infer_admitted(request: Request, model, settings, metrics, ticket) ->
     start = time.perf_counter()
     body = await request.body()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    # A compressed body may inflate to far more than it looks: never parsed on the loop.
-    small = len(body) <= INLINE_BYTES and encoding == "identity"
+    header_len = request.headers.get("inference-header-content-length")
+    small = _small(body, encoding, header_len)
     req, wanted, op_name, raw, x = await cpu_work(
-        request, small, _parse, body, encoding,
-        request.headers.get("inference-header-content-length"),
+        request, small, _parse, body, encoding, header_len,
         settings, image_shape(model.detector))
     full = any(name == "reconstruction" for name, _ in wanted)
     ticket.resize(len(x))

@@ -204,3 +204,16 @@ def test_nan_and_malformed_bodies(client):
     v2_error(client.post("/v2/models/blobs/versions/v9/infer", json={"inputs": [tensor(X)]}), 404)
     v2_error(client.get(URL), 405)
     assert client.post(URL, json={"inputs": [tensor(X)]}).status_code == 200
+
+
+def test_only_cheap_bodies_are_parsed_on_the_event_loop():
+    from service.routers.v2 import _small
+    from service.scoring import INLINE_BINARY_BYTES, INLINE_BYTES
+
+    tensor = bytes(64 * 28 * 28 * 4)  # a 64-image float32 batch after a 200-byte header
+    assert _small(b"{}" * 100 + tensor, "identity", "200")
+    assert _small(b"{}", "", None)
+    assert not _small(b"{}" * 100 + tensor, "gzip", "200")  # may inflate to far more
+    assert not _small(b" " * (INLINE_BYTES + 1), "identity", None)  # all JSON, too much
+    assert not _small(b"{}" * 100 + bytes(INLINE_BYTES + INLINE_BINARY_BYTES), "identity", "200")
+    assert not _small(b"{}", "identity", "twelve")  # left to the pool, which says why
