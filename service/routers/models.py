@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -121,7 +122,15 @@ async def _score_admitted(request: Request, model, settings, metrics, query: dic
     if media_type == "application/json" or media_type.endswith("+json"):
         body = await request.body()
         small = len(body) <= INLINE_BYTES
-        x, options = await cpu_work(request, small, _parse_json, body, settings, query, shape)
+        if small:
+            req, options = _parse_json(body, settings, query)
+            # An encoded (PNG/JPEG) image may decode to far more pixels than its bytes: never
+            # on the loop.
+            x = await cpu_work(request, all(type(i) is list for i in req.images), _decode_json,
+                               req, settings, shape)
+        else:
+            x, options = await off_loop(request, _parse_and_decode_json, body, settings, query,
+                                        shape)
     elif media_type == "multipart/form-data":
         small = False
         files, options = await _read_form(request, settings, query)
@@ -163,16 +172,26 @@ def _options(query: dict, given: dict) -> ScoreOptions:
                            describe_pydantic_error(exc.errors(include_url=False)[0])) from None
 
 
-def _parse_json(body: bytes, settings, query: dict, shape):
-    """Body -> (images, options); CPU-bound, run off the event loop."""
+def _parse_json(body: bytes, settings, query: dict) -> tuple[ScoreRequest, ScoreOptions]:
+    """Body -> (request, options), the images not decoded yet; CPU-bound for large bodies."""
     req = parse_body(body, ScoreRequest, 'body like {"images": [...]}',
                      max_depth=settings.max_json_depth, max_keys=settings.max_json_keys)
     options = _options(query, {k: getattr(req, k) for k in req.model_fields_set
                                if k in _OPTION_FIELDS})
-    x = inputs.decode_json_images(req.images, shape=shape, max_images=settings.max_batch_images,
-                                  max_pixels=settings.max_image_pixels,
-                                  max_request_pixels=settings.max_request_pixels)
-    return x, options
+    return req, options
+
+
+def _decode_json(req: ScoreRequest, settings, shape) -> np.ndarray:
+    return inputs.decode_json_images(req.images, shape=shape,
+                                     max_images=settings.max_batch_images,
+                                     max_pixels=settings.max_image_pixels,
+                                     max_request_pixels=settings.max_request_pixels)
+
+
+def _parse_and_decode_json(body: bytes, settings, query: dict, shape):
+    """Body -> (images, options) in one call: one hand-off to the CPU pool."""
+    req, options = _parse_json(body, settings, query)
+    return _decode_json(req, settings, shape), options
 
 
 async def _read_form(request: Request, settings, query: dict):

@@ -142,6 +142,31 @@ def test_base64_png_jpeg_and_data_url(client, detector):
     assert s[2] == pytest.approx(ref, rel=0.2) and s[4] == pytest.approx(ref, rel=0.5)
 
 
+def test_small_requests_run_on_the_loop_but_encoded_images_never(client, monkeypatch):
+    """A small body of pixel lists is parsed and answered on the event loop; a base64 PNG in
+    an equally small body is decoded in the CPU pool (it may inflate to many pixels)."""
+    import service.scoring
+
+    pooled = []
+    real = service.scoring.off_loop
+
+    async def spy(request, fn, *args, **kwargs):
+        pooled.append(fn.__name__)
+        return await real(request, fn, *args, **kwargs)
+
+    monkeypatch.setattr(service.scoring, "off_loop", spy)
+    img = blobs(1, seed=4)[0]
+    pixels = np.rint(img * 255).astype(int).tolist()
+    lists = scores_of(client.post("/v1/models/blobs/score", json={"images": [pixels]}))
+    assert pooled == []
+    png = scores_of(client.post("/v1/models/blobs/score", json={"images": [png_b64(img)]}))
+    assert pooled == ["_decode_json"] and png[0] == pytest.approx(lists[0], rel=1e-6)
+    # A large body goes to the pool as one call, and the answer too.
+    pooled.clear()
+    scores_of(client.post("/v1/models/blobs/score", json={"images": [pixels] * 32}))
+    assert pooled == ["_parse_and_decode_json", "encode_v1"]
+
+
 def test_multipart_upload_with_form_and_query_options(client):
     img = blobs(2, seed=6)
     files = [("images", (f"{i}.png", base64.b64decode(png_b64(im)), "image/png"))
