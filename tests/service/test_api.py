@@ -145,6 +145,7 @@ def test_base64_png_jpeg_and_data_url(client, detector):
 def test_small_requests_run_on_the_loop_but_encoded_images_never(client, monkeypatch):
     """A small body of pixel lists is parsed and answered on the event loop; a base64 PNG in
     an equally small body is decoded in the CPU pool (it may inflate to many pixels)."""
+    import service.routers.models
     import service.scoring
 
     pooled = []
@@ -154,7 +155,8 @@ def test_small_requests_run_on_the_loop_but_encoded_images_never(client, monkeyp
         pooled.append(fn.__name__)
         return await real(request, fn, *args, **kwargs)
 
-    monkeypatch.setattr(service.scoring, "off_loop", spy)
+    for module in (service.scoring, service.routers.models):
+        monkeypatch.setattr(module, "off_loop", spy)
     img = blobs(1, seed=4)[0]
     pixels = np.rint(img * 255).astype(int).tolist()
     lists = scores_of(client.post("/v1/models/blobs/score", json={"images": [pixels]}))
@@ -163,7 +165,8 @@ def test_small_requests_run_on_the_loop_but_encoded_images_never(client, monkeyp
     assert pooled == ["_decode_json"] and png[0] == pytest.approx(lists[0], rel=1e-6)
     # A large body goes to the pool as one call, and the answer too.
     pooled.clear()
-    scores_of(client.post("/v1/models/blobs/score", json={"images": [pixels] * 32}))
+    bright = (255 - np.asarray(pixels)).tolist()  # "255, " per pixel: 8 images ~31 KB
+    scores_of(client.post("/v1/models/blobs/score", json={"images": [bright] * 8}))
     assert pooled == ["_parse_and_decode_json", "encode_v1"]
 
 
