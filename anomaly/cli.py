@@ -404,7 +404,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not to_stdout and output.suffix.lower() != ".csv":
         raise expected("an --output path ending in .csv, - for standard output, or a folder for parts",
                        str(output), cls=ConfigError)
-    # Keras where TensorFlow is installed, else the artifact's ONNX export (a light install).
+    # The artifact's ONNX export where it has one, else Keras (anomaly.runtime.choose_runtime).
     det = load_runtime(args.artifact, runtime=args.runtime or "auto")
     images = load_images(args.input, shape=det.image_shape_, skip_bad=args.skip_bad)
     scores, normalized, flagged, point, threshold = _detect_in_chunks(
@@ -720,10 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-rows", type=_int_at_least(1, "--block-rows"),
                    help=f"images per part of .npy and folder input (default: {BLOCK_ROWS:,}; "
                    "Parquet parts follow its row groups)")
-    p.add_argument("--runtime", choices=("auto", "onnx", "keras"), help="auto: for an "
-                   "--output folder the artifact's ONNX export when it has one, else Keras; for "
-                   "a CSV Keras where TensorFlow is installed, else the ONNX export "
-                   "(default: auto)")
+    p.add_argument("--runtime", choices=("auto", "onnx", "keras"), help="auto: the "
+                   "artifact's ONNX export when it has one and onnxruntime is installed (the "
+                   "faster on a CPU), else Keras (default: auto)")
     p.add_argument("--output-format", choices=("parquet", "csv"),
                    help="format of the parts (default: parquet)")
     p.add_argument("--image-column", help="Parquet column of the images (default: image)")

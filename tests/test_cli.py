@@ -299,7 +299,7 @@ def test_benchmark_on_user_data(capsys, tmp_path):
     assert (table["auroc"] - table["pca_auroc"]).abs().max() > 0  # two methods, two columns
     assert (table["epochs"] == 3).all()
     md = (tmp_path / "bench" / "ten.npz-dense-ae.md").read_text()
-    assert "| **mean** |" in md and md in out and "std of the 10-class mean across seeds" in md
+    assert "| **mean** |" in md and md in out and "std of the 2-class mean across seeds" in md
 
 
 def test_fit_with_the_accurate_preset(capsys, tmp_path):
