@@ -60,7 +60,7 @@ class BlockScorer:
                  skip_bad: bool = False, threads: int | None = None):
         from anomaly.runtime import load_runtime
 
-        self.detector = load_runtime(artifact, runtime=runtime, prefer="onnx", threads=threads)
+        self.detector = load_runtime(artifact, runtime=runtime, threads=threads)
         if sha256 is not None and self.detector.artifact_sha256_ != sha256:
             raise expected(f"the artifact the run was started with (manifest {sha256[:12]})",
                            f"manifest {self.detector.artifact_sha256_[:12]} at {artifact}",

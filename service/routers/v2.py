@@ -275,7 +275,7 @@ def _parse(body: bytes, encoding: str, header_len: str | None, settings,
            shape: tuple[int, int, int]):
     """The whole request -> (request, wanted outputs, operating point, raw tensor, images).
 
-    CPU-bound (decompression, JSON, validation): run off the event loop.
+    CPU-bound (decompression, JSON, validation): off the event loop unless :func:`_small`.
     """
     if encoding not in ("", "identity"):
         body = _decompress(body, encoding, settings.max_body_bytes)
