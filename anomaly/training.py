@@ -380,9 +380,9 @@ def image_dataset(x, batch_size: int, *, shuffle_seed: int | None = None) -> tf.
     # files are not tf.data's own reader's either, so it is sharded the same way.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    # tf.data's autotuner made the fit wait, idle, about 0.9 s at the start of 4 to 6 epochs of
+    # tf.data's autotuner made the fit wait, idle, about 0.9 s at the start of 3 to 6 epochs of
     # 12 (the MNIST conv-vae, 1.6 s epochs: no CPU used meanwhile, with and without oneDNN, a
-    # shuffle or a prefetch); without it none did, and epochs ran 8% faster. A fixed prefetch of
+    # shuffle or a prefetch); without it none did (bench/epoch_timing.py). A fixed prefetch of
     # PREFETCH batches keeps the next batches read while one trains.
     options.autotune.enabled = False
     streamed = isinstance(x, DiskImages)
