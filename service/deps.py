@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -47,6 +47,22 @@ async def get_metrics(request: Request) -> ServiceMetrics:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+
+
+class Scoring(NamedTuple):
+    registry: Registry
+    settings: Settings
+    metrics: ServiceMetrics
+
+
+async def get_scoring(request: Request) -> Scoring:
+    """The three things a scoring route needs, as one dependency: FastAPI solves each
+    dependency per request (~6 us apiece), and the scoring routes are the hot path."""
+    state = request.app.state
+    return Scoring(await get_registry(request), state.settings, state.metrics)
+
+
+ScoringDep = Annotated[Scoring, Depends(get_scoring)]
 
 
 def find_entry(registry: Registry, name: str) -> ModelEntry:

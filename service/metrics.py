@@ -32,6 +32,7 @@ ML monitoring (for the alert rules and dashboard of the monitoring issue):
 
 from __future__ import annotations
 
+import bisect
 import threading
 
 import numpy as np
@@ -87,6 +88,7 @@ class _ScoreSeries:
     def __init__(self, reference: np.ndarray, thresholds: list[float], window: int):
         self.reference = np.sort(np.asarray(reference, dtype=np.float64))
         self.bounds = score_buckets(self.reference, thresholds)
+        self.bounds_list = self.bounds.tolist()
         self.counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)
         self.sum = 0.0
         self.window = np.empty(window, dtype=np.float64)
@@ -102,9 +104,14 @@ class _ScoreSeries:
 
     def observe(self, scores: np.ndarray) -> None:
         # le buckets count score <= bound, matching "anomalous when score > threshold".
-        self.counts += np.bincount(np.searchsorted(self.bounds, scores, side="left"),
-                                   minlength=len(self.counts))
-        self.sum += float(np.sum(scores))
+        if len(scores) <= 4:  # single images: scalar steps cost a tenth of the array passes
+            for v in scores.tolist():
+                self.counts[bisect.bisect_left(self.bounds_list, v)] += 1
+                self.sum += v
+        else:
+            self.counts += np.bincount(np.searchsorted(self.bounds, scores, side="left"),
+                                       minlength=len(self.counts))
+            self.sum += float(np.sum(scores))
         n = len(self.window)
         tail = scores[-n:]
         k = len(tail)
@@ -294,6 +301,17 @@ class ServiceMetrics:
         self.build_info = Gauge("anomaly_build_info", "1, with the service and library "
                                 "versions as labels.", ["version", "tensorflow", "keras"],
                                 registry=r)
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, looked up once: prometheus_client's ``labels`` costs a
+        few microseconds a call (validation, a lock, a tuple of str()s), and a scoring request
+        makes nine of them. Label values are bounded (see the middleware), so is this."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def set_build_info(self) -> None:
         """Export ``anomaly_build_info`` (called once the libraries are imported)."""
@@ -312,8 +330,8 @@ class ServiceMetrics:
     def observe_scores(self, model: str, version: str, operating_point: str,
                        scores: np.ndarray, flagged: int) -> None:
         """Count one request's scored images ``(n,)`` and decisions; feed histogram and drift."""
-        self.images_scored.labels(model, version, operating_point).inc(len(scores))
-        self.flagged_images.labels(model, version, operating_point).inc(flagged)
+        self.child(self.images_scored, model, version, operating_point).inc(len(scores))
+        self.child(self.flagged_images, model, version, operating_point).inc(flagged)
         self.scores.observe(model, version, scores)
 
     def forget_version(self, model: str, version: str) -> None:
@@ -322,6 +340,10 @@ class ServiceMetrics:
         labels = {"model": model, "version": version}
         for metric in (self.images_scored, self.flagged_images):
             metric.remove_by_labels(labels)
+            stale = [k for k in self._children if k[0] == id(metric) and k[1:3] == (model,
+                                                                                    version)]
+            for k in stale:
+                del self._children[k]
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for (text or OpenMetrics)."""

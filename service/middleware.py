@@ -81,8 +81,8 @@ class MetricsMiddleware:
             else:
                 outcome = ("success" if status < 400 else "client_error" if status < 500
                            else "server_error")
-            metrics.requests.labels(route, method, model, str(status), outcome).inc()
-            metrics.request_duration.labels(route, method, model).observe(
+            metrics.child(metrics.requests, route, method, model, str(status), outcome).inc()
+            metrics.child(metrics.request_duration, route, method, model).observe(
                 time.perf_counter() - start)
 
 

@@ -158,10 +158,11 @@ async def score_images(metrics: ServiceMetrics, model: LoadedModel, x: np.ndarra
     res = await model.batcher.submit(x, key=op.name, full=full)
     out = res.output
     name = model.name
-    metrics.stage_duration.labels(name, "decode").observe(decode_s)
-    metrics.stage_duration.labels(name, "queue").observe(res.queue_s)
-    metrics.stage_duration.labels(name, "predict").observe(res.predict_s)
-    metrics.request_batch_size.labels(name).observe(len(x))
+    stage = metrics.stage_duration
+    metrics.child(stage, name, "decode").observe(decode_s)
+    metrics.child(stage, name, "queue").observe(res.queue_s)
+    metrics.child(stage, name, "predict").observe(res.predict_s)
+    metrics.child(metrics.request_batch_size, name).observe(len(x))
     metrics.observe_scores(name, model.version, out.operating_point, out.scores,
                            int(np.count_nonzero(out.is_anomaly)))
     return Scored(model, out.operating_point, float(out.threshold), out.scores, out.normalized,

@@ -345,7 +345,7 @@ async def _infer_admitted(request: Request, model, settings, metrics, ticket) ->
     encode_start = time.perf_counter()
     head, blobs = await cpu_work(request, small and not full, _respond,
                                  req, model, scored, wanted, raw.shape)
-    metrics.stage_duration.labels(model.name, "encode").observe(
+    metrics.child(metrics.stage_duration, model.name, "encode").observe(
         time.perf_counter() - encode_start)
     if not blobs:
         return Response(head, media_type="application/json")

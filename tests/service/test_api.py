@@ -71,6 +71,12 @@ def test_docs_and_openapi(client):
     assert "/v2/models/{model_name}/infer" in spec["paths"]
     body = spec["paths"]["/v1/models/{name}/score"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
+    for path in ("/v1/models/{name}/score", "/v1/models/{name}/versions/{version}/score"):
+        params = {p["name"]: p for p in spec["paths"][path]["post"]["parameters"]}
+        assert params["name"]["in"] == "path"
+        assert {k for k, p in params.items() if p["in"] == "query"} == {
+            "operating_point", "return_reconstruction", "return_error_map", "image_format"}
+        assert params["image_format"]["schema"]["enum"] == ["array", "png", "both"]
 
 
 def test_score_equals_detector_and_anomalies_rank_higher(client, detector):
@@ -217,6 +223,25 @@ def test_operating_point_body_wins_over_query(client, detector):
     q = client.post("/v1/models/blobs/score?operating_point=fpr%4010%25",
                     json={"images": x[:1].tolist()}).json()
     assert q["operating_point"] == "fpr@10%"
+
+
+def test_query_options_are_validated_and_applied(client):
+    x = blobs(1).tolist()
+    r = client.post("/v1/models/blobs/versions/v1/score",
+                    params={"return_error_map": "true", "image_format": "png"},
+                    json={"images": x})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["results"][0]) == {"index", "score", "normalized_score", "is_anomaly",
+                                           "error_map_png"}
+    for params, field in (({"return_reconstruction": "maybe"}, "query.return_reconstruction"),
+                          ({"image_format": "gif"}, "query.image_format")):
+        r = client.post("/v1/models/blobs/score", params=params, json={"images": x})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["code"] == "validation_error" and field in err["message"], err
+        assert "Received:" in err["message"], err
+    # Unknown query parameters are ignored, as FastAPI ignores them.
+    assert client.post("/v1/models/blobs/score?foo=1", json={"images": x}).status_code == 200
 
 
 def test_score_a_named_version(client):
