@@ -208,7 +208,15 @@ class Detector(OutlierMixin, BaseEstimator):
             self
         """
         from anomaly.scoring import KNN_SCORES, check_score_settings
-        from anomaly.training import choose_strategy, make_strategy, set_seed, train
+        from anomaly.training import (
+            choose_precision,
+            choose_strategy,
+            dtype_policy,
+            float32_twin,
+            make_strategy,
+            set_seed,
+            train,
+        )
 
         self.check_params()
         x = X if isinstance(X, DiskImages) else to_unit_float(X, what="training images")
@@ -222,16 +230,18 @@ class Detector(OutlierMixin, BaseEstimator):
                            f"{image_shape_of(x)}", x_val.image_shape, cls=ConfigError)
         self.image_shape_ = image_shape_of(x)
         self.strategy_ = choose_strategy(distribute)
+        self.precision_ = choose_precision(self.precision)
         strategy = make_strategy(self.strategy_)
         set_seed(self.seed)
         with strategy.scope():
-            model = self._build(self.image_shape_)
+            with dtype_policy(self.precision_):
+                model = self._build(self.image_shape_)
             check_score_settings(model, self.score, self.aggregation, self.mc_samples)
             self.history_ = train(model, x, x_val, epochs=self.epochs,
                                   batch_size=self.batch_size, learning_rate=self.learning_rate,
                                   patience=self.patience, backup_dir=backup_dir,
                                   verbose=verbose, callbacks=list(callbacks))
-        self.model_ = model
+        self.model_ = float32_twin(model)
         self.knn_ = self.standardizer_ = None
         self._scorer = None
         in_memory = np.ones(len(x), bool)

@@ -161,6 +161,7 @@ def run_fit(cfg: RunConfig, *, verbose: int = 1, skip_bad: bool = False) -> FitR
         "n_val": len(split.x_val),
         "epochs_run": epochs_run(detector.history_),
         "distribute": detector.strategy_,
+        "precision": detector.precision_,
         "streamed": streamed,
     }
     if skip_bad:

@@ -223,7 +223,7 @@ class Autoencoder(keras.Model):
         else:
             x_t = ops.reshape(all_transforms(x, self.predict_transforms), (-1, *self.image_shape))
             label = ops.repeat(ops.arange(count), ops.shape(x)[0])
-        logits = self.transform_net(x_t, training=training)
+        logits = ops.cast(self.transform_net(x_t, training=training), "float32")
         ce = keras.losses.sparse_categorical_crossentropy(label, logits, from_logits=True)
         return ops.where(ops.shape(ce)[0] > 0, ops.mean(ce), 0.0)
 
@@ -231,6 +231,7 @@ class Autoencoder(keras.Model):
 
     def pixel_losses(self, x, logits):
         """Per-pixel reconstruction loss ``(batch, H, W, C)`` for targets ``x`` in [0, 1]."""
+        logits = ops.cast(logits, "float32")
         if self.recon_loss == "bce":
             # Numerically stable binary cross-entropy from logits.
             return ops.relu(logits) - logits * x + ops.log1p(ops.exp(-ops.abs(logits)))
@@ -239,6 +240,7 @@ class Autoencoder(keras.Model):
     @staticmethod
     def kl_divergence(z_mean, z_log_var):
         """KL(q(z|x) || N(0, I)) per image, ``(batch,)``."""
+        z_mean, z_log_var = ops.cast(z_mean, "float32"), ops.cast(z_log_var, "float32")
         return -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=-1)
 
     def compute_losses(self, x, training: bool, noisy: bool | None = None):

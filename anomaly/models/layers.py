@@ -23,7 +23,7 @@ class Sampling(keras.layers.Layer):
 
     def call(self, inputs):
         z_mean, z_log_var = inputs
-        eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+        eps = keras.random.normal(ops.shape(z_mean), dtype=z_mean.dtype, seed=self.seed_generator)
         return z_mean + ops.exp(0.5 * z_log_var) * eps
 
     def get_config(self):
@@ -82,12 +82,12 @@ class AffineCoordinateDecoder(keras.layers.Layer):
     def affine_matrix(self, affine_units):
         """``(batch, 6)`` units -> ``(batch, 2, 3)`` matrices near the identity."""
         delta = self.affine_scale * ops.tanh(affine_units)
-        ident = ops.convert_to_tensor(np.array([1, 0, 0, 0, 1, 0], dtype="float32"))
+        ident = ops.convert_to_tensor(np.array([1, 0, 0, 0, 1, 0]), dtype=self.compute_dtype)
         return ops.reshape(ident + delta, (-1, 2, 3))
 
     def call(self, z, normalize: bool = False):
         content, affine_units = z[:, :-6], z[:, -6:]
-        grid = ops.convert_to_tensor(self.grid)  # (P, 3)
+        grid = ops.convert_to_tensor(self.grid, dtype=self.compute_dtype)  # (P, 3)
         if normalize:
             coords = ops.expand_dims(grid[:, :2], 0)  # (1, P, 2): identity transform
         else:
