@@ -67,7 +67,8 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
     Returns:
         One row per class and seed: ``class``, ``name``, ``seed``, ``auroc``, ``ap``, per
         operating point ``fpr@P%`` (measured on the test normals) and ``z@P%``, ``fit_s``,
-        ``score_per_s``, ``epochs``, and ``pca_auroc``/``iforest_auroc`` with ``baselines``.
+        ``score_per_s``, ``epochs``, ``precision`` (the training arithmetic), and
+        ``pca_auroc``/``iforest_auroc`` with ``baselines``.
     """
     from anomaly.detector import Detector
     from anomaly.progress import progress
@@ -99,7 +100,8 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
                 row[name.replace("fpr@", "z@")] = fpr_z(measured, op.target_fpr,
                                                         int(normal.sum()))
             row.update({"fit_s": fit_s, "score_per_s": len(scores) / score_s,
-                        "epochs": len(det.history_.get("loss", []))})
+                        "epochs": len(det.history_.get("loss", [])),
+                        "precision": det.precision_})
             if baselines:
                 # PCA and the isolation forest fit on the whole matrix: a streamed training
                 # set is read into memory for them.
@@ -129,6 +131,14 @@ def _write(df: pd.DataFrame, cfg: RunConfig, output: str | Path, tag: str | None
     md = markdown(df, cfg)
     atomic_write_text(out / f"{stem}.md", md)
     return md
+
+
+def _precisions(df: pd.DataFrame) -> str:
+    """The arithmetic the runs trained in (the ``precision`` column; runs recorded before it
+    existed trained in float32)."""
+    if "precision" not in df:
+        return "float32"
+    return "/".join(sorted(df["precision"].fillna("float32").astype(str).unique()))
 
 
 def markdown(df: pd.DataFrame, cfg: RunConfig) -> str:
@@ -196,5 +206,6 @@ def markdown(df: pd.DataFrame, cfg: RunConfig) -> str:
               f"{df['score_per_s'].median():,.0f} images/s. Settings: epochs={d.epochs}, "
               f"batch_size={d.batch_size}, latent_dim={d.latent_dim}, hidden={d.hidden}, "
               f"score={d.score}, aggregation={d.aggregation}, calibration="
-              f"{d.calibration_rule}; machine: {platform.machine()}, {os.cpu_count()} CPUs."]
+              f"{d.calibration_rule}, training precision={_precisions(df)}; machine: "
+              f"{platform.machine()}, {os.cpu_count()} CPUs."]
     return "\n".join(lines) + "\n"

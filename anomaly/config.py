@@ -24,6 +24,10 @@ import yaml
 
 from anomaly.errors import ConfigError, expected
 
+#: Training arithmetic (``precision``): ``auto`` chooses per machine
+#: (:func:`anomaly.training.choose_precision`).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
 
 def _opt(default, help: str, *, group: str = "", metavar: str | None = None,
          flag: str | None = None, kind: str | None = None,
@@ -99,11 +103,11 @@ class DetectorConfig:
     batch_size: int = _opt(128, "training batch size", group="training")
     learning_rate: float = _opt(1e-3, "Adam learning rate", group="training")
     patience: int = _opt(5, "early-stopping patience in epochs", group="training")
-    precision: str = _opt("auto", "training arithmetic: auto (bfloat16 on a CPU-only machine "
+    precision: str = _opt(PRECISIONS[0], "training arithmetic: auto (bfloat16 on a CPU-only machine "
                           "whose CPU multiplies bfloat16 natively, Intel AMX; float32 "
                           "otherwise), float32 or bfloat16 (mixed: float32 weights and "
                           "losses); scoring and the artifact are float32 either way",
-                          group="training")
+                          group="training", choices=PRECISIONS)
     seed: int = _opt(0, "seed of the split, the initialisation and the training order",
                      group="training")
 

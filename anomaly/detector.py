@@ -154,6 +154,11 @@ class Detector(OutlierMixin, BaseEstimator):
         if self.recon_loss not in ("bce", "mse"):
             raise expected("recon_loss in ('bce', 'mse')", repr(self.recon_loss),
                            cls=ConfigError)
+        from anomaly.config import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise expected(f"a precision in {PRECISIONS}", repr(self.precision),
+                           cls=ConfigError)
         if self.latent_dim is not None and not (isinstance(self.latent_dim, int)
                                                 and self.latent_dim >= 1):
             raise expected("latent_dim as an integer >= 1 (or unset for the model's default)",
@@ -201,6 +206,9 @@ class Detector(OutlierMixin, BaseEstimator):
             calibration_anomalies: labelled anomalies that add the ``f1-max`` and ``youden``
                 operating points. Never test data.
             backup_dir: per-epoch state for resuming an interrupted fit.
+            callbacks: Keras callbacks of the training run; they see the model being trained,
+                which under ``precision`` bfloat16 is the mixed one, not ``model_`` (its
+                float32 twin, made when training ends).
             distribute: ``auto``, ``none``, ``mirrored`` or ``multi-worker``; see
                 :func:`anomaly.training.choose_strategy`.
 
@@ -505,6 +513,8 @@ class Detector(OutlierMixin, BaseEstimator):
         det.threshold_ = det.calibration_.get().threshold
         det._scorer = None
         det.metadata_ = art.metadata
+        # Artifacts from before the setting trained in float32.
+        det.precision_ = str(art.metadata.get("precision", "float32"))
         det.metrics_ = art.json("metrics.json") if art.has("metrics.json") else None
         det.artifact_sha256_ = art.sha256
         det.path_ = art.path

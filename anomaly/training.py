@@ -32,6 +32,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from anomaly.config import PRECISIONS
 from anomaly.data.images import with_channels
 from anomaly.data.stream import DiskImages
 from anomaly.errors import AnomalyError, ConfigError, expected
@@ -45,9 +46,6 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-
-
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -80,7 +78,9 @@ def choose_precision(requested: str = "auto", *, flags: frozenset[str] | None = 
     if env.get("TF_ENABLE_ONEDNN_OPTS", "1").strip() in ("0", "false", "False"):
         return "float32"
     if n_gpus is None:
-        n_gpus = len(tf.config.list_logical_devices("GPU"))
+        # Physical, not logical, devices: listing logical ones initializes TensorFlow's
+        # context, after which a MultiWorkerMirroredStrategy can no longer be created.
+        n_gpus = len(tf.config.list_physical_devices("GPU"))
     if n_gpus:
         return "float32"
     return "bfloat16" if "amx_bf16" in (cpu_flags() if flags is None else flags) else "float32"
@@ -99,12 +99,19 @@ def dtype_policy(precision: str):
 
 def float32_twin(model: Autoencoder) -> Autoencoder:
     """A float32 copy of a model trained under another policy, with its weights (variables
-    are float32 under a mixed policy, so the copy is exact): what scores and is saved."""
+    are float32 under a mixed policy, so the copy is exact): what scores and is saved.
+
+    Compiled with the same optimizer configuration, as the model a float32 fit returns is;
+    the optimizer's slots are not copied (nothing reads them after training). Seed generators
+    start afresh, as in a model loaded from its artifact.
+    """
     if model.dtype_policy.name == "float32":
         return model
     with dtype_policy("float32"):
         twin = Autoencoder.from_config(model.get_config() | {"dtype": "float32"})
     twin.set_weights(model.get_weights())
+    if getattr(model, "optimizer", None) is not None:  # an uncompiled model has none
+        twin.compile(optimizer=type(model.optimizer).from_config(model.optimizer.get_config()))
     return twin
 
 

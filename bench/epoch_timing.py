@@ -1,13 +1,18 @@
-"""Per-epoch wall and CPU time of the default fit, with and without tf.data's autotuner.
+"""Per-epoch wall and CPU time of the default fit: with and without tf.data's autotuner, or
+in float32 and in bfloat16.
 
     flock /tmp/anomaly-train.lock python bench/epoch_timing.py [--epochs 12] [--class 0]
+        [--compare autotune|precision] [--preset fast|accurate]
 
-Trains the default detector (configs/mnist.yaml) on one MNIST class twice, each in a fresh
-process: as the project does (autotune off, a fixed prefetch: ``anomaly.training``), and with
-tf.data's autotuner switched back on. Prints each epoch's wall seconds and the process's CPU
-seconds in it. An epoch whose wall time exceeds the run's median by more than 0.5 s while its
-CPU time does not grow is a stall: the fit waited, idle. This is the measurement behind
-``image_dataset``'s comment and the README's fit-time row.
+Trains the detector of configs/mnist.yaml (with ``--preset``'s values) on one MNIST class
+twice, each in a fresh process. ``--compare autotune`` (the default): as the project does
+(autotune off, a fixed prefetch: ``anomaly.training``), and with tf.data's autotuner switched
+back on; both in float32. ``--compare precision``: ``--precision float32`` against
+``--precision bfloat16`` (autotune off both). Prints each epoch's wall seconds and the process's
+CPU seconds in it, without the first epoch (graph tracing). An epoch whose wall time exceeds the
+run's median by more than 0.5 s while its CPU time does not grow is a stall: the fit waited,
+idle. These are the measurements behind ``image_dataset``'s comment, ``choose_precision``'s
+docstring and the README's fit-time row.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ def _cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def one_run(epochs: int, normal_class: int, autotune: bool) -> list[tuple[float, float]]:
+def one_run(epochs: int, normal_class: int, autotune: bool, precision: str,
+            preset: str) -> list[tuple[float, float]]:
     """``(wall_s, cpu_s)`` of each epoch of one fit in this process."""
     import keras
 
@@ -61,7 +67,8 @@ def one_run(epochs: int, normal_class: int, autotune: bool) -> list[tuple[float,
             self.epochs.append((time.perf_counter() - self.start[0], _cpu() - self.start[1]))
 
     cfg = resolve(str(REPO / "configs" / "mnist.yaml"),
-                  {"epochs": epochs, "normal_classes": [normal_class]})
+                  {"epochs": epochs, "normal_classes": [normal_class], "precision": precision,
+                   "preset": preset})
     split = prepare(cfg)
     timer = Timer()
     Detector.from_config(cfg.detector).fit(split.x_train, x_val=split.x_val, verbose=0,
@@ -73,21 +80,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--class", dest="normal_class", type=int, default=0)
-    ap.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
+    ap.add_argument("--compare", choices=("autotune", "precision"), default="autotune")
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(one_run(args.epochs, args.normal_class, args.child == "on")))
+        autotune, precision = args.child.split(",")
+        print(json.dumps(one_run(args.epochs, args.normal_class, autotune == "on", precision,
+                                 args.preset)))
         return 0
     import numpy as np
 
-    for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, __file__, "--child", mode, "--epochs",
-                              str(args.epochs), "--class", str(args.normal_class)],
-                             capture_output=True, text=True, check=True)
+    modes = {"autotune": {"autotune off": "off,float32", "autotune on": "on,float32"},
+             "precision": {"float32": "off,float32", "bfloat16": "off,bfloat16"}}[args.compare]
+    for mode, child in modes.items():
+        out = subprocess.run([sys.executable, __file__, "--child", child, "--epochs",
+                              str(args.epochs), "--class", str(args.normal_class), "--preset",
+                              args.preset], capture_output=True, text=True, check=True)
         epochs = np.array(json.loads(out.stdout.strip().splitlines()[-1]))[1:]  # 1st: tracing
         wall, cpu = epochs[:, 0], epochs[:, 1]
         stalls = wall > np.median(wall) + 0.5
-        print(f"autotune {mode}: epochs 2-{args.epochs} wall " + " ".join(f"{w:.2f}" for w in wall))
+        print(f"{mode} ({args.preset}): epochs 2-{args.epochs} wall " + " ".join(f"{w:.2f}" for w in wall))
         print("  cpu " + " ".join(f"{c:.2f}" for c in cpu))
         print(f"  median wall {np.median(wall):.2f} s, total {wall.sum():.1f} s; stalled epochs "
               f"{int(stalls.sum())} of {len(wall)} (their extra wall "

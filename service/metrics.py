@@ -105,8 +105,10 @@ class _ScoreSeries:
     def observe(self, scores: np.ndarray) -> None:
         # le buckets count score <= bound, matching "anomalous when score > threshold".
         if len(scores) <= 4:  # single images: scalar steps cost a tenth of the array passes
+            top = len(self.bounds_list)
             for v in scores.tolist():
-                self.counts[bisect.bisect_left(self.bounds_list, v)] += 1
+                # NaN compares false everywhere: +Inf's bucket, as searchsorted puts it.
+                self.counts[bisect.bisect_left(self.bounds_list, v) if v == v else top] += 1
                 self.sum += v
         else:
             self.counts += np.bincount(np.searchsorted(self.bounds, scores, side="left"),

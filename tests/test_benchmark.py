@@ -36,3 +36,11 @@ def test_complete_seeds_give_no_note():
 def test_one_seed_claims_no_spread():
     md = markdown(pd.DataFrame(_rows(0, range(3), 0.90)), resolve(None, {"dataset": "mnist"}))
     assert "Mean AUROC 0.9100; seed 0 (one seed: no spread); worst class 0 0.9000." in md
+
+
+def test_the_table_says_which_arithmetic_the_runs_trained_in():
+    cfg = resolve(None, {"dataset": "mnist"})
+    old = pd.DataFrame(_rows(0, range(2), 0.90))  # recorded before the column existed
+    assert "training precision=float32;" in markdown(old, cfg)
+    mixed = old.assign(precision=["bfloat16", "float32"])
+    assert "training precision=bfloat16/float32;" in markdown(mixed, cfg)

@@ -298,3 +298,70 @@ def test_a_streamed_fit_reads_no_more_than_a_batch_or_a_block_at_once(normal_ima
     det.fit(stream.open_images(tmp_path / "d").images)
     assert max(reads) == 24 and len(det.knn_.memory) == 30
     assert sum(reads) >= 2 * 90 + 100  # two epochs, then the scores
+
+
+@pytest.mark.parametrize(("flags", "n_gpus", "env", "want"), [
+    ({"avx512f", "amx_bf16", "amx_tile"}, 0, {}, "bfloat16"),
+    ({"avx512f", "avx512_bf16"}, 0, {}, "float32"),   # bfloat16 dot products, no AMX tiles
+    ({"avx2"}, 0, {}, "float32"),
+    ({"amx_bf16"}, 1, {}, "float32"),                 # GPUs: not measured, left at float32
+    ({"amx_bf16"}, 0, {"TF_ENABLE_ONEDNN_OPTS": "0"}, "float32"),  # no oneDNN, no AMX kernels
+    (set(), 0, {}, "float32"),                        # flags unknown (not Linux)
+])
+def test_auto_precision(flags, n_gpus, env, want):
+    from anomaly.training import choose_precision
+
+    assert choose_precision("auto", flags=frozenset(flags), n_gpus=n_gpus, env=env) == want
+
+
+def test_explicit_precision_wins_and_unknown_is_refused():
+    from anomaly.training import choose_precision
+
+    assert choose_precision("bfloat16", flags=frozenset(), n_gpus=0, env={}) == "bfloat16"
+    assert choose_precision("float32", flags=frozenset({"amx_bf16"}), n_gpus=0,
+                            env={}) == "float32"
+    with pytest.raises(ConfigError, match=r"Expected a precision in .* Received: 'fp16'"):
+        choose_precision("fp16")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from anomaly.training import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse2 amx_bf16 avx512f\n")
+    assert cpu_flags(str(info)) == {"fpu", "sse2", "amx_bf16", "avx512f"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_a_bfloat16_fit_scores_and_saves_a_float32_model(normal_images, anomaly_images,
+                                                         tmp_path):
+    """Mixed bfloat16 trains; the detector keeps a float32 twin with the very same weights,
+    and that is what scores, saves and loads."""
+    from anomaly import Detector
+    from anomaly.models import Autoencoder
+    from anomaly.training import dtype_policy, float32_twin
+
+    with dtype_policy("bfloat16"):
+        mixed = Autoencoder("conv-vae", (28, 28, 1), latent_dim=4, hidden=[8, 16], seed=0)
+    assert mixed.dtype_policy.name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # restored
+    twin = float32_twin(mixed)
+    assert twin.dtype_policy.name == "float32" and float32_twin(twin) is twin
+    for a, b in zip(mixed.get_weights(), twin.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = normal_images[:8, ..., None]
+    low = np.asarray(mixed(x), np.float32)
+    full = np.asarray(twin(x))
+    assert full.dtype == np.float32
+    np.testing.assert_allclose(low, full, atol=0.05)  # bfloat16 keeps ~3 significant digits
+
+    det = Detector("conv-vae", latent_dim=4, hidden=[8, 16], epochs=2, batch_size=32,
+                   precision="bfloat16", force_calibration=True).fit(normal_images)
+    assert det.precision_ == "bfloat16" and det.model_.dtype_policy.name == "float32"
+    scores = det.decision_function(np.concatenate([normal_images[:32], anomaly_images[:32]]))
+    assert scores.dtype == np.float64 and np.isfinite(scores).all()
+    assert scores[32:].mean() > scores[:32].mean()
+    loaded = Detector.load(det.save(tmp_path / "m"))
+    assert loaded.model_.dtype_policy.name == "float32"
+    np.testing.assert_allclose(loaded.decision_function(anomaly_images[:8]),
+                               det.decision_function(anomaly_images[:8]), rtol=1e-6)

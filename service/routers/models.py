@@ -111,15 +111,16 @@ def _query_options(request: Request) -> dict:
              openapi_extra=_SCORE_OPENAPI)
 async def score(name: str, request: Request, ctx: ScoringDep) -> Response:
     """Score images with the model's default version (newest, or pinned)."""
-    return await _score(request, find_model(ctx.registry, name), ctx, _query_options(request))
+    query = _query_options(request)  # a bad option is a 422 before the model is looked up
+    return await _score(request, find_model(ctx.registry, name), ctx, query)
 
 
 @router.post("/{name}/versions/{version}/score", response_model=ScoreResponse,
              summary="Score images with a version", openapi_extra=_SCORE_OPENAPI)
 async def score_version(name: str, version: str, request: Request, ctx: ScoringDep) -> Response:
     """Score images with a named loaded version."""
-    return await _score(request, find_model(ctx.registry, name, version), ctx,
-                        _query_options(request))
+    query = _query_options(request)
+    return await _score(request, find_model(ctx.registry, name, version), ctx, query)
 
 
 async def _score(request: Request, model, ctx: Scoring, query: dict) -> Response:

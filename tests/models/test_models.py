@@ -68,6 +68,20 @@ def test_fit_score_save_load_identical(name, fitted, normal_images, anomaly_imag
             loaded.reconstruct(x[:5], normalize=True)
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_in_either_precision(name, precision, normal_images, anomaly_images):
+    """``auto`` picks one of the two per machine: each is tested on every machine."""
+    # The transformation classifier's loss too (its logits are cast like the others).
+    params = {**TINY[name], "epochs": 1, "batch_size": 64,
+              **({"score": "mse+knn+tp"} if name in ("conv-vae", "dense-ae") else {})}
+    det = Detector(name, **params, precision=precision).fit(normal_images)
+    assert det.precision_ == precision and det.model_.dtype_policy.name == "float32"
+    assert np.isfinite(det.history_["loss"]).all()
+    scores = det.decision_function(np.concatenate([normal_images[:16], anomaly_images[:16]]))
+    assert scores.dtype == np.float64 and np.isfinite(scores).all()
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_keras_file_loads_in_safe_mode_without_lambda(name, fitted, tmp_path):
     det = fitted(name)

@@ -163,6 +163,26 @@ def test_drift_ks_and_psi_equal_scipys_on_random_data():
     assert psi == pytest.approx(want, rel=1e-9)
 
 
+def test_single_scores_and_batches_fill_the_same_buckets():
+    """One score at a time (the scalar path) and whole batches count alike, bounds included:
+    a score equal to a bound is in that bucket (le)."""
+    from service.metrics import _ScoreSeries
+
+    rng = np.random.default_rng(4)
+    reference = rng.normal(0, 1, 500)
+    one, batch = (_ScoreSeries(reference, [1.5], window=64) for _ in range(2))
+    live = np.concatenate([rng.normal(0.5, 2, 200), one.bounds[:5], [one.bounds[-1] + 1]])
+    for v in live:
+        one.observe(np.array([v]))
+    batch.observe(live)
+    np.testing.assert_array_equal(one.counts, batch.counts)
+    assert one.sum == pytest.approx(batch.sum, rel=1e-12)
+    # The drift window (a ring: positions differ) holds the same last 64 scores.
+    np.testing.assert_array_equal(np.sort(one.window), np.sort(live[-64:]))
+    np.testing.assert_array_equal(np.sort(batch.window), np.sort(live[-64:]))
+    assert one.filled == batch.filled == 64
+
+
 def test_no_per_request_label_values(mclient):
     for i in range(5):
         mclient.post(f"/v1/models/random-{i}/score", json={"images": []})
