@@ -66,9 +66,10 @@ def choose_precision(requested: str = "auto", *, flags: frozenset[str] | None = 
 
     ``auto`` picks ``bfloat16`` only where it was measured to pay: a machine without a GPU
     whose CPU has AMX's bfloat16 tiles (``amx_bf16``), with oneDNN on (TensorFlow's default on
-    x86 Linux): the default conv-vae trained 1.35x faster per epoch there at the same AUROC
-    (README "Training speed"). Without native bfloat16 the CPU would emulate it, slower than
-    float32; GPUs are left at float32 (not measured here).
+    x86 Linux): the default conv-vae trained 1.5x faster per epoch there (1.08 s against 1.64 s,
+    ``bench/epoch_timing.py --compare precision``) at the same AUROC (README "Benchmarks").
+    Without native bfloat16 the CPU would emulate it, slower than float32; GPUs are left at
+    float32 (not measured here).
     """
     if requested not in PRECISIONS:
         raise expected(f"a precision in {PRECISIONS}", repr(requested), cls=ConfigError)
