@@ -1,7 +1,7 @@
 """The standard one-class protocol: train on one class, test on the whole test split.
 
-For each class c and seed: the training split's images of class c (minus the 10% normal
-hold-out) train the detector, and all test images are scored, with class c as normal and the
+For each class c and seed: the training split's images of class c (minus the normal hold-out,
+``val_fraction`` of them) train the detector, and all test images are scored, with class c as normal and the
 other classes as anomalies. Per class and seed the table holds AUROC and AP, the false-positive
 rate that each ``fpr@P%`` operating point reaches on the test split's normal images (with its
 z-score against the target: how many binomial standard errors it lies off), fit time and

@@ -1,7 +1,7 @@
 """Do the operating points keep their promise on new data? Measured per class, per rule.
 
     flock /tmp/anomaly-train.lock python bench/calibration_bench.py --dataset mnist \
-        [--classes 0-9] [--seed 0] [--output bench/results]
+        [--classes 0-9] [--seed 0] [--val-fraction F] [--output bench/results]
 
 For each class: trains the default detector on the class (the one-class protocol), then, from
 the same scores, calibrates ``fpr@1%`` and ``fpr@5%`` with every rule and reference set below
@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--classes", default="0-9")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--val-fraction", type=float, help="the normal hold-out's share of the "
+                    "training images (default: the config's); more reference images, fewer "
+                    "to train on")
     ap.add_argument("--output", default="bench/results")
     ap.add_argument("--keep-scores", metavar="DIR", help="also save each class's reference, "
                     "training and test scores (.npz) here, to try other rules offline")
@@ -62,7 +65,8 @@ def main() -> None:
 
     rows = []
     for c in parse_classes(args.classes, n_classes=10, leave_anomalies=False):
-        cfg = resolve(f"configs/{args.dataset}.yaml", {"normal_classes": [c], "seed": args.seed})
+        cfg = resolve(f"configs/{args.dataset}.yaml", {"normal_classes": [c], "seed": args.seed,
+                                                        "val_fraction": args.val_fraction})
         split = prepare(cfg)
         t = time.perf_counter()
         det = Detector.from_config(dataclasses.replace(cfg.detector, force_calibration=True))
@@ -90,7 +94,10 @@ def main() -> None:
             f"{r['variant']} {100 * r['fpr']:.2f}%" for r in rows[-8:] if r["target"] == 0.01),
             flush=True)
     df = pd.DataFrame(rows)
-    lines = [f"### {args.dataset}: FPR on the test normals per calibration (seed {args.seed})",
+    vf = cfg.detector.val_fraction
+    lines = [f"### {args.dataset}: FPR on the test normals per calibration (seed {args.seed}, "
+             f"val_fraction {vf:g}, {df['n_reference'].median():.0f} reference images per "
+             f"class; mean AUROC {df.groupby('class')['auroc'].first().mean():.4f})",
              "", "| variant | target | mean FPR (x target) | classes (x target) | per-class z |",
              "|---|---|---|---|---|"]
     for (name, fpr), g in df.groupby(["variant", "target"], sort=False):
@@ -101,7 +108,8 @@ def main() -> None:
                      + " ".join(f"{z:+.1f}" for z in g["z"]) + " |")
     md = "\n".join(lines) + "\n"
     out = Path(args.output)
-    stem = f"calibration-{args.dataset}-seed{args.seed}"
+    stem = f"calibration-{args.dataset}-seed{args.seed}" + (
+        f"-val{vf:g}" if args.val_fraction is not None else "")
     atomic_write_text(out / f"{stem}.csv", df.to_csv(index=False, float_format="%.5f"))
     atomic_write_text(out / f"{stem}.md", md)
     print(md)
