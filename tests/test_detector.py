@@ -7,6 +7,8 @@ import copy
 import numpy as np
 import pytest
 
+from anomaly.config import default_of
+from anomaly.data.splits import holdout
 from anomaly.detector import Detector
 from anomaly.errors import ConfigError, DataError, NotFoundError
 from tests.conftest import tiny_detector
@@ -56,11 +58,12 @@ def test_get_params_round_trip(dense_detector):
 
 
 def test_default_hold_out_is_the_calibration_reference(dense_detector, normal_images):
-    # fit() held out round(256 * 0.1) = 26 normal images for early stopping and calibration.
-    assert dense_detector.calibration_.reference_scores.shape == (26,)
+    # fit() held out round(256 * val_fraction) normal images for early stopping and calibration
+    # (51 at the default 0.2), by the one hold-out rule.
+    _, val_pos = holdout(256, default_of("val_fraction"), dense_detector.seed)
+    assert dense_detector.calibration_.reference_scores.shape == (len(val_pos),) == (51,)
     assert dense_detector.calibration_.default == "fpr@1%"
-    rng = np.random.default_rng(dense_detector.seed)
-    val = normal_images[rng.permutation(256)[:26]]
+    val = normal_images[val_pos]
     np.testing.assert_allclose(dense_detector.calibration_.reference_scores,
                                np.sort(dense_detector.decision_function(val)), rtol=1e-6)
 
@@ -163,7 +166,8 @@ def test_fit_predict_and_fitted_attributes_follow_pyod(dense_detector, normal_im
     assert det.predict(x)[10:].tolist() == [1] * 10
     np.testing.assert_array_equal(det.score_samples(x), -det.decision_function(x))
     assert det.threshold_ == det.calibration_.get().threshold
-    assert det.decision_scores_.shape == det.labels_.shape == (256 - 26,)
+    n_val = len(holdout(256, default_of("val_fraction"), det.seed)[1])
+    assert det.decision_scores_.shape == det.labels_.shape == (256 - n_val,)
     np.testing.assert_array_equal(det.labels_,
                                   (det.decision_scores_ > det.threshold_).astype(int))
 

@@ -16,6 +16,7 @@ import pytest
 
 from anomaly.artifact import verify
 from anomaly.cli import main
+from anomaly.config import default_of
 from anomaly.detector import Detector
 from anomaly.training import EpochBackup
 from tests.conftest import error_line, make_blobs, run_cli
@@ -60,9 +61,10 @@ def test_fit_writes_a_verified_artifact(fit_run, artifact, mnist):
     meta = json.loads((artifact / "metadata.json").read_text())
     assert meta["dataset"] == "mnist" and meta["normal_classes"] == [0]
     assert meta["epochs_run"] == 2
-    # Only class-0 training images, about a tenth of the 2,000, with a 10% hold-out.
+    # Only class-0 training images, about a tenth of the 2,000, with the default hold-out.
     assert meta["n_train"] + meta["n_val"] == 200  # the limit counts normal images
-    assert meta["n_val"] == round((meta["n_train"] + meta["n_val"]) * 0.1)
+    assert meta["n_val"] == round((meta["n_train"] + meta["n_val"]) * default_of(
+        "val_fraction"))
     metrics = json.loads((artifact / "metrics.json").read_text())
     assert metrics["n_test"] == 1000 and 800 < metrics["n_anomalies"] < 960
     assert metrics["auroc"] > 0.6  # 2 epochs on ~200 images: weak, but clearly not random

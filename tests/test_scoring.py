@@ -189,8 +189,10 @@ def test_training_scores_leave_their_own_code_out(normal_images):
 
     det = Detector("dense-ae", force_calibration=True, hidden=[32], latent_dim=4, epochs=1,
                    batch_size=32, knn_k=3, seed=0).fit(normal_images)
-    train_pos = np.setdiff1d(np.arange(256), np.sort(
-        np.random.default_rng(0).permutation(256)[:26]))
+    from anomaly.config import default_of
+    from anomaly.data.splits import holdout
+
+    train_pos, _ = holdout(256, default_of("val_fraction"), 0)
     x = normal_images[train_pos]
     z = det.encode(x).astype(np.float64)
     d2 = ((z[:, None, :] - det.knn_.memory[None].astype(np.float64)) ** 2).sum(-1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly.config import STREAM_MEMORY_FRACTION, resolve
+from anomaly.config import STREAM_MEMORY_FRACTION, default_of, resolve
 from anomaly.data.prepare import prepare
 from anomaly.data.stream import (
     DiskImages,
@@ -227,7 +227,7 @@ def test_a_small_data_set_stays_in_memory_by_default(tmp_path):
     split = prepare(resolve(None, {"dataset": str(tmp_path / "d")}))
     assert isinstance(split.x_train, np.ndarray)
     images = load_folder(tmp_path / "d").images
-    train, val = holdout(len(images), 0.1, 0)
+    train, val = holdout(len(images), default_of("val_fraction"), 0)
     assert np.array_equal(split.x_train, images[train])
     assert np.array_equal(split.x_val, images[val])
 

@@ -49,9 +49,11 @@ def _check(det, data: bytes, x: np.ndarray) -> None:
     assert got["reconstruction"].shape == want.reconstruction.shape == x.shape
     np.testing.assert_allclose(got["reconstruction"], want.reconstruction, atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["error_map"], want.error_map, atol=1e-4, rtol=0)
-    # No padding in the graph: an image scores the same alone as in its batch.
+    # No padding in the graph: an image scores the same alone as in its batch, to the export's
+    # own tolerance (onnxruntime picks other float32 kernels for one row than for 32: 1.9e-6
+    # relative measured on a barely trained dense-ae; 6.2e-7 absolute on the MNIST model).
     alone = np.concatenate([_run(data, x[i : i + 1])["score"] for i in range(0, len(x), 7)])
-    np.testing.assert_allclose(alone, got["score"][::7], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(alone, got["score"][::7], rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("model", sorted(TINY))
