@@ -37,7 +37,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
 
 from anomaly.calibration import Calibration, calibrate, fpr_name
-from anomaly.config import DETECTOR_FIELDS, DetectorConfig, default_of
+from anomaly.config import DETECTOR_FIELDS, PRECISIONS, DetectorConfig, default_of
 from anomaly.data.images import image_shape_of, to_unit_float, without_channels
 from anomaly.data.splits import holdout
 from anomaly.data.stream import DiskImages, blockwise
@@ -154,8 +154,6 @@ class Detector(OutlierMixin, BaseEstimator):
         if self.recon_loss not in ("bce", "mse"):
             raise expected("recon_loss in ('bce', 'mse')", repr(self.recon_loss),
                            cls=ConfigError)
-        from anomaly.config import PRECISIONS
-
         if self.precision not in PRECISIONS:
             raise expected(f"a precision in {PRECISIONS}", repr(self.precision),
                            cls=ConfigError)

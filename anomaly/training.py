@@ -76,7 +76,7 @@ def choose_precision(requested: str = "auto", *, flags: frozenset[str] | None = 
     if requested != "auto":
         return requested
     env = os.environ if env is None else env
-    if env.get("TF_ENABLE_ONEDNN_OPTS", "1").strip() in ("0", "false", "False"):
+    if env.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in ("0", "false"):
         return "float32"
     if n_gpus is None:
         # Physical, not logical, devices: listing logical ones initializes TensorFlow's
