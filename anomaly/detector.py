@@ -165,6 +165,11 @@ class Detector(OutlierMixin, BaseEstimator):
                 len(self.hidden) and all(isinstance(h, int) and h >= 1 for h in self.hidden)):
             raise expected("hidden as a list of integers >= 1 (or unset for the default)",
                            repr(self.hidden), cls=ConfigError)
+        if not (isinstance(self.tp_filters, list | tuple) and len(self.tp_filters) and all(
+                isinstance(f, int) and not isinstance(f, bool) and f >= 1
+                for f in self.tp_filters)):
+            raise expected("tp_filters as a list of integers >= 1, e.g. [16, 32, 64]",
+                           repr(self.tp_filters), cls=ConfigError)
         fprs = self.target_fprs
         if not fprs or not all(isinstance(f, int | float) and 0 < f < 1 for f in fprs):
             raise expected("target FPRs in (0, 1), e.g. 0.01", repr(list(fprs or ())),
@@ -183,7 +188,8 @@ class Detector(OutlierMixin, BaseEstimator):
         return Autoencoder(self.model, image_shape, latent_dim=self.latent_dim,
                            hidden=self.hidden, beta=self.beta, recon_loss=self.recon_loss,
                            denoise=self.denoise, transforms=self.transforms,
-                           predict_transforms=predict, seed=self.seed)
+                           predict_transforms=predict, tp_filters=self.tp_filters,
+                           seed=self.seed)
 
     # -- fitting ------------------------------------------------------------------------------
 
@@ -486,7 +492,14 @@ class Detector(OutlierMixin, BaseEstimator):
                                f"{spec.get('format_version')!r} in {art.path}",
                                hint="Train it again with this version of anomaly.",
                                cls=ArtifactError)
-            det = cls(**spec["hyperparameters"])
+            hyper = spec["hyperparameters"]
+            if hyper.get("score") == "mse+knn+tp" and "tp_filters" not in hyper:
+                raise expected("an mse+knn+tp artifact with the strided transformation "
+                               "classifier (written with tp_filters)",
+                               f"one with the earlier pooled classifier in {art.path}",
+                               hint="Train it again with this version of anomaly.",
+                               cls=ArtifactError)
+            det = cls(**hyper)
             det.image_shape_ = tuple(int(v) for v in spec["image_shape"])
             det.calibration_ = Calibration.from_dict(json.loads(art.read_text(
                 "calibration.json")))

@@ -3,12 +3,14 @@
     flock /tmp/anomaly-train.lock python bench/runtime_bench.py [--runs 5] [--artifact PATH]
 
 Without ``--artifact`` it trains the recommended detector (configs/mnist.yaml: conv-vae,
-``mse+knn``, ``top10``) for one epoch on all MNIST zeros (the weights do not change the
+``mse+knn+tp``, ``top10``) for one epoch on all MNIST zeros (the weights do not change the
 speed; the kNN memory gets its real size, ~5,300 codes), exports it with ``anomaly export``'s
 code, and scores the 10,000 MNIST test images with both runtimes through the same call the
 service makes (``detect``): scores and decisions only, then with reconstructions and error
 maps; then single images (latency) and the service's 64-image batches. Prints medians over
-``--runs`` as a markdown table, plus the largest score difference between the runtimes.
+``--runs`` as a markdown table, plus the largest score difference between the runtimes. For an
+``mse+knn+tp`` model a third row times TensorFlow with the classifier's batch norms left
+unfolded (what :func:`anomaly.models.networks.fold_batch_norm` is worth).
 """
 
 from __future__ import annotations
@@ -88,7 +90,14 @@ def main() -> None:
         onnx = load_runtime(exported.path, runtime="onnx")
         x = load_dataset("mnist").x_test.astype(np.float32) / 255.0
         rows, scores = [], {}
-        for name, det in (("TensorFlow (Keras)", keras), ("onnxruntime", onnx)):
+        runtimes = [("TensorFlow (Keras)", keras), ("onnxruntime", onnx)]
+        if keras.score == "mse+knn+tp":
+            # The scorer's classifier as trained, its batch norms not folded into the
+            # convolutions (networks.fold_batch_norm): what the fold is worth, side by side.
+            unfolded = load_runtime(exported.path, runtime="keras")
+            unfolded.scorer._tp_net = None  # read when the graph is first traced, below
+            runtimes.insert(1, ("TensorFlow, batch norms not folded", unfolded))
+        for name, det in runtimes:
             def plain(images, det=det):
                 return det.detect(images, validated=True)
 

@@ -148,6 +148,23 @@ def test_wrong_format_version_is_refused(artifact_copy):
         Detector.load(artifact_copy)
 
 
+def test_an_mse_knn_tp_artifact_of_the_earlier_classifier_is_refused(artifact_copy):
+    """Before tp_filters the classifier was pooled, not strided: its weights cannot fill
+    today's network, and the error says so instead of a Keras shape mismatch."""
+    spec_path = artifact_copy / "detector.json"
+    spec = json.loads(spec_path.read_text())
+    spec["hyperparameters"]["score"] = "mse+knn+tp"
+    del spec["hyperparameters"]["tp_filters"]
+    spec_path.write_text(json.dumps(spec))
+    manifest = json.loads((artifact_copy / MANIFEST).read_text())
+    _edit_manifest(artifact_copy, files={**manifest["files"],
+                                         "detector.json": sha256_file(spec_path)})
+    with pytest.raises(ArtifactError, match=r"Expected an mse\+knn\+tp artifact with the strided "
+                                            r"transformation classifier .*Received: one with the "
+                                            r"earlier pooled classifier .*Train it again"):
+        Detector.load(artifact_copy)
+
+
 def test_manifest_without_a_required_file_is_refused(artifact_copy):
     manifest = json.loads((artifact_copy / MANIFEST).read_text())
     files = {k: v for k, v in manifest["files"].items() if k != "model.keras"}

@@ -288,7 +288,7 @@ def test_benchmark_on_user_data(capsys, tmp_path):
     y = np.r_[np.zeros(100, int), 1 + np.arange(100) % 9]
     np.savez(tmp_path / "ten.npz", x=x, y=y)
     rc, out, err = run(capsys, "benchmark", "--force-calibration", "--dataset", tmp_path / "ten.npz", "--classes", "0,3",
-                       "--model", "dense-ae", "--aggregation", "mean", "--hidden", "16", "--latent-dim", "2", "--epochs",
+                       "--model", "dense-ae", "--score", "mse+knn", "--aggregation", "mean", "--hidden", "16", "--latent-dim", "2", "--epochs",
                        "3", "--baselines", "--seeds", "0,1", "--output", tmp_path / "bench")
     assert rc == 0, err
     table = pd.read_csv(tmp_path / "bench" / "ten.npz-dense-ae.csv")
@@ -303,8 +303,8 @@ def test_benchmark_on_user_data(capsys, tmp_path):
 
 
 def test_fit_with_the_accurate_preset(capsys, tmp_path):
-    """--preset accurate trains the transformation-prediction classifier too; the artifact's
-    config says so and a flag still overrides a value the preset sets."""
+    """--preset accurate trains the wider transformation-prediction classifier; the
+    artifact's config says so and a flag still overrides a value the preset sets."""
     x = np.concatenate([make_blobs(200, seed=5), make_bars(50, seed=5)])
     y = np.r_[np.zeros(200, int), np.ones(50, int)]
     np.savez(tmp_path / "shapes.npz", x=x, y=y)
@@ -316,13 +316,14 @@ def test_fit_with_the_accurate_preset(capsys, tmp_path):
     path = next((tmp_path / "m" / "a").iterdir())
     config = yaml.safe_load((path / "config.yaml").read_text())
     assert config["preset"] == "accurate" and config["score"] == "mse+knn+tp"
+    assert config["tp_filters"] == [32, 64, 128]
     metrics = json.loads((path / "metrics.json").read_text())
     assert metrics["auroc"] > 0.5
-    rc, _, err = run(capsys, "fit", *common, "--preset", "accurate", "--score", "mse",
+    rc, _, err = run(capsys, "fit", *common, "--preset", "accurate", "--tp-filters", "4,8",
                      "--name", "b")
     assert rc == 0, err
     path = next((tmp_path / "m" / "b").iterdir())
-    assert yaml.safe_load((path / "config.yaml").read_text())["score"] == "mse"
+    assert yaml.safe_load((path / "config.yaml").read_text())["tp_filters"] == [4, 8]
     rc, _, err = run(capsys, "fit", *common, "--preset", "turbo", "--name", "c")
     assert rc != 0
     assert error_line(err) == "error: Expected a preset in ['accurate', 'fast']. Received: 'turbo'"

@@ -20,7 +20,7 @@ def test_defaults_without_file_or_flags():
     cfg = resolve()
     assert cfg == RunConfig()
     assert cfg.detector.model == "conv-vae" and cfg.normal_classes == [0]
-    assert cfg.detector.score == "mse+knn" and cfg.detector.aggregation == "top10"
+    assert cfg.detector.score == "mse+knn+tp" and cfg.detector.aggregation == "top10"
     assert cfg.detector.target_fprs == [0.01, 0.05]
 
 
@@ -67,14 +67,15 @@ def test_a_preset_replaces_defaults_and_file_values_and_flags_override_it(tmp_pa
     from anomaly.config import PRESETS
 
     assert PRESETS["fast"] == {}  # fast is the defaults: Detector() == a default fit
-    path = _write(tmp_path, "score: mse\nepochs: 3\n")
-    assert resolve(path).detector.score == "mse"
+    wide = PRESETS["accurate"]["tp_filters"]
+    path = _write(tmp_path, "tp_filters: [8]\nepochs: 3\n")
+    assert resolve(path).detector.tp_filters == [8]
     cfg = resolve(path, {"preset": "accurate"})
-    assert cfg.detector.score == "mse+knn+tp" and cfg.preset == "accurate"
+    assert cfg.detector.tp_filters == wide and cfg.preset == "accurate"
     assert cfg.detector.epochs == 3  # a key the preset does not set keeps the file's value
-    assert resolve(path, {"preset": "accurate", "score": "bce"}).detector.score == "bce"
+    assert resolve(path, {"preset": "accurate", "tp_filters": [4]}).detector.tp_filters == [4]
     # From the file itself too.
-    assert resolve(_write(tmp_path, "preset: accurate\n")).detector.score == "mse+knn+tp"
+    assert resolve(_write(tmp_path, "preset: accurate\n")).detector.tp_filters == wide
     with pytest.raises(ConfigError, match=r"Expected a preset in \['accurate', 'fast'\]. "
                                           r"Received: 'turbo'"):
         resolve(None, {"preset": "turbo"})
@@ -104,14 +105,14 @@ def test_detector_defaults_are_the_fit_defaults():
     params = Detector().get_params()
     assert {k: fit_defaults[k] for k in params} == params
     assert params == DetectorConfig().to_dict()
-    assert params["score"] == "mse+knn" and params["aggregation"] == "top10"
+    assert params["score"] == "mse+knn+tp" and params["aggregation"] == "top10"
 
 
 def test_fit_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fit", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, shown in (("--score", "(default: mse+knn)"), ("--epochs", "(default: 30)"),
+    for flag, shown in (("--score", "(default: mse+knn+tp)"), ("--epochs", "(default: 30)"),
                         ("--target-fpr", "(default: 1%,5%)"), ("--model", "(default: conv-vae)"),
                         ("--latent-dim", "(default: unset)"), ("--normal-class", "(default: 0)")):
         assert flag in text and shown in text, (flag, shown)

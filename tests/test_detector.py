@@ -35,6 +35,9 @@ def test_unfitted_detector_refuses_to_score():
     ({"aggregation": "median"}, "an aggregation in"),
     ({"tp_transforms": "none"}, r"tp_transforms in \['auto', 'd4', 'flip4', 'rot4'\]. "
                                 r"Received: 'none'"),
+    ({"tp_filters": [16, 0]}, r"tp_filters as a list of integers >= 1, e.g. \[16, 32, 64\]. "
+                              r"Received: \[16, 0\]"),
+    ({"tp_filters": []}, r"tp_filters as a list of integers >= 1"),
 ])
 def test_bad_hyperparameters_fail_before_training(kwargs, match, normal_images):
     params = {"model": "dense-ae", "hidden": [8], "latent_dim": 2, "epochs": 1, **kwargs}

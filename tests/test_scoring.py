@@ -98,7 +98,7 @@ def test_scores_do_not_depend_on_batch_size(dense_detector, x):
 @pytest.mark.parametrize("model", ["conv-vae", "dense-ae"])
 def test_a_score_does_not_depend_on_what_else_is_in_the_batch(model, normal_images,
                                                               anomaly_images):
-    """The recommended mse+knn score: the same image scores the same alone, in a batch of 8, of
+    """The recommended mse+knn+tp score: the same image scores the same alone, in a batch of 8, of
     64 and of 1024 (within 1e-6 relative), since the kNN cancellation and small-batch kernels
     are both taken care of."""
     from anomaly import Detector
@@ -107,7 +107,7 @@ def test_a_score_does_not_depend_on_what_else_is_in_the_batch(model, normal_imag
     det = Detector(model, force_calibration=True, **{k: v for k, v in TINY[model].items()
                              if k in ("hidden", "latent_dim")},
                    epochs=1, batch_size=32).fit(normal_images)
-    assert det.score == "mse+knn"
+    assert det.score == "mse+knn+tp"
     x = np.concatenate([normal_images] * 3 + [anomaly_images] * 5)[:1024]
     full = det.decision_function(x)
     for size in (1, 3, 8, 64):

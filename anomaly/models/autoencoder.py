@@ -89,6 +89,7 @@ class Autoencoder(keras.Model):
             (``"rot4"``, ``"flip4"``) a classifier network (:func:`networks.transform_classifier`)
             learns to recognize on the training images, trained in the same steps (its
             cross-entropy is added to the loss; it shares no weights with the autoencoder).
+        tp_filters: that classifier's filters, one convolution a stage (``None``: the default).
         seed: seed of the sampling and noise generators.
 
     Inputs are images ``(batch, H, W, C)`` in [0, 1]; ``call`` returns reconstructions of the
@@ -101,6 +102,7 @@ class Autoencoder(keras.Model):
                  beta: float = default_of("beta"), recon_loss: str = default_of("recon_loss"),
                  denoise: float = default_of("denoise"),
                  transforms: str = default_of("transforms"), predict_transforms: str = "none",
+                 tp_filters: list[int] | tuple[int, ...] | None = None,
                  seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         spec = get_spec(architecture)
@@ -134,10 +136,11 @@ class Autoencoder(keras.Model):
             self.encoder = networks.conv_encoder(shape, code, self.hidden, True, dense_units=256)
             self.decoder = networks.affine_decoder(shape, code, units=128, depth=3)
         self.code_dim = code
+        self.tp_filters = tuple(int(f) for f in (tp_filters or default_of("tp_filters")))
         if predict_transforms != "none":
             check_transforms(predict_transforms, self.image_shape)
             self.transform_net = networks.transform_classifier(
-                shape, TRANSFORMS[predict_transforms])
+                shape, TRANSFORMS[predict_transforms], self.tp_filters)
         self.predict_transforms = predict_transforms
         self.tp_gen = keras.random.SeedGenerator(None if seed is None else seed + 3)
         self.sampler = Sampling(seed=seed, name="sampling")
@@ -198,13 +201,17 @@ class Autoencoder(keras.Model):
         z = self.sampler([z_mean, z_log_var]) if training and self.variational else z_mean
         return ops.sigmoid(self.decode_logits(z))
 
-    def transform_nll(self, x):
+    def transform_nll(self, x, net=None):
         """Transformation prediction's part: the mean over the transforms ``t`` of
         ``-log p(t | t(x))`` under the classifier, ``(batch,)`` for images ``(batch, H, W, C)``.
+
+        ``net``: the classifier to use instead of ``transform_net`` (the scorer passes its
+        batch-norm-folded copy, :func:`networks.fold_batch_norm`).
         """
         count = TRANSFORMS[self.predict_transforms]
-        logits = self.transform_net(ops.reshape(all_transforms(x, self.predict_transforms),
-                                                (-1, *self.image_shape)), training=False)
+        net = self.transform_net if net is None else net
+        logits = net(ops.reshape(all_transforms(x, self.predict_transforms),
+                                 (-1, *self.image_shape)), training=False)
         logits = ops.reshape(logits, (count, -1, count))  # (transform applied, batch, class)
         # -log p(t) = log(1 + sum_{j != t} exp(l_j - l_t)): exact where p(t) is near 1, where
         # log_softmax's l_t - logsumexp(l) cancels to a few ulps of the logits.
@@ -331,5 +338,6 @@ class Autoencoder(keras.Model):
             "denoise": self.denoise,
             "transforms": self.transforms,
             "predict_transforms": self.predict_transforms,
+            "tp_filters": list(self.tp_filters),
             "seed": self.seed,
         }

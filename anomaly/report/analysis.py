@@ -344,8 +344,9 @@ class Manifold:
 
 @dataclass
 class ScoreParts:
-    """The two standardized parts of ``mse+knn`` for ``n`` test images, ``(n, 2)``:
-    ``(log mse - m1) / s1`` and ``(log knn - m2) / s2``; the score is their sum."""
+    """The standardized parts of ``mse+knn`` (``(n, 2)``: ``(log mse - m1) / s1`` and
+    ``(log knn - m2) / s2``) or ``mse+knn+tp`` (``(n, 3)``, plus ``(log tp - m3) / s3``) for
+    ``n`` test images; the score is their sum."""
 
     parts: np.ndarray
     y: np.ndarray
@@ -505,9 +506,9 @@ def _manifold(detector, codes_normal: np.ndarray, d: int) -> Manifold:
 
 def _score_parts(detector, x: np.ndarray, y: np.ndarray, op) -> ScoreParts | Missing:
     """The raw parts from the detector's scorer, standardized as the score does."""
-    if detector.score != "mse+knn":
-        return Missing(f"Only for the mse+knn score (this detector scores with "
-                       f"{detector.score}).")
+    if detector.score not in ("mse+knn", "mse+knn+tp"):
+        return Missing(f"Only for the mse+knn and mse+knn+tp scores (this detector scores "
+                       f"with {detector.score}).")
     raw = detector.scorer.parts(x)
     std = detector.standardizer_
     parts = (raw - np.asarray(std.mean)) / np.asarray(std.std)

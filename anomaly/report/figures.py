@@ -423,31 +423,42 @@ def _fig_uniformity(d: ReportData):
     return fig
 
 
-@register("score_parts.png", "Calibration", "The two parts of the mse+knn score",
+@register("score_parts.png", "Calibration", "The parts of the mse+knn(+tp) score",
           "Each part standardized on the normal validation images as the score does; the "
-          "score is their sum, so the threshold is the dashed line x + y = threshold. Images "
-          "above it are flagged: far from the normal codes, badly reconstructed, or both.")
+          "score is their sum. mse+knn: reconstruction part against latent part, the "
+          "threshold the dashed line x + y = threshold. mse+knn+tp: that pair (left) and "
+          "their sum against the transformation-prediction part (right), where the dashed "
+          "line is the threshold. Images above it are flagged.")
 def _fig_score_parts(d: ReportData):
     sp = d.score_parts
     if not isinstance(sp, ScoreParts):
         return sp
-    fig = new_figure(7, 6)
-    ax = fig.subplots()
-    for label, mask, color, marker in (("normal", sp.y == 0, COLORS[0], "o"),
-                                       ("anomaly", sp.y == 1, COLORS[1], "x")):
-        if mask.any():
-            ax.scatter(sp.parts[mask, 0], sp.parts[mask, 1], s=12, alpha=0.6, color=color,
-                       marker=marker, label=f"{label} test images ({int(mask.sum())})")
-    lo, hi = float(sp.parts.min()), float(sp.parts.max())
-    xs = np.linspace(lo, hi, 2)
-    ax.plot(xs, sp.threshold - xs, ls="--", color="black",
-            label=f"threshold {sp.operating_point}: x + y = {sp.threshold:.3g}")
-    ax.set(title=wrap(f"mse+knn: reconstruction part vs latent part of {len(sp.y)} test "
-                      "images", fig), xlabel="reconstruction part: (log error - m1) / s1",
-           ylabel="latent part: (log kNN distance - m2) / s2", xlim=(lo - 0.5, hi + 0.5),
-           ylim=(lo - 0.5, hi + 0.5))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    three = sp.parts.shape[1] == 3
+    fig = new_figure(12 if three else 7, 6)
+    axes = fig.subplots(1, 2) if three else [fig.subplots()]
+    names = ("reconstruction part: (log error - m1) / s1",
+             "latent part: (log kNN distance - m2) / s2")
+    panels = [(sp.parts[:, 0], sp.parts[:, 1], *names, not three)]
+    if three:
+        panels.append((sp.parts[:, 0] + sp.parts[:, 1], sp.parts[:, 2],
+                       "reconstruction + latent parts",
+                       "transformation part: (log tp NLL - m3) / s3", True))
+    for ax, (px, py, xlabel, ylabel, line) in zip(axes, panels, strict=True):
+        for label, mask, color, marker in (("normal", sp.y == 0, COLORS[0], "o"),
+                                           ("anomaly", sp.y == 1, COLORS[1], "x")):
+            if mask.any():
+                ax.scatter(px[mask], py[mask], s=12, alpha=0.6, color=color, marker=marker,
+                           label=f"{label} test images ({int(mask.sum())})")
+        lo, hi = float(min(px.min(), py.min())), float(max(px.max(), py.max()))
+        if line:
+            xs = np.linspace(lo, hi, 2)
+            ax.plot(xs, sp.threshold - xs, ls="--", color="black",
+                    label=f"threshold {sp.operating_point}: x + y = {sp.threshold:.3g}")
+        ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(lo - 0.5, hi + 0.5), ylim=(lo - 0.5, hi + 0.5))
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    score = "mse+knn+tp" if three else "mse+knn"
+    fig.suptitle(wrap(f"{score}: the standardized parts of {len(sp.y)} test images", fig))
     return fig
 
 

@@ -60,3 +60,37 @@ def test_conv_vae_at_256_px_colour():
     x = np.zeros((1, 256, 256, 3), np.float32)
     assert np.asarray(model(x)).shape == (1, 256, 256, 3)
     assert tuple(model.encoder.get_layer("conv_4").output.shape[1:]) == (8, 8, 512)
+
+
+@pytest.mark.parametrize("shape, strides, side", [((28, 28, 1), [2, 2, 1], 7),
+                                                  ((16, 16, 1), [2, 1, 1], 8),
+                                                  ((128, 128, 3), [2, 2, 2, 2, 1], 8)])
+def test_the_transform_classifier_strides_like_the_encoder(shape, strides, side):
+    """One convolution a stage, stride 2 in the encoder's stages, then stride 1 (at least one,
+    and one per configured filter); the pooled map is the encoder's last map."""
+    net = networks.transform_classifier(shape, 4, (16, 32, 64))
+    convs = [layer for layer in net.layers if layer.name.startswith("conv_")]
+    assert [c.strides[0] for c in convs] == strides
+    assert [c.filters for c in convs][:3] == [16, 32, 64]
+    assert net.get_layer(convs[-1].name).output.shape[1:3] == (side, side)
+    out = net(np.zeros((2, *shape), np.float32))
+    assert tuple(out.shape) == (2, 4)
+
+
+def test_folding_the_batch_norms_keeps_the_classifier_s_outputs():
+    """The scorer's classifier has each batch norm folded into its convolution: the same
+    logits, for trained (non-trivial) statistics, and the original network is untouched."""
+    rng = np.random.default_rng(0)
+    net = networks.transform_classifier((28, 28, 1), 4, (8, 16, 32))
+    for layer in net.layers:
+        if layer.name.startswith("bn_"):
+            shapes = [w.shape for w in layer.get_weights()]
+            layer.set_weights([rng.uniform(0.5, 2, shapes[0]), rng.normal(0, 1, shapes[1]),
+                               rng.normal(0, 1, shapes[2]), rng.uniform(0.1, 3, shapes[3])])
+    before = [w.copy() for w in net.get_weights()]
+    folded = networks.fold_batch_norm(net)
+    assert not any(layer.name.startswith("bn_") for layer in folded.layers)
+    x = rng.random((16, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(folded(x)), np.asarray(net(x, training=False)),
+                               rtol=1e-5, atol=1e-5)
+    assert all(np.array_equal(a, b) for a, b in zip(before, net.get_weights(), strict=True))
