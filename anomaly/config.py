@@ -155,7 +155,7 @@ class RunConfig:
                             group="output")
     preset: str | None = _opt(None, "fast (the defaults) or accurate (a classifier twice "
                               "as wide, tp_filters 32,64,128: a little higher AUROC on the "
-                              "hardest classes at about 1.4x the fit time; README "
+                              "hardest classes at about 1.3x the fit time; README "
                               "\"Benchmarks\"); its values replace the defaults and the "
                               "config file's, flags override them",
                               group="model")
@@ -307,7 +307,7 @@ def make_run_config(values: dict) -> RunConfig:
 PRESETS: dict[str, dict] = {
     "fast": {},
     # A classifier of twice the width: +0.002 to +0.006 on the hardest classes (seed 0,
-    # README "Benchmarks"), at about 1.4x the fit and 0.7x the scoring speed.
+    # README "Benchmarks"), at about 1.3x the fit and 0.7x the scoring speed.
     "accurate": {"tp_filters": [32, 64, 128]},
 }
 
