@@ -259,13 +259,17 @@ class Detector(OutlierMixin, BaseEstimator):
         in_memory = np.ones(len(x), bool)
         if self.score in KNN_SCORES:
             self.knn_, in_memory = self._fit_knn(x)
-        if len(self._scorer_uncached().part_names) > 1:
+        # One scorer and one pass over the hold-out: its raw parts fit the standardizer and,
+        # combined by it, are the reference scores (a second scorer would trace its graphs
+        # again; the MNIST fit spent about 1 s on that and on scoring the hold-out twice).
+        scorer = self._scorer_uncached()
+        val_parts = blockwise(scorer.parts, x_val)
+        if len(scorer.part_names) > 1:
             from anomaly.scoring import Standardizer
 
-            self.standardizer_ = Standardizer.fit(blockwise(self._scorer_uncached().parts,
-                                                            x_val))
-        self._scorer = None
-        self.calibrate(x_val, calibration_anomalies)
+            self.standardizer_ = scorer.standardizer = Standardizer.fit(val_parts)
+        self._scorer = scorer
+        self._calibrate_scores(scorer.combine(val_parts), calibration_anomalies)
         self.decision_scores_ = self._training_scores(x, in_memory)
         self.labels_ = self.calibration_.decide(self.decision_scores_).astype(np.int64)
         return self
@@ -302,7 +306,10 @@ class Detector(OutlierMixin, BaseEstimator):
     def calibrate(self, x_normal, x_anomalies=None) -> Detector:
         """(Re)calibrate thresholds on normal images ``(n, H, W[, C])`` and optional anomalies
         (arrays, or :class:`~anomaly.data.stream.DiskImages` scored block by block)."""
-        normal_scores = self.decision_function(x_normal)
+        return self._calibrate_scores(self.decision_function(x_normal), x_anomalies)
+
+    def _calibrate_scores(self, normal_scores: np.ndarray, x_anomalies=None) -> Detector:
+        """:meth:`calibrate` from the normal images' scores ``(n,)``."""
         anomaly_scores = (self.decision_function(x_anomalies) if x_anomalies is not None
                           else None)
         default = self.default_operating_point or fpr_name(self.target_fprs[0])

@@ -548,9 +548,6 @@ def train(model: Autoencoder, x_train: np.ndarray, x_val: np.ndarray, *, epochs:
                 tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
             raise
         raise lost_worker_error(exc) from None
-        if not isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
-            raise
-        raise lost_worker_error(exc) from None
     history = {k: list(v) for k, v in (resumed or {}).get("history", {}).items()}
     for key, values in hist.history.items():
         history.setdefault(key, []).extend(float(v) for v in values)

@@ -90,6 +90,8 @@ class Autoencoder(keras.Model):
             learns to recognize on the training images, trained in the same steps (its
             cross-entropy is added to the loss; it shares no weights with the autoencoder).
         tp_filters: that classifier's filters, one convolution a stage (``None``: the default).
+        tp_design: that classifier's layout (:data:`networks.TP_DESIGN`, the current one, for a
+            new model; a saved model's config names its own, 1 when it predates the key).
         seed: seed of the sampling and noise generators.
 
     Inputs are images ``(batch, H, W, C)`` in [0, 1]; ``call`` returns reconstructions of the
@@ -103,7 +105,7 @@ class Autoencoder(keras.Model):
                  denoise: float = default_of("denoise"),
                  transforms: str = default_of("transforms"), predict_transforms: str = "none",
                  tp_filters: list[int] | tuple[int, ...] | None = None,
-                 seed: int | None = None, **kwargs):
+                 tp_design: int = networks.TP_DESIGN, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         spec = get_spec(architecture)
         if recon_loss not in RECON_LOSSES:
@@ -137,10 +139,11 @@ class Autoencoder(keras.Model):
             self.decoder = networks.affine_decoder(shape, code, units=128, depth=3)
         self.code_dim = code
         self.tp_filters = tuple(int(f) for f in (tp_filters or default_of("tp_filters")))
+        self.tp_design = int(tp_design)
         if predict_transforms != "none":
             check_transforms(predict_transforms, self.image_shape)
             self.transform_net = networks.transform_classifier(
-                shape, TRANSFORMS[predict_transforms], self.tp_filters)
+                shape, TRANSFORMS[predict_transforms], self.tp_filters, self.tp_design)
         self.predict_transforms = predict_transforms
         self.tp_gen = keras.random.SeedGenerator(None if seed is None else seed + 3)
         self.sampler = Sampling(seed=seed, name="sampling")
@@ -339,5 +342,13 @@ class Autoencoder(keras.Model):
             "transforms": self.transforms,
             "predict_transforms": self.predict_transforms,
             "tp_filters": list(self.tp_filters),
+            "tp_design": self.tp_design,
             "seed": self.seed,
         }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # A model saved before the key existed has design 1: its weights fit both layouts'
+        # shapes, so the default would load them into the wrong one without a word.
+        config = {"tp_design": 1, **config}
+        return super().from_config(config, custom_objects=custom_objects)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from anomaly.errors import ConfigError
 from anomaly.models import networks
 from anomaly.models.autoencoder import MODELS, Autoencoder
 from anomaly.models.networks import conv_filters, conv_stages
@@ -62,19 +63,58 @@ def test_conv_vae_at_256_px_colour():
     assert tuple(model.encoder.get_layer("conv_4").output.shape[1:]) == (8, 8, 512)
 
 
-@pytest.mark.parametrize("shape, strides, side", [((28, 28, 1), [2, 2, 1], 7),
-                                                  ((16, 16, 1), [2, 1, 1], 8),
-                                                  ((128, 128, 3), [2, 2, 2, 2, 1], 8)])
-def test_the_transform_classifier_strides_like_the_encoder(shape, strides, side):
-    """One convolution a stage, stride 2 in the encoder's stages, then stride 1 (at least one,
-    and one per configured filter); the pooled map is the encoder's last map."""
-    net = networks.transform_classifier(shape, 4, (16, 32, 64))
+@pytest.mark.parametrize("shape, design, strides, side", [
+    ((28, 28, 1), 2, [2, 2, 2], 4), ((16, 16, 1), 2, [2, 2, 2], 2),
+    ((128, 128, 3), 2, [2, 2, 2, 2, 2], 4),
+    ((28, 28, 1), 1, [2, 2, 1], 7), ((16, 16, 1), 1, [2, 1, 1], 8),
+    ((128, 128, 3), 1, [2, 2, 2, 2, 1], 8)])
+def test_the_transform_classifier_strides_per_design(shape, design, strides, side):
+    """One convolution a stage, one stage per encoder stage plus one (at least one per
+    configured filter); design 2 strides them all, design 1 only the encoder's."""
+    net = networks.transform_classifier(shape, 4, (16, 32, 64), design)
     convs = [layer for layer in net.layers if layer.name.startswith("conv_")]
     assert [c.strides[0] for c in convs] == strides
     assert [c.filters for c in convs][:3] == [16, 32, 64]
     assert net.get_layer(convs[-1].name).output.shape[1:3] == (side, side)
     out = net(np.zeros((2, *shape), np.float32))
     assert tuple(out.shape) == (2, 4)
+
+
+def test_an_unknown_classifier_design_is_refused():
+    with pytest.raises(ConfigError, match="design of 1 or 2"):
+        networks.transform_classifier((28, 28, 1), 4, (16, 32, 64), 3)
+
+
+def test_a_model_saved_before_the_design_key_loads_with_design_1(tmp_path):
+    """Earlier artifacts' models have no ``tp_design`` in their config: they load with the
+    layout they were trained with (design 1), not today's, and score the same."""
+    import json
+    import zipfile
+
+    import keras
+
+    model = Autoencoder("conv-vae", (28, 28, 1), predict_transforms="rot4", tp_design=1,
+                        seed=0)
+    x = np.random.default_rng(0).random((4, 28, 28, 1)).astype(np.float32)
+    model(x)
+    model.transform_net(x)
+    src, old = tmp_path / "new.keras", tmp_path / "old.keras"
+    model.save(src)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(old, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                del config["config"]["tp_design"]
+                data = json.dumps(config).encode()
+            zout.writestr(item, data)
+    loaded = keras.models.load_model(old, safe_mode=True, compile=False)
+    assert loaded.tp_design == 1
+    convs = [la for la in loaded.transform_net.layers if la.name.startswith("conv_")]
+    assert [c.strides[0] for c in convs] == [2, 2, 1]
+    np.testing.assert_allclose(np.asarray(loaded.transform_net(x)),
+                               np.asarray(model.transform_net(x)), rtol=1e-6, atol=1e-6)
+    assert Autoencoder("conv-vae", (28, 28, 1), predict_transforms="rot4").tp_design == 2
 
 
 def test_folding_the_batch_norms_keeps_the_classifier_s_outputs():
