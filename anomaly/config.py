@@ -306,8 +306,9 @@ def make_run_config(values: dict) -> RunConfig:
 #: Named detector configurations (``--preset``): the values each sets. ``fast`` is the defaults.
 PRESETS: dict[str, dict] = {
     "fast": {},
-    # A classifier of twice the width: +0.002 to +0.006 on the hardest classes (seed 0,
-    # README "Benchmarks"), at about 1.3x the fit and 0.7x the scoring speed.
+    # A classifier of twice the width: +0.002 to +0.006 on the hardest classes over design 1's
+    # default, but within 0.003 either way of design 2's (seed 0, README "Benchmarks"), at
+    # about 1.2x the fit and 0.8x the scoring speed. A better one is open work.
     "accurate": {"tp_filters": [32, 64, 128]},
 }
 
