@@ -154,8 +154,8 @@ class RunConfig:
     name: str | None = _opt(None, "artifact name (default DATASET-CLASSES-MODEL)",
                             group="output")
     preset: str | None = _opt(None, "fast (the defaults) or accurate (a classifier twice "
-                              "as wide, tp_filters 32,64,128: a little higher AUROC on the "
-                              "hardest classes at about 1.3x the fit time; README "
+                              "as wide, tp_filters 32,64,128, at about 1.2x the fit time: "
+                              "no better than fast since classifier design 2; README "
                               "\"Benchmarks\"); its values replace the defaults and the "
                               "config file's, flags override them",
                               group="model")

@@ -218,7 +218,7 @@ class Scorer:
         self.mc_samples, self.batch_size = mc_samples, batch_size
         self.knn, self.standardizer = knn, standardizer
         # Batch norms folded into the classifier's convolutions: the MNIST conv-vae scores the
-        # 10,000 test images at 4,904 images/s instead of 4,471 (bench/runtime_bench.py).
+        # 10,000 test images at 5,724 images/s instead of 5,196 (bench/runtime_bench.py).
         self._tp_net = (networks.fold_batch_norm(model.transform_net)
                         if score == "mse+knn+tp" else None)
         self.part_names = PARTS[score]
