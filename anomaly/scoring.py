@@ -54,6 +54,7 @@ from anomaly._tf import tf  # first: TensorFlow without its start-up noise
 
 # isort: split
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -229,11 +230,13 @@ class Scorer:
             mem64 = np.asarray(knn.memory, np.float64)
             self._memory_sq = tf.constant((mem64 ** 2).sum(1).astype(np.float32))
         spec = [tf.TensorSpec([None, *self.image_shape], tf.float32)]
-        self._parts_only = tf.function(lambda x: self._graph(x)[0], input_signature=spec,
-                                       reduce_retracing=True)
-        self._parts_loo = tf.function(lambda x: self._graph(x, True)[0], input_signature=spec,
-                                      reduce_retracing=True)
-        self._full = tf.function(self._graph, input_signature=spec, reduce_retracing=True)
+        # No autograph: the graph has no Python control flow on tensors, and converting its
+        # source cost about 0.7 s a trace (`anomaly evaluate` 7.0 s against 6.4 s).
+        graph = functools.partial(tf.function, input_signature=spec, autograph=False,
+                                  reduce_retracing=True)
+        self._parts_only = graph(lambda x: self._graph(x)[0])
+        self._parts_loo = graph(lambda x: self._graph(x, True)[0])
+        self._full = graph(self._graph)
 
     def _aggregate(self, err):
         flat = ops.reshape(err, (-1, self._n_pixels))

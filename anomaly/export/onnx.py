@@ -171,7 +171,8 @@ def build_function(detector):
             "error_map": tf.reshape(err, out_shape),
         }
 
-    return tf.function(serve, input_signature=spec), spec, names
+    # No autograph, as the scorer's own graph (anomaly.scoring): nothing in it needs converting.
+    return tf.function(serve, input_signature=spec, autograph=False), spec, names
 
 
 def metadata_props(sidecar: dict) -> dict[str, str]:
