@@ -67,15 +67,16 @@ def test_a_preset_replaces_defaults_and_file_values_and_flags_override_it(tmp_pa
     from anomaly.config import PRESETS
 
     assert PRESETS["fast"] == {}  # fast is the defaults: Detector() == a default fit
-    wide = PRESETS["accurate"]["tp_filters"]
-    path = _write(tmp_path, "tp_filters: [8]\nepochs: 3\n")
-    assert resolve(path).detector.tp_filters == [8]
+    longer = PRESETS["accurate"]["epochs"]
+    assert longer > DetectorConfig().epochs
+    path = _write(tmp_path, "epochs: 3\nlatent_dim: 4\n")
+    assert resolve(path).detector.epochs == 3
     cfg = resolve(path, {"preset": "accurate"})
-    assert cfg.detector.tp_filters == wide and cfg.preset == "accurate"
-    assert cfg.detector.epochs == 3  # a key the preset does not set keeps the file's value
-    assert resolve(path, {"preset": "accurate", "tp_filters": [4]}).detector.tp_filters == [4]
+    assert cfg.detector.epochs == longer and cfg.preset == "accurate"
+    assert cfg.detector.latent_dim == 4  # a key the preset does not set keeps the file's value
+    assert resolve(path, {"preset": "accurate", "epochs": 2}).detector.epochs == 2
     # From the file itself too.
-    assert resolve(_write(tmp_path, "preset: accurate\n")).detector.tp_filters == wide
+    assert resolve(_write(tmp_path, "preset: accurate\n")).detector.epochs == longer
     with pytest.raises(ConfigError, match=r"Expected a preset in \['accurate', 'fast'\]. "
                                           r"Received: 'turbo'"):
         resolve(None, {"preset": "turbo"})
@@ -112,7 +113,7 @@ def test_fit_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fit", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, shown in (("--score", "(default: mse+knn+tp)"), ("--epochs", "(default: 30)"),
+    for flag, shown in (("--score", "(default: mse+knn+tp)"), ("--epochs", "(default: 25)"),
                         ("--target-fpr", "(default: 1%,5%)"), ("--model", "(default: conv-vae)"),
                         ("--latent-dim", "(default: unset)"), ("--normal-class", "(default: 0)")):
         assert flag in text and shown in text, (flag, shown)
