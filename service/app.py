@@ -13,6 +13,7 @@ target), not with ``--workers``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.cpu_pool = ThreadPoolExecutor(settings.cpu_threads,
                                                 thread_name_prefix="anomaly-cpu")
         app.state.metrics.set_build_info()
+        gc_before = gc.get_threshold()
+        if settings.gc_threshold:
+            gc.set_threshold(settings.gc_threshold, *gc_before[1:])
         registry.start()
         # FastAPI builds the OpenAPI document on first request, on the event loop (~0.1 s of
         # CPU): build it now in a worker thread instead.
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             restore_sigterm()
+            gc.set_threshold(*gc_before)
             await registry.close()
             app.state.cpu_pool.shutdown(wait=False, cancel_futures=True)
 

@@ -97,6 +97,12 @@ def check_json_structure(body: bytes, *, max_depth: int, max_keys: int) -> None:
     the parity of the remaining quotes marks what is inside strings, and the brackets and
     colons outside strings are counted.
     """
+    # Counted in the raw bytes, strings included, the keys and brackets can only be more than
+    # the structural ones, and the depth is at most the brackets: a body within both bounds
+    # passes without the numpy passes (about 40 us of a single 28x28 image's request, at
+    # concurrency 8 7% of the event loop's time; py-spy on the service).
+    if body.count(b":") <= max_keys and body.count(b"[") + body.count(b"{") <= max_depth:
+        return
     a = np.frombuffer(body, np.uint8)
     quote = a == 34  # "
     if b"\\" in body:

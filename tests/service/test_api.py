@@ -44,6 +44,17 @@ def test_readiness_is_503_without_models_and_healthz_stays_up(app_factory, tmp_p
         assert c.get("/v2/health/ready").status_code == 400
 
 
+def test_gc_threshold_is_set_while_serving_and_restored_after(app_factory, tmp_path):
+    import gc
+
+    before = gc.get_threshold()
+    with app_factory(tmp_path, ready=False, gc_threshold=12_345):
+        assert gc.get_threshold() == (12_345, *before[1:])
+    assert gc.get_threshold() == before
+    with app_factory(tmp_path, ready=False, gc_threshold=0):  # 0: Python's own
+        assert gc.get_threshold() == before
+
+
 def test_list_and_describe_models(client, detector):
     body = client.get("/v1/models").json()
     (m,) = body["models"]

@@ -165,3 +165,33 @@ def test_structure_scan_agrees_with_the_parser(value):
     if d:
         with pytest.raises(ServiceError):
             check_json_structure(text, max_depth=d - 1, max_keys=10**6)
+
+
+@FAST
+@given(json_values)
+def test_structure_scan_counts_keys_outside_strings_only(value):
+    """The key limit is the real number of object keys, whichever path the scan takes (the
+    raw-byte bounds or the string-aware count)."""
+    text = json.dumps(value).encode()
+
+    def keys(v) -> int:
+        if isinstance(v, dict):
+            return len(v) + sum(keys(c) for c in v.values())
+        return sum(keys(c) for c in v) if isinstance(v, list) else 0
+
+    k = keys(value)
+    check_json_structure(text, max_depth=10**6, max_keys=k)
+    if k:
+        with pytest.raises(ServiceError):
+            check_json_structure(text, max_depth=10**6, max_keys=k - 1)
+
+
+def test_structure_scan_sees_past_brackets_and_colons_in_strings():
+    """Brackets and colons inside strings push the raw-byte counts over the limits, yet the
+    body is within them: the string-aware count lets it through; a real excess is refused."""
+    body = json.dumps({"images": ["[[[[{{{{::::" * 20], "note": 'a \\"[" b'}).encode()
+    check_json_structure(body, max_depth=2, max_keys=2)
+    with pytest.raises(ServiceError, match="at most 1 object keys"):
+        check_json_structure(body, max_depth=2, max_keys=1)
+    with pytest.raises(ServiceError, match="nested at most 1 levels"):
+        check_json_structure(body, max_depth=1, max_keys=2)
