@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         return out
 
 
+#: The settings that ``anomaly serve`` also takes as flags (service/cli.py); the others are
+#: read from the environment only, and an error about them names the variable alone.
+FLAGS = {"models_dir": "--models", "host": "--host", "port": "--port", "workers": "--workers"}
+
+
 def load_settings(**overrides) -> Settings:
     """Settings from the environment with ``overrides`` (``None`` values ignored) on top.
 
@@ -126,7 +131,9 @@ def load_settings(**overrides) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
-        source = f"--{field.replace('_', '-')} or ANOMALY_{field.upper()}"
+        source = f"ANOMALY_{field.upper()}"
+        if field in FLAGS:
+            source = f"{FLAGS[field]} or {source}"
         msg = err["msg"].removeprefix("Value error, ")
         # Never echo what might be a key.
         received = "(hidden)" if "key" in field else repr(err.get("input"))[:80]

@@ -307,5 +307,20 @@ def test_bad_environment_is_one_error_line_not_an_import_crash(tmp_path):
                           text=True, timeout=120)
     assert proc.stdout.strip() == "imported"
     assert proc.returncode == 2
-    assert "error: Expected a valid --max-batch-images or ANOMALY_MAX_BATCH_IMAGES" in proc.stderr
+    # An environment-only setting is named by its variable alone (there is no such flag).
+    assert "error: Expected a valid ANOMALY_MAX_BATCH_IMAGES (" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_setting_names_its_flag_only_where_serve_has_one(monkeypatch):
+    from anomaly.errors import ConfigError
+    from service.settings import load_settings
+
+    with pytest.raises(ConfigError, match=r"^Expected a valid --port or ANOMALY_PORT \("):
+        load_settings(port=70000)
+    with pytest.raises(ConfigError, match=r"^Expected a valid --models or ANOMALY_MODELS_DIR"):
+        load_settings(models_dir=["not", "a", "path"])
+    monkeypatch.setenv("ANOMALY_GC_THRESHOLD", "-1")
+    with pytest.raises(ConfigError, match=r"^Expected a valid ANOMALY_GC_THRESHOLD \(.*"
+                                          r"Received: '-1'"):
+        load_settings()
