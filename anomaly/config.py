@@ -156,7 +156,7 @@ class RunConfig:
     name: str | None = _opt(None, "artifact name (default DATASET-CLASSES-MODEL)",
                             group="output")
     preset: str | None = _opt(None, "fast (the defaults: 25 epochs) or accurate (30 epochs, "
-                              "about 1.2x the fit time; README \"Benchmarks\"); its values "
+                              "about 1.1x the fit time; README \"Benchmarks\"); its values "
                               "replace the defaults and the config file's, flags override "
                               "them",
                               group="model")
