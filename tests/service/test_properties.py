@@ -195,3 +195,37 @@ def test_structure_scan_sees_past_brackets_and_colons_in_strings():
         check_json_structure(body, max_depth=2, max_keys=1)
     with pytest.raises(ServiceError, match="nested at most 1 levels"):
         check_json_structure(body, max_depth=1, max_keys=2)
+
+
+@FAST
+@given(json_values, st.sampled_from([1, 2, 3, 7, 64]))
+def test_structure_scan_agrees_across_chunk_boundaries(value, chunk):
+    """The scan works a chunk of the body at a time; with tiny chunks, strings, escapes and
+    bracket runs cross the boundaries, and depth and keys still equal the parser's."""
+    from unittest import mock
+
+    from service import errors
+
+    text = json.dumps({"a": value, "b:[{": '\\"[{:'}).encode()
+    whole = json.loads(text)
+
+    def depth(v) -> int:
+        if isinstance(v, list | dict):
+            inner = v.values() if isinstance(v, dict) else v
+            return 1 + max((depth(c) for c in inner), default=0)
+        return 0
+
+    def keys(v) -> int:
+        if isinstance(v, dict):
+            return len(v) + sum(keys(c) for c in v.values())
+        return sum(keys(c) for c in v) if isinstance(v, list) else 0
+
+    d, k = depth(whole), keys(whole)
+    with mock.patch.object(errors, "_SCAN_CHUNK", chunk):
+        # The strings' brackets and colons put the raw counts over these exact limits, so the
+        # chunked scan decides, not the shortcut.
+        check_json_structure(text, max_depth=d, max_keys=k)
+        with pytest.raises(ServiceError, match="levels deep"):
+            check_json_structure(text, max_depth=d - 1, max_keys=k)
+        with pytest.raises(ServiceError, match="object keys"):
+            check_json_structure(text, max_depth=d, max_keys=k - 1)
