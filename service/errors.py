@@ -92,6 +92,12 @@ def _respond(request: Request, err: ServiceError) -> Response:
 _SCAN_CHUNK = 1 << 20
 
 
+def _outside(positions: np.ndarray, quotes: np.ndarray, before: int) -> np.ndarray:
+    """The ``positions`` outside every string: an even count of unescaped quotes before them
+    (``before`` ahead of the chunk, then those of ``quotes``, sorted)."""
+    return positions[((np.searchsorted(quotes, positions) + before) & 1) == 0]
+
+
 def check_json_structure(body: bytes, *, max_depth: int, max_keys: int) -> None:
     """Refuse a JSON body nested deeper than ``max_depth`` or with more than ``max_keys``
     object keys, from its bytes alone, before any parser or validator spends time on it.
@@ -115,41 +121,26 @@ def check_json_structure(body: bytes, *, max_depth: int, max_keys: int) -> None:
         starts, ends = np.flatnonzero(runs == 1), np.flatnonzero(runs == -1)
         escaped = ends[((ends - starts) & 1 == 1) & (ends < len(a))]  # the char after an odd run
 
-    def chunks():
-        """``(start, positions of the chunk's unescaped quotes, quotes before the chunk)``."""
-        before = 0
-        for start in range(0, len(a), _SCAN_CHUNK):
-            quotes = np.flatnonzero(a[start : start + _SCAN_CHUNK] == 34) + start  # "
-            if escaped is not None and quotes.size:
-                quotes = quotes[~np.isin(quotes, escaped, assume_unique=True)]
-            yield start, quotes, before
-            before += quotes.size
-
-    def outside(positions, quotes, before):
-        inside = (np.searchsorted(quotes, positions) + before) & 1
-        return positions[inside == 0]
-
-    keys = 0
-    for start, quotes, before in chunks():
-        colons = np.flatnonzero(a[start : start + _SCAN_CHUNK] == 58) + start  # :
-        keys += outside(colons, quotes, before).size
+    keys = level = depth = before = 0  # before: unescaped quotes ahead of the chunk
+    for start in range(0, len(a), _SCAN_CHUNK):
+        chunk = a[start : start + _SCAN_CHUNK]
+        quotes = np.flatnonzero(chunk == 34) + start  # "
+        if escaped is not None and quotes.size:
+            quotes = quotes[~np.isin(quotes, escaped, assume_unique=True)]
+        keys += _outside(np.flatnonzero(chunk == 58) + start, quotes, before).size  # :
+        folded = chunk & 0xDF  # [ and { to 0x5B, ] and } to 0x5D
+        found = _outside(np.flatnonzero((folded == 0x5B) | (folded == 0x5D)) + start, quotes,
+                         before)
+        if found.size:
+            running = np.cumsum(np.where(folded[found - start] == 0x5B, 1, -1)) + level
+            depth, level = max(depth, int(running.max())), int(running[-1])
+        before += quotes.size
     if keys > max_keys:
         raise expect(f"a JSON body with at most {max_keys} object keys (ANOMALY_MAX_JSON_KEYS)",
                      f"{keys} keys", code="json_too_complex", status_code=400)
-    level = depth = 0
-    for start, quotes, before in chunks():
-        folded = a[start : start + _SCAN_CHUNK] & 0xDF  # [ and { to 0x5B, ] and } to 0x5D
-        found = np.flatnonzero((folded == 0x5B) | (folded == 0x5D))
-        found = outside(found + start, quotes, before)
-        if not found.size:
-            continue
-        step = np.where(folded[found - start] == 0x5B, 1, -1).astype(np.int32)
-        running = np.cumsum(step) + level
-        depth, level = max(depth, int(running.max())), int(running[-1])
-        if depth > max_depth:
-            raise expect(f"JSON nested at most {max_depth} levels deep "
-                         "(ANOMALY_MAX_JSON_DEPTH)", f"{depth} levels",
-                         code="json_too_complex", status_code=400)
+    if depth > max_depth:
+        raise expect(f"JSON nested at most {max_depth} levels deep (ANOMALY_MAX_JSON_DEPTH)",
+                     f"{depth} levels", code="json_too_complex", status_code=400)
 
 
 def parse_json(body: bytes, what: str = "a JSON body", *, max_depth: int = 32,
