@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
+import math
 
 import numpy as np
 
@@ -204,6 +206,97 @@ def _all_integer_images(items: list, shape: tuple[int, int, int]) -> np.ndarray 
             a.max() > 255):
         return None
     return validated(a, "'images'")
+
+
+#: Bytes an all-integer nested-list image batch is made of: digits, brackets, commas, spaces.
+_INTEGER_ARRAY_BYTES = np.zeros(256, bool)
+_INTEGER_ARRAY_BYTES[np.frombuffer(b"0123456789[], \t\n\r", np.uint8)] = True
+_WHITESPACE = np.zeros(256, bool)
+_WHITESPACE[np.frombuffer(b" \t\n\r", np.uint8)] = True
+_IMAGES_KEY = b'"images"'
+
+
+@functools.lru_cache(maxsize=16)
+def _nested_list_tokens(shape: tuple[int, ...]) -> bytes:
+    """The tokens of a JSON nested list of ``shape`` with each number written ``n``:
+    ``(2, 2)`` -> ``b"[[n,n],[n,n]]"``."""
+    inner = b"n"
+    for size in reversed(shape):
+        inner = b"[" + b",".join([inner] * size) + b"]"
+    return inner
+
+
+def integer_json_batch(body: bytes, shape: tuple[int, int, int], *, max_images: int,
+                       max_depth: int) -> tuple[np.ndarray, bytes] | None:
+    """The common large JSON request read from its bytes, without building a Python list.
+
+    A body ``{..., "images": [...], ...}`` whose ``images`` are nested lists of the model's
+    shape holding only integers 0..255 gives ``(uint8 images (N, *pixel_shape), the body with
+    the images replaced by [])``; the caller parses and validates the rest as usual. Anything
+    else (floats, base64 strings, other shapes, a key that may not be the top-level one,
+    escapes anywhere in the body, invalid JSON in the span, too many images) gives ``None``:
+    the general path then parses the whole body and its errors name what is wrong, so every
+    body gets the response it got before, only sooner. Parsing 64 MNIST images this way takes
+    a fraction of what orjson and ``np.asarray`` of the nested lists take (bench/serve_bench.py:
+    v1 JSON batches).
+    """
+    key = body.find(_IMAGES_KEY)
+    # One occurrence, no escapes, and only the body's own opening brace before it: then it is
+    # the top-level key (a nested object or a string holding a brace would add a brace).
+    if key < 0 or body.find(_IMAGES_KEY, key + 1) >= 0 or b"\\" in body:
+        return None
+    head = body[:key]
+    if (head.lstrip()[:1] != b"{" or head.count(b"{") != 1
+            or any(c in head for c in (b"}", b"[", b"]"))):
+        return None
+    colon = body.find(b":", key + len(_IMAGES_KEY))
+    if colon < 0 or body[key + len(_IMAGES_KEY):colon].strip():
+        return None
+    start = colon + 1
+    while start < len(body) and body[start] in b" \t\n\r":
+        start += 1
+    if body[start:start + 1] != b"[":
+        return None
+    tail = np.frombuffer(body, np.uint8, offset=start)
+    allowed = _INTEGER_ARRAY_BYTES[tail]
+    stop = len(tail) if allowed.all() else int(allowed.argmin())
+    span = tail[:stop]
+    brackets = span == 91  # [
+    depth = np.cumsum(brackets.view(np.int8) - (span == 93).view(np.int8))  # ]
+    closed = np.flatnonzero(depth == 0)
+    if not closed.size:
+        return None
+    span = span[: closed[0] + 1]
+    digit = (span >= 48) & (span <= 57)
+    first = digit.copy()
+    first[1:] &= ~digit[:-1]
+    last = digit.copy()
+    last[:-1] &= ~digit[1:]
+    starts, ends = np.flatnonzero(first), np.flatnonzero(last)
+    per_image = math.prod(pixel_shape(shape))
+    n = len(starts) // per_image
+    if (n == 0 or n > max_images or len(starts) != n * per_image
+            or 2 + len(pixel_shape(shape)) > max_depth):
+        return None
+    length = ends - starts + 1
+    values = span[starts].astype(np.int16) - 48
+    if length.max() > 3 or (length > 1)[values == 0].any():  # JSON has no leading zeros
+        return None
+    for extra in (1, 2):
+        more = length > extra
+        values[more] = values[more] * 10 + span[starts[more] + extra] - 48
+    if values.max() > 255:
+        return None
+    # The structure, each number one token and whitespace dropped, must be the exact nested
+    # list of (n, *pixel shape): that also rules out numbers split by whitespace ("1 2").
+    keep = ~(digit & ~first) & ~_WHITESPACE[span]
+    tokens = span.copy()
+    tokens[starts] = ord("n")
+    if tokens[keep].tobytes() != _nested_list_tokens((n, *pixel_shape(shape))):
+        return None
+    end = start + len(span)
+    rest = body[:start] + b"[]" + body[end:]
+    return values.astype(np.uint8).reshape(n, *pixel_shape(shape)), rest
 
 
 def decode_files(files: list[tuple[str, bytes]], *, shape: tuple[int, int, int],

@@ -7,6 +7,7 @@ fields). Options can also be given as query parameters; a value in the body wins
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -205,6 +206,15 @@ def _decode_json(req: ScoreRequest, settings, shape) -> np.ndarray:
 
 def _parse_and_decode_json(body: bytes, settings, query: dict, shape):
     """Body -> (images, options) in one call: one hand-off to the CPU pool."""
+    fast = inputs.integer_json_batch(body, shape, max_images=settings.max_batch_images,
+                                     max_depth=settings.max_json_depth)
+    if fast is not None:
+        pixels, rest = fast
+        # A rest that fails is parsed again whole, so the error (and where it says the body
+        # broke) is the one the whole body gets.
+        with contextlib.suppress(ServiceError):
+            _, options = _parse_json(rest, settings, query)
+            return inputs.validated(pixels, "'images'"), options
     req, options = _parse_json(body, settings, query)
     return _decode_json(req, settings, shape), options
 

@@ -229,3 +229,94 @@ def test_structure_scan_agrees_across_chunk_boundaries(value, chunk):
             check_json_structure(text, max_depth=d - 1, max_keys=k)
         with pytest.raises(ServiceError, match="object keys"):
             check_json_structure(text, max_depth=d, max_keys=k - 1)
+
+
+# -- the byte-level reader of all-integer JSON batches ----------------------------------------
+
+TINY = (2, 3, 1)
+_MUTATIONS = b' \n-0179.e"\\[],{}:'
+
+
+def _general(body: bytes, shape):
+    """What the route answered before the byte-level reader: the whole body parsed."""
+    from service.routers import models
+
+    req, options = models._parse_json(body, SETTINGS, {})
+    return models._decode_json(req, SETTINGS, shape), options
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except ServiceError as exc:
+        return ("refused", exc.status_code, exc.message)
+
+
+def _batch_body(x: np.ndarray, options: dict, first: bool, indent: bool) -> bytes:
+    body = {"images": x.tolist(), **options} if first else {**options, "images": x.tolist()}
+    return json.dumps(body, indent=1 if indent else None).encode()
+
+
+@FAST
+@given(hnp.arrays(np.uint8, st.tuples(st.integers(1, 3), st.just(2), st.just(3))),
+       st.fixed_dictionaries({}, optional={"operating_point": st.sampled_from(["fpr@1%", "x"]),
+                                           "return_reconstruction": st.booleans()}),
+       st.booleans(), st.booleans(), st.lists(st.tuples(st.integers(0, 10_000),
+                                                        st.sampled_from(_MUTATIONS),
+                                                        st.booleans()), max_size=3))
+def test_integer_batch_reader_answers_as_the_parser_does(x, options, first, indent, edits):
+    """Any body, valid or broken by a few edits: where the byte-level reader takes it, the
+    pixels and options are those of parsing the whole body, and it never takes a body the
+    parser refuses."""
+    from service.routers import models
+
+    body = bytearray(_batch_body(x, options, first, indent))
+    for pos, char, insert in edits:
+        pos %= len(body) + 1
+        if insert:
+            body[pos:pos] = bytes([char])
+        elif pos < len(body):
+            del body[pos]
+    body = bytes(body)
+    want = _outcome(lambda: _general(body, TINY))
+    got = _outcome(lambda: models._parse_and_decode_json(body, SETTINGS, {}, TINY))
+    if isinstance(want[0], str):
+        assert got == want
+        return
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[1] == want[1]
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("indent", [True, False])
+def test_integer_batch_reader_takes_the_common_bodies(first, indent):
+    """Not vacuous: the bodies clients send (json.dumps, any whitespace, options before or
+    after) are read from their bytes, to the same pixels."""
+    x = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    body = _batch_body(x, {"operating_point": "fpr@1%"}, first, indent)
+    fast = inputs.integer_json_batch(body, SHAPE, max_images=8, max_depth=32)
+    assert fast is not None
+    np.testing.assert_array_equal(fast[0], x)
+    assert json.loads(fast[1]) == {"images": [], "operating_point": "fpr@1%"}
+
+
+@pytest.mark.parametrize("body", [
+    b'{"images": [[[1, 2, 3], [4, 5, 6]]], "x": {"images": 1}}',  # the key twice
+    b'{"meta": {"images": [[[1, 2, 3], [4, 5, 6]]]}}',  # not the top-level key
+    b'{"a": "{", "images": [[[1, 2, 3], [4, 5, 6]]]}',  # a brace in a string before it
+    b'{"images": [[[1, 2, 3], [4, 5, 256]]]}',  # beyond 255
+    b'{"images": [[[1, 2, 3], [4, 5, 06]]]}',  # a leading zero: not JSON
+    b'{"images": [[[1, 2, 3], [4, 5 6]]]}',  # a number split by a space
+    b'{"images": [[[1, 2, 3], [4, 5, 6.0]]]}',  # a float: the per-image scale rule
+    b'{"images": [[[1, 2, 3], [4, 5]]]}',  # the wrong shape
+    b'{"images": [[[1, 2, 3], [4, 5, 6]]], "s": "\\u0041"}',  # an escape
+    b'{"images": []}',
+])
+def test_integer_batch_reader_leaves_the_rest_to_the_parser(body):
+    assert inputs.integer_json_batch(body, TINY, max_images=8, max_depth=32) is None
+
+
+def test_integer_batch_reader_leaves_too_many_images_to_the_parser():
+    body = _batch_body(np.zeros((9, 2, 3), np.uint8), {}, True, False)
+    assert inputs.integer_json_batch(body, TINY, max_images=8, max_depth=32) is None
+    assert inputs.integer_json_batch(body, TINY, max_images=9, max_depth=32) is not None
