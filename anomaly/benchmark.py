@@ -59,6 +59,22 @@ def fpr_z(measured: float, target: float, n: int) -> float:
     return (measured - target) / np.sqrt(target * (1 - target) / n)
 
 
+def fit_one_class(cfg: RunConfig, c: int, seed: int):
+    """One run of the protocol: class ``c`` normal, ``seed`` for the split and the detector.
+
+    Returns:
+        ``(split, fitted detector, seconds of Detector.fit)``.
+    """
+    from anomaly.detector import Detector
+
+    run = dataclasses.replace(cfg, normal_classes=[c],
+                              detector=dataclasses.replace(cfg.detector, seed=seed))
+    split = prepare(run)
+    t = time.perf_counter()
+    det = Detector.from_config(run.detector).fit(split.x_train, x_val=split.x_val)
+    return split, det, time.perf_counter() - t
+
+
 def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...] = (0,),
                   baselines: bool = False, output: str | Path = "bench/results",
                   tag: str | None = None) -> pd.DataFrame:
@@ -70,7 +86,6 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
         ``score_per_s``, ``epochs``, ``precision`` (the training arithmetic), and
         ``pca_auroc``/``iforest_auroc`` with ``baselines``.
     """
-    from anomaly.detector import Detector
     from anomaly.progress import progress
 
     todo = parse_classes(classes, n_classes=10, leave_anomalies=False)
@@ -78,12 +93,7 @@ def run_benchmark(cfg: RunConfig, *, classes: str = "0-9", seeds: tuple[int, ...
     md, df = "", pd.DataFrame()
     with progress("Benchmark", total=len(todo) * len(seeds), unit="runs") as bar:
         for c, seed in ((c, seed) for c in todo for seed in seeds):
-            run = dataclasses.replace(cfg, normal_classes=[c],
-                                      detector=dataclasses.replace(cfg.detector, seed=seed))
-            split = prepare(run)
-            t = time.perf_counter()
-            det = Detector.from_config(run.detector).fit(split.x_train, x_val=split.x_val)
-            fit_s = time.perf_counter() - t
+            split, det, fit_s = fit_one_class(cfg, c, seed)
             det.decision_function(split.x_test[:256])  # warm-up: graphs are traced once
             t = time.perf_counter()
             scores = det.decision_function(split.x_test)

@@ -28,17 +28,15 @@ Writes the table as CSV and markdown.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from anomaly.benchmark import fit_one_class
 from anomaly.calibration import calibrate
 from anomaly.config import resolve
-from anomaly.data.prepare import prepare
 from anomaly.data.splits import parse_classes
 from anomaly.utils import atomic_write_text
 
@@ -47,14 +45,7 @@ SD1_START = 5000
 
 
 def run_class(cfg, c: int, seed: int) -> dict:
-    from anomaly.detector import Detector
-
-    run = dataclasses.replace(cfg, normal_classes=[c],
-                              detector=dataclasses.replace(cfg.detector, seed=seed))
-    split = prepare(run)
-    t = time.perf_counter()
-    det = Detector.from_config(run.detector).fit(split.x_train, x_val=split.x_val)
-    fit_s = time.perf_counter() - t
+    split, det, fit_s = fit_one_class(cfg, c, seed)
     normal = split.y_test == 0
     idx = np.flatnonzero(normal)
     first = idx < (SD1_START if cfg.dataset == "mnist" else len(split.y_test) // 2)
