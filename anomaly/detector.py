@@ -126,6 +126,7 @@ class Detector(OutlierMixin, BaseEstimator):
                 ("learning_rate", lambda v: 0 < v < 1, "in (0, 1)"),
                 ("beta", lambda v: v >= 0, ">= 0"),
                 ("denoise", lambda v: 0 <= v <= 1, "(noise std) in [0, 1]"),
+                ("stroke_jitter", lambda v: 0 <= v <= 1, "in [0, 1]"),
                 ("val_fraction", lambda v: 0 < v <= 0.5, "in (0, 0.5]")):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and not isinstance(v, bool) and ok(v)):
@@ -187,7 +188,8 @@ class Detector(OutlierMixin, BaseEstimator):
                    if self.score == "mse+knn+tp" else "none")
         return Autoencoder(self.model, image_shape, latent_dim=self.latent_dim,
                            hidden=self.hidden, beta=self.beta, recon_loss=self.recon_loss,
-                           denoise=self.denoise, transforms=self.transforms,
+                           denoise=self.denoise, stroke_jitter=self.stroke_jitter,
+                           transforms=self.transforms,
                            predict_transforms=predict, tp_filters=self.tp_filters,
                            seed=self.seed)
 
@@ -506,7 +508,8 @@ class Detector(OutlierMixin, BaseEstimator):
                                f"one with the earlier pooled classifier in {art.path}",
                                hint="Train it again with this version of anomaly.",
                                cls=ArtifactError)
-            det = cls(**hyper)
+            # An artifact from before stroke_jitter was trained without it.
+            det = cls(**{"stroke_jitter": 0.0, **hyper})
             det.image_shape_ = tuple(int(v) for v in spec["image_shape"])
             det.calibration_ = Calibration.from_dict(json.loads(art.read_text(
                 "calibration.json")))

@@ -24,6 +24,7 @@ from anomaly.models.transforms import (
     check_transforms,
     labelled_transform,
     random_transform,
+    stroke_jitter,
 )
 
 RECON_LOSSES = ("bce", "mse")
@@ -83,6 +84,9 @@ class Autoencoder(keras.Model):
         beta: weight of the KL term (variational models only).
         recon_loss: ``"bce"`` (Bernoulli likelihood) or ``"mse"`` (summed squared error).
         denoise: standard deviation of Gaussian noise added to training inputs (0 = off).
+        stroke_jitter: training images get thicker or thinner strokes by up to this
+            (:func:`~anomaly.models.transforms.stroke_jitter`; 0 = off), for every part the
+            model trains (autoencoder and classifier); validation sees the images as they are.
         transforms: attribute restoration (:mod:`anomaly.models.transforms`): ``"none"``,
             ``"rot4"`` or ``"flip4"``.
         predict_transforms: transformation prediction: ``"none"``, or the transforms
@@ -103,6 +107,7 @@ class Autoencoder(keras.Model):
                  hidden: list[int] | tuple[int, ...] | None = None,
                  beta: float = default_of("beta"), recon_loss: str = default_of("recon_loss"),
                  denoise: float = default_of("denoise"),
+                 stroke_jitter: float = default_of("stroke_jitter"),
                  transforms: str = default_of("transforms"), predict_transforms: str = "none",
                  tp_filters: list[int] | tuple[int, ...] | None = None,
                  tp_design: int = networks.TP_DESIGN, seed: int | None = None, **kwargs):
@@ -122,6 +127,7 @@ class Autoencoder(keras.Model):
         self.hidden = tuple(int(h) for h in (hidden or spec.hidden))
         self.beta, self.recon_loss, self.denoise, self.seed = float(beta), recon_loss, float(
             denoise), seed
+        self.stroke_jitter = float(stroke_jitter)
         check_transforms(transforms, self.image_shape)
         self.transforms = transforms
         if self.latent_dim < 1 or not self.hidden or min(self.hidden) < 1:
@@ -149,6 +155,7 @@ class Autoencoder(keras.Model):
         self.sampler = Sampling(seed=seed, name="sampling")
         self.noise_gen = keras.random.SeedGenerator(None if seed is None else seed + 1)
         self.transform_gen = keras.random.SeedGenerator(None if seed is None else seed + 2)
+        self.jitter_gen = keras.random.SeedGenerator(None if seed is None else seed + 4)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.recon_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_tracker = keras.metrics.Mean(name="kl_loss")
@@ -260,6 +267,8 @@ class Autoencoder(keras.Model):
         ``noisy``: corrupt the inputs (denoising models); default: while training.
         """
         x = ops.cast(x, "float32")
+        if training and self.stroke_jitter > 0:
+            x = stroke_jitter(x, self.stroke_jitter, self.jitter_gen)
         tp = (self._transform_loss(x, training) if self.predict_transforms != "none"
               else ops.zeros(()))
         if self.transforms != "none":
@@ -339,6 +348,7 @@ class Autoencoder(keras.Model):
             "beta": self.beta,
             "recon_loss": self.recon_loss,
             "denoise": self.denoise,
+            "stroke_jitter": self.stroke_jitter,
             "transforms": self.transforms,
             "predict_transforms": self.predict_transforms,
             "tp_filters": list(self.tp_filters),
@@ -350,5 +360,6 @@ class Autoencoder(keras.Model):
     def from_config(cls, config, custom_objects=None):
         # A model saved before the key existed has design 1: its weights fit both layouts'
         # shapes, so the default would load them into the wrong one without a word.
-        config = {"tp_design": 1, **config}
+        # Likewise a model from before stroke_jitter trained without it.
+        config = {"tp_design": 1, "stroke_jitter": 0.0, **config}
         return super().from_config(config, custom_objects=custom_objects)

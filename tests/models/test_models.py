@@ -226,3 +226,59 @@ def test_the_eight_symmetries_of_the_square():
     want = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
     want_m = [np.rot90(x[:, :, ::-1], k, axes=(1, 2)) for k in range(4)]
     assert {w.tobytes() for w in want + want_m} == flat
+
+
+def test_stroke_jitter_thickens_or_thins_each_image_within_its_amount():
+    """Each image moves toward its 3x3 dilation (more ink) or erosion (less ink) by at most the
+    amount, one draw an image; 0 leaves it alone; the same seed gives the same images."""
+    from anomaly.models.transforms import stroke_jitter
+
+    x = np.zeros((64, 12, 12, 1), np.float32)
+    x[:, 5:7, 2:10] = 1.0  # a bar two pixels thick
+    thick = np.zeros_like(x[0])
+    thick[4:8, 1:11] = 1.0  # its dilation
+    got = np.asarray(stroke_jitter(x, 0.25, keras.random.SeedGenerator(0)))
+    assert got.shape == x.shape and got.min() >= 0 and got.max() <= 1
+    ink = got.sum(axis=(1, 2, 3)) / x[0].sum()
+    # Thickened by a: ink x (1 + a * (40 - 16) / 16); thinned: the 2-pixel bar erodes to nothing.
+    assert ink.max() <= 1 + 0.25 * 24 / 16 + 1e-6 and ink.min() >= 0.75 - 1e-6
+    assert (ink > 1.05).any() and (ink < 0.95).any()  # both ways within one batch
+    for img, r in zip(got, ink, strict=True):  # thicker images: a blend with the dilation
+        if r > 1:
+            a = (r - 1) * 16 / 24
+            np.testing.assert_allclose(img, x[0] + a * (thick - x[0]), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(stroke_jitter(x, 0.0, None)), x)
+    again = np.asarray(stroke_jitter(x, 0.25, keras.random.SeedGenerator(0)))
+    np.testing.assert_array_equal(again, got)
+
+
+def test_stroke_jitter_reaches_training_only_and_round_trips(tmp_path):
+    x = np.zeros((8, 16, 16, 1), np.float32)
+    x[:, 7:9, 3:13] = 1.0
+    kw = {"latent_dim": 4, "hidden": [8], "seed": 0, "predict_transforms": "rot4"}
+    plain = Autoencoder("conv-ae", (16, 16, 1), stroke_jitter=0.0, **kw)
+    jit = Autoencoder("conv-ae", (16, 16, 1), stroke_jitter=0.5, **kw)
+    jit.set_weights(plain.get_weights())
+    seen = []
+    encode = jit.encode
+
+    def spy(x_in, training=False):
+        seen.append(np.asarray(x_in))
+        return encode(x_in, training=training)
+
+    jit.encode = spy
+    # Validation sees the images as they are; training the jittered ones.
+    for a, b in zip(plain.compute_losses(x, training=False), jit.compute_losses(x, training=False),
+                    strict=True):
+        assert float(a) == pytest.approx(float(b), rel=1e-6)
+    jit.compute_losses(x, training=True)
+    np.testing.assert_array_equal(seen[0], x)
+    ink = seen[1].sum(axis=(1, 2, 3)) / x[0].sum()
+    assert (ink > 1.02).any() and (ink < 0.98).any()
+    del jit.encode
+    jit.save(tmp_path / "m.keras")
+    back = keras.models.load_model(tmp_path / "m.keras", safe_mode=True, compile=False)
+    assert back.stroke_jitter == 0.5
+    cfg = jit.get_config()
+    del cfg["stroke_jitter"]  # a model saved before the key: trained without jitter
+    assert Autoencoder.from_config(cfg).stroke_jitter == 0.0
