@@ -8,7 +8,9 @@ speed; the kNN memory gets its real size, ~5,300 codes), exports it with ``anoma
 code, and scores the 10,000 MNIST test images with both runtimes through the same call the
 service makes (``detect``): scores and decisions only, then with reconstructions and error
 maps; then single images (latency) and the service's 64-image batches. Prints medians over
-``--runs`` as a markdown table, plus the largest score difference between the runtimes. For an
+``--runs`` as a markdown table, plus the largest score difference between the runtimes, and
+the graph's multiply-adds per image (its Conv, ConvTranspose, MatMul and Gemm nodes) with the
+arithmetic rate each runtime reached: how far from the machine's ceiling a speed is. For an
 ``mse+knn+tp`` model a third row times TensorFlow with the classifier's batch norms left
 unfolded (what :func:`anomaly.models.networks.fold_batch_norm` is worth).
 """
@@ -39,6 +41,47 @@ def _artifact(tmp: Path) -> Path:
     ds = load_dataset("mnist")
     det = Detector.from_config(cfg.detector).fit(ds.x_train[ds.y_train == 0])
     return det.save(tmp / "models" / "mnist-0" / "1")
+
+
+def graph_macs(model_path: Path) -> float:
+    """Multiply-adds per image of an ONNX graph whose first input's first dimension is the
+    batch: the Conv, ConvTranspose, MatMul and Gemm nodes, from shapes inferred at batch 1.
+    A batch of one counts what one image costs (the kNN memory's product included).
+
+    Shape inference loses the batch behind the graph's dynamic reshapes; the batch is the only
+    unknown dimension, so an unknown dimension counts as 1, and a product's inner size is read
+    off its weight where the input's is unknown."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(model_path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model = shape_inference.infer_shapes(model)
+    shapes = {}
+    for v in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else 0 for d in dims]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    total = 0
+    for node in model.graph.node:
+        ins = [shapes.get(n) for n in node.input]
+        out = shapes.get(node.output[0])
+        if len(ins) < 2 or not ins[0] or not ins[1] or not out:
+            continue
+        out_size = int(np.prod([d or 1 for d in out]))
+        if node.op_type == "Conv":  # weight (out, in/group, kh, kw)
+            total += out_size * int(np.prod(ins[1][1:]))
+        elif node.op_type == "ConvTranspose":  # every input pixel scatters its kernel
+            total += int(np.prod([d or 1 for d in ins[0]])) * int(np.prod(ins[1][1:]))
+        elif node.op_type in ("MatMul", "Gemm"):
+            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+            inner = ins[0][-2] if trans_a else ins[0][-1]
+            if not inner and len(ins[1]) >= 2:
+                trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+                inner = ins[1][-1] if trans_b else ins[1][-2]
+            total += out_size * (inner or 1)
+    return float(total)
 
 
 def _median_rate(fn, x: np.ndarray, runs: int) -> float:
@@ -120,6 +163,10 @@ def main() -> None:
               f"{export_s:.1f} s; max |score difference| {gap.max():.3g} "
               f"({(gap / np.abs(ref)).max():.3g} relative, scores span {ref.min():.3g}.."
               f"{ref.max():.3g})\n")
+        macs = graph_macs(exported.path / "model.onnx")
+        print(f"graph: {macs / 1e6:.2f} M multiply-adds an image; scores only: "
+              + ", ".join(f"{name} {rate * macs * 2 / 1e9:.0f} GFLOP/s"
+                          for name, rate, *_ in rows) + "\n")
         print("| runtime | 10,000 images, scores (images/s) | with reconstructions and error "
               "maps | 64-image batches | one image p50 / p99 (ms) |\n|---|---|---|---|---|")
         for name, rate, rate_full, rate64, p50, p99 in rows:
