@@ -10,7 +10,9 @@ service makes (``detect``): scores and decisions only, then with reconstructions
 maps; then single images (latency) and the service's 64-image batches. Prints medians over
 ``--runs`` as a markdown table, plus the largest score difference between the runtimes, and
 the graph's multiply-adds per image (its Conv, ConvTranspose, MatMul and Gemm nodes) with the
-arithmetic rate each runtime reached: how far from the machine's ceiling a speed is. For an
+arithmetic rate each runtime reached, against the machine's measured ceiling (onnxruntime's
+float32 matrix product on all cores): how far from it a speed is, and the most images/s the graph
+could score at that rate. For an
 ``mse+knn+tp`` model a third row times TensorFlow with the classifier's batch norms left
 unfolded (what :func:`anomaly.models.networks.fold_batch_norm` is worth).
 """
@@ -82,6 +84,37 @@ def graph_macs(model_path: Path) -> float:
                 inner = ins[1][-1] if trans_b else ins[1][-2]
             total += out_size * (inner or 1)
     return float(total)
+
+
+def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
+    """The machine's practical float32 ceiling: onnxruntime's ``(n, n)`` MatMul on all cores.
+
+    A virtual machine shows its base clock, not the boost its cores run at, so a peak computed
+    from the clock and the vector width is a guess; a tuned matrix product is the measured upper
+    bound that convolution kernels approach. onnxruntime's own (MLAS) kernels, not numpy's
+    BLAS: the OpenBLAS numpy ships picks its AVX2 kernels on some AVX-512 CPUs (AMD Zen 5:
+    240 against MLAS's 324 GFLOP/s, 2026-12-03). Median of ``runs`` products.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    spec = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [n, n]) for v in "abc"]
+    model = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])],
+                                                "matmul", spec[:2], spec[2:]),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {v: rng.standard_normal((n, n), dtype=np.float32) for v in "ab"}
+    sess.run(None, feed)  # warm up the thread pool
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def _median_rate(fn, x: np.ndarray, runs: int) -> float:
@@ -164,9 +197,14 @@ def main() -> None:
               f"({(gap / np.abs(ref)).max():.3g} relative, scores span {ref.min():.3g}.."
               f"{ref.max():.3g})\n")
         macs = graph_macs(exported.path / "model.onnx")
+        peak = matmul_gflops()
         print(f"graph: {macs / 1e6:.2f} M multiply-adds an image; scores only: "
               + ", ".join(f"{name} {rate * macs * 2 / 1e9:.0f} GFLOP/s"
-                          for name, rate, *_ in rows) + "\n")
+                          f" ({rate * macs * 2 / 1e9 / peak:.0%} of the matrix product)"
+                          for name, rate, *_ in rows))
+        print(f"ceiling: onnxruntime's float32 2048x2048 MatMul on all cores {peak:.0f} "
+              f"GFLOP/s, so this graph scores at most {peak * 1e9 / (2 * macs):,.0f} images/s "
+              "at that rate\n")
         print("| runtime | 10,000 images, scores (images/s) | with reconstructions and error "
               "maps | 64-image batches | one image p50 / p99 (ms) |\n|---|---|---|---|---|")
         for name, rate, rate_full, rate64, p50, p99 in rows:
