@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--keep-scores", metavar="DIR", help="also save each class's reference, "
                     "training and test scores (.npz) here, to try other rules offline")
     args = ap.parse_args()
+    if not 0 <= args.jitter < 1:
+        ap.error(f"Expected --jitter in [0, 1). Received: {args.jitter}")
     from anomaly.detector import Detector
 
     rows = []
