@@ -310,6 +310,11 @@ def test_integer_batch_reader_takes_the_common_bodies(first, indent):
     b'{"images": [[[1, 2, 3], [4, 5, 6.0]]]}',  # a float: the per-image scale rule
     b'{"images": [[[1, 2, 3], [4, 5]]]}',  # the wrong shape
     b'{"images": [[[1, 2, 3], [4, 5, 6]]], "s": "\\u0041"}',  # an escape
+    b'{"images": [[1[, 2, 3], [4, 5, 6]]]}',  # a number before an opening bracket
+    b'{"images": [[[1, 2, 3], [4, 5, ]6]]}',  # a number after a closing bracket
+    b'{"images": [[[1, 2, 3], [4, 5, 1000]]]}',  # four digits
+    b'{"images": [[[1, 2, 3], [4, 5, 6]]], [1]}',  # more after the array
+    b'{"images": [[[1, 2, 3], [4, 5, 6]], "x": 1}',  # not closed
     b'{"images": []}',
 ])
 def test_integer_batch_reader_leaves_the_rest_to_the_parser(body):
