@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from anomaly.calibration import calibrate, estimate_optimism, fpr_name
 from anomaly.config import resolve
 from anomaly.data.prepare import prepare
 from anomaly.data.splits import parse_classes
-from anomaly.utils import atomic_write_text
+from anomaly.utils import atomic_write_bytes, atomic_write_text
 
 TARGETS = (0.01, 0.05)
 
@@ -112,9 +113,12 @@ def main() -> None:
                if args.jitter > 0 else None)
         if args.keep_scores:
             extra = {} if jit is None else {"jittered": jit}
-            np.savez(Path(args.keep_scores) / f"{args.dataset}-{c}-seed{args.seed}.npz",
-                     val=val, train=train, test_normal=test, test=scores, y=split.y_test,
+            buf = io.BytesIO()
+            np.savez(buf, val=val, train=train, test_normal=test, test=scores, y=split.y_test,
                      **extra)
+            # Creates the folder; a crash mid-write leaves no half-written npz behind.
+            atomic_write_bytes(Path(args.keep_scores) / f"{args.dataset}-{c}-seed{args.seed}.npz",
+                               buf.getvalue())
         for name, cal in variants(val, train, jit).items():
             for fpr in TARGETS:
                 op = cal.get(fpr_name(fpr))
