@@ -294,13 +294,13 @@ def integer_json_batch(body: bytes, shape: tuple[int, int, int], *, max_images: 
     if (n == 0 or n > max_images or count != n * math.prod(pixels) or classes.max() == _OTHER
             or _runs(np.frombuffer(span.translate(_CLASSES), np.uint8) == _DIGIT) != count):
         return None
-    # No number touches an opening bracket after it or a closing one before it, so each slot
-    # between two brackets or commas holds at most one number, and where a nested list
-    # holds a number; with as many numbers as the list has slots for, the brackets and commas
-    # in order then fix the exact nested list of (n, *pixels).
-    if ((digit[:-1] & (classes[1:] == _OPEN)).any() or ((classes[:-1] == _CLOSE)
-                                                           & digit[1:]).any()
-            or compact.translate(None, b"0123456789") != _punctuation((n, *pixels))):
+    # The gaps between two brackets or commas are the slots. With no number right before an
+    # opening bracket or right after a closing one, numbers sit only in the slots a nested
+    # list has for them ("[n," ",n," ",n]" "[n]"), at most one each; with as many numbers as
+    # such slots, the brackets and commas in order then fix the exact list of (n, *pixels).
+    misplaced = ((digit[:-1] & (classes[1:] == _OPEN)).any()
+                 or ((classes[:-1] == _CLOSE) & digit[1:]).any())
+    if misplaced or compact.translate(None, b"0123456789") != _punctuation((n, *pixels)):
         return None
     chars = np.frombuffer(compact, np.uint8)
     # At most three digits a number, and no leading zero (JSON has none).
