@@ -288,10 +288,13 @@ def integer_json_batch(body: bytes, shape: tuple[int, int, int], *, max_images: 
     compact = span.translate(None, _WHITESPACE)
     classes = np.frombuffer(compact.translate(_CLASSES), np.uint8)
     digit = classes == _DIGIT
-    count = _runs(digit)
-    n = count // math.prod(pixels)
+    # Each number's last digit; the span ends with "]", so every run of digits has one.
+    ends = digit[:-1] & ~digit[1:]
+    count = int(np.count_nonzero(ends))
+    per_image = math.prod(pixels)
+    n = count // per_image
     # A number split by whitespace ("1 2") is two runs of digits with it and one without.
-    if (n == 0 or n > max_images or count != n * math.prod(pixels) or classes.max() == _OTHER
+    if (n == 0 or n > max_images or count != n * per_image or classes.max() == _OTHER
             or _runs(np.frombuffer(span.translate(_CLASSES), np.uint8) == _DIGIT) != count):
         return None
     # The gaps between two brackets or commas are the slots. With no number right before an
@@ -308,7 +311,7 @@ def integer_json_batch(body: bytes, shape: tuple[int, int, int], *, max_images: 
             or ((chars[1:-1] == 48) & ~digit[:-2] & digit[2:]).any()):
         return None
     value = (chars - np.uint8(48)) * digit
-    last = np.flatnonzero(digit[:-1] & ~digit[1:])  # the array ends with "]", not a digit
+    last = np.flatnonzero(ends)
     # The span starts with "[[": a number's last digit has two bytes before it.
     values = value[last].astype(np.int16)
     values += value[last - 1] * np.int16(10)
