@@ -6,14 +6,24 @@ to ``max_images`` per call. Under load this turns many single-image calls into a
 ones (one graph execution each), which is where the throughput is on a CPU; alone, a request
 pays only a thread hand-off.
 
-A batcher has no long-lived task, so nothing needs closing when a hot reload retires its model:
-requests that already hold the old model finish on it.
+When a call ends, its worker thread queues the next call (the requests that arrived
+meanwhile) in the executor itself and hands the finished call's results to the event loop in
+one callback. So the event loop is never between two model calls: under load on a small
+machine it is busy parsing and encoding other requests' bodies, and a model waiting for the
+loop to start its next call leaves cores idle. Queued in the executor, not run at once, the
+next call takes its turn behind other models' calls that wait for the same threads.
+
+A batcher has no long-lived thread or task, so nothing needs closing when a hot reload retires
+its model: its worker returns when no request waits, and requests that already hold the old
+model finish on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -46,6 +56,7 @@ class _Job:
     key: Hashable
     full: bool
     future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -64,6 +75,17 @@ def _rows(out, sl: slice, total: int):
     return dataclasses.replace(out, **changes)
 
 
+def _settle(outcomes: list[tuple[asyncio.Future, object]]) -> None:
+    """In the event loop: each future gets its result (or exception) unless its caller left."""
+    for future, outcome in outcomes:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
 class MicroBatcher:
     """Serializes the model calls of one model version and merges waiting requests.
 
@@ -72,8 +94,8 @@ class MicroBatcher:
 
     Args:
         run: the model call, executed in ``executor`` (it must release the GIL while it works,
-            as TensorFlow does).
-        executor: where model calls run.
+            as TensorFlow and onnxruntime do).
+        executor: where model calls run; one of its workers at a time serves this batcher.
         max_images: most images merged into one call (a larger single request runs alone).
         enabled: ``False`` runs every request as its own call, still one at a time.
     """
@@ -84,21 +106,38 @@ class MicroBatcher:
         self._executor = executor
         self._max_images = max_images
         self._enabled = enabled
+        self._lock = threading.Lock()  # guards _pending and _working (loop and worker)
         self._pending: deque[_Job] = deque()
-        self._task: asyncio.Task | None = None
+        self._working = False
 
     async def submit(self, x: np.ndarray, *, key: Hashable = None,
                      full: bool = False) -> BatchResult:
         """Run ``x`` ``(n, ...)`` float32 through the model call with ``key``; ``full`` also
         asks for reconstructions (a merged call computes them when any request wants them)."""
         loop = asyncio.get_running_loop()
-        job = _Job(x, key, full, loop.create_future())
-        self._pending.append(job)
-        if self._task is None:
-            self._task = loop.create_task(self._drain())
+        job = _Job(x, key, full, loop.create_future(), loop)
+        with self._lock:
+            self._pending.append(job)
+            start, self._working = not self._working, True
+        if start:
+            self._start()
         return await job.future
 
+    def _start(self) -> None:
+        """Queue a worker in the executor (``_working`` is already set)."""
+        try:
+            self._executor.submit(self._work)
+        except RuntimeError:  # the executor is shut down (the server is stopping)
+            with self._lock:
+                failed, self._pending, self._working = list(self._pending), deque(), False
+            self._deliver(failed, [RuntimeError("the model is shutting down")] * len(failed))
+
     def _take(self) -> list[_Job]:
+        """The next call's requests (holding ``_lock``); callers that left are dropped."""
+        while self._pending and self._pending[0].future.done():
+            self._pending.popleft()
+        if not self._pending:
+            return []
         first = self._pending.popleft()
         jobs = [first]
         if not self._enabled:
@@ -107,6 +146,8 @@ class MicroBatcher:
         rest: deque[_Job] = deque()
         while self._pending:  # the oldest requests of the same key join, the others wait
             job = self._pending.popleft()
+            if job.future.done():
+                continue
             if job.key == first.key and total + len(job.x) <= self._max_images:
                 jobs.append(job)
                 total += len(job.x)
@@ -115,42 +156,57 @@ class MicroBatcher:
         self._pending = rest
         return jobs
 
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _work(self) -> None:
+        """In the executor: one model call for the oldest waiting requests. While more wait,
+        the next call is queued behind whatever else waits for the executor's threads (other
+        models' batchers share them), not behind the event loop."""
+        with self._lock:
+            jobs = self._take()
+            if not jobs:
+                self._working = False
+                return
         try:
-            while self._pending:
-                jobs = [j for j in self._take() if not j.future.done()]  # skip cancelled
-                if not jobs:
-                    continue
-                full = any(j.full for j in jobs)
-                x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
-                start = time.perf_counter()
-                try:
-                    out = await loop.run_in_executor(self._executor, self._run, x, jobs[0].key,
-                                                     full)
-                except asyncio.CancelledError:
-                    for j in jobs:
-                        j.future.cancel()
-                    raise
-                except Exception as exc:  # the callers get it; the batcher stays usable
-                    for j in jobs:
-                        if not j.future.done():
-                            j.future.set_exception(exc)
-                    continue
-                predict_s = time.perf_counter() - start
-                offset = 0
-                for j in jobs:
-                    n = len(j.x)
-                    sl = slice(offset, offset + n)
-                    offset += n
-                    if j.future.done():
-                        continue
-                    part = out if len(jobs) == 1 else _rows(out, sl, len(x))
-                    j.future.set_result(BatchResult(part, start - j.enqueued, predict_s,
-                                                    len(x)))
-        finally:
-            self._task = None
-            if self._pending:  # cancelled mid-way: the waiting callers must not hang
-                for j in self._pending:
-                    j.future.cancel()
-                self._pending.clear()
+            outcomes = self._call(jobs)
+        except BaseException as exc:  # not an Exception (those are outcomes): answer anyway
+            self._deliver(jobs, [exc] * len(jobs))
+            self._next()
+            raise
+        self._deliver(jobs, outcomes)
+        self._next()
+
+    def _next(self) -> None:
+        with self._lock:
+            self._working = bool(self._pending)
+            more = self._working
+        if more:
+            self._start()
+
+    def _call(self, jobs: list[_Job]) -> list[object]:
+        """One model call for ``jobs``: each job's :class:`BatchResult`, or the call's error."""
+        full = any(j.full for j in jobs)
+        x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])
+        start = time.perf_counter()
+        try:
+            out = self._run(x, jobs[0].key, full)
+        except Exception as exc:  # the callers get it; the batcher stays usable
+            return [exc] * len(jobs)
+        predict_s = time.perf_counter() - start
+        results: list[object] = []
+        offset = 0
+        for j in jobs:
+            n = len(j.x)
+            part = out if len(jobs) == 1 else _rows(out, slice(offset, offset + n), len(x))
+            offset += n
+            results.append(BatchResult(part, start - j.enqueued, predict_s, len(x)))
+        return results
+
+    @staticmethod
+    def _deliver(jobs: list[_Job], outcomes: list[object]) -> None:
+        """Hand ``outcomes`` to the jobs' event loops, one callback per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for j, outcome in zip(jobs, outcomes, strict=True):
+            by_loop.setdefault(j.loop, []).append((j.future, outcome))
+        for loop, outs in by_loop.items():
+            # A closed loop has nobody waiting for these any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, outs)

@@ -257,21 +257,100 @@ def test_micro_batcher_survives_cancelled_callers(n):
 
 
 def test_micro_batcher_merges_only_requests_of_the_same_key():
-    calls: list[int] = []
+    calls: list[tuple[str, int]] = []
+    started, release = threading.Event(), threading.Event()
+
+    def run(x, key, full):
+        calls.append((key, len(x)))
+        if len(calls) == 1:  # hold the first call until the other seven wait
+            started.set()
+            release.wait(5)
+        return Out(x.reshape(len(x), -1).sum(axis=1).astype(np.float64), None, key)
+
     pool = ThreadPoolExecutor(1)
-    batcher = MicroBatcher(_run_factory(calls), pool, max_images=64)
+    batcher = MicroBatcher(run, pool, max_images=64)
 
     async def main():
         x = np.ones((1, 28, 28), np.float32)
-        return await asyncio.gather(*(batcher.submit(x * i, key=("a", "b")[i % 2])
-                                      for i in range(8)))
+        first = asyncio.ensure_future(batcher.submit(x * 0, key="a"))
+        assert await asyncio.to_thread(started.wait, 5)
+        rest = [asyncio.ensure_future(batcher.submit(x * i, key=("a", "b")[i % 2]))
+                for i in range(1, 8)]
+        await asyncio.sleep(0)  # the seven are queued
+        release.set()
+        return await asyncio.gather(first, *rest)
 
     results = asyncio.run(main())
     assert [r.output.key for r in results] == ["a", "b"] * 4
     assert [r.output.scores.tolist() for r in results] == [[784.0 * i] for i in range(8)]
-    # All eight wait for the first call: the "a"s share one call and the "b"s another.
-    assert calls == [4, 4], calls
+    # The seven waiting ones: the oldest ("b") and its key's others share one call, then the
+    # "a"s another.
+    assert calls == [("a", 1), ("b", 4), ("a", 3)], calls
     pool.shutdown()
+
+
+def test_micro_batcher_starts_the_next_call_without_the_event_loop():
+    """The worker takes the waiting requests itself: an event loop busy elsewhere (encoding a
+    large response, say) does not hold the model idle between two calls."""
+    starts: list[float] = []
+
+    def run(x, key, full):
+        starts.append(time.perf_counter())
+        time.sleep(0.02)
+        return Out(np.zeros(len(x)), None, key)
+
+    pool = ThreadPoolExecutor(1)
+    batcher = MicroBatcher(run, pool)
+
+    async def main():
+        x = np.zeros((1, 28, 28), np.float32)
+        tasks = [asyncio.ensure_future(batcher.submit(x, key=k)) for k in "abc"]
+        await asyncio.sleep(0)  # all three queued; three keys, so three calls
+        time.sleep(0.3)  # the loop does not run
+        busy_until = time.perf_counter()
+        results = await asyncio.gather(*tasks)
+        return busy_until, results
+
+    busy_until, results = asyncio.run(main())
+    assert [r.output.key for r in results] == list("abc")
+    assert len(starts) == 3 and starts[-1] < busy_until
+    pool.shutdown()
+
+
+def test_micro_batchers_sharing_threads_take_turns():
+    """A busy model's next call queues behind another model's waiting call."""
+    order: list[str] = []
+
+    def runner(name):
+        def run(x, key, full):
+            order.append(name)
+            time.sleep(0.01)
+            return Out(np.zeros(len(x)), None, key)
+        return run
+
+    pool = ThreadPoolExecutor(1)
+    busy, other = MicroBatcher(runner("busy"), pool), MicroBatcher(runner("other"), pool)
+
+    async def main():
+        x = np.zeros((1, 28, 28), np.float32)
+        # Six keys: six calls of the busy model, queued before the other's one request.
+        tasks = [asyncio.ensure_future(busy.submit(x, key=k)) for k in "abcdef"]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.ensure_future(other.submit(x)))
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert sorted(order) == ["busy"] * 6 + ["other"]
+    assert order.index("other") <= 2, order
+    pool.shutdown()
+
+
+def test_micro_batcher_fails_requests_once_its_executor_is_shut_down():
+    pool = ThreadPoolExecutor(1)
+    batcher = MicroBatcher(_run_factory([], 0.0), pool)
+    pool.shutdown()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        asyncio.run(batcher.submit(np.zeros((1, 28, 28), np.float32)))
 
 
 def test_registry_and_loading_import_no_http_framework():
