@@ -113,7 +113,7 @@ def test_fit_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fit", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, shown in (("--score", "(default: mse+knn+tp)"), ("--epochs", "(default: 25)"),
+    for flag, shown in (("--score", "(default: mse+knn+tp)"), ("--epochs", f"(default: {DetectorConfig().epochs})"),
                         ("--target-fpr", "(default: 1%,5%)"), ("--model", "(default: conv-vae)"),
                         ("--latent-dim", "(default: unset)"), ("--normal-class", "(default: 0)")):
         assert flag in text and shown in text, (flag, shown)
