@@ -33,6 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+class ShuttingDown(RuntimeError):
+    """A request arrived after the batcher's executor was shut down (the server is stopping)."""
+
+
 @dataclass
 class BatchResult:
     """One request's part of a model call.
@@ -130,7 +134,7 @@ class MicroBatcher:
         except RuntimeError:  # the executor is shut down (the server is stopping)
             with self._lock:
                 failed, self._pending, self._working = list(self._pending), deque(), False
-            self._deliver(failed, [RuntimeError("the model is shutting down")] * len(failed))
+            self._deliver(failed, [ShuttingDown("the model is shutting down")] * len(failed))
 
     def _take(self) -> list[_Job]:
         """The next call's requests (holding ``_lock``); callers that left are dropped."""

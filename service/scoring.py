@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from fastapi import Request
 
+from service.batching import ShuttingDown
 from service.errors import ServiceError, expect
 from service.metrics import ServiceMetrics
 from service.registry import LoadedModel
@@ -155,7 +156,13 @@ async def score_images(metrics: ServiceMetrics, model: LoadedModel, x: np.ndarra
         decode_s: seconds spent decoding the request, for the stage histogram.
     """
     op = operating_point(model, operating_point_name)  # unknown names fail before queueing
-    res = await model.batcher.submit(x, key=op.name, full=full)
+    try:
+        res = await model.batcher.submit(x, key=op.name, full=full)
+    except ShuttingDown:  # arrived while the server stops: another replica can answer it
+        raise ServiceError(503, "shutting_down", "Expected a request before the server began "
+                           f"to stop. Received: one for {model.name}/{model.version} after; "
+                           f"retry after {RETRY_AFTER_SECONDS} s",
+                           headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
     out = res.output
     name = model.name
     stage = metrics.stage_duration

@@ -188,6 +188,19 @@ def test_small_requests_run_on_the_loop_but_encoded_images_never(client, monkeyp
     assert pooled == ["_parse_and_decode_json", "encode_v1"]
 
 
+def test_a_request_after_the_model_threads_stopped_is_503_not_500(app_factory, models_root):
+    """A scoring request that reaches the micro-batcher once the server began to stop (its
+    inference threads are shut down) gets a 503 another replica can retry, not a 500."""
+    with app_factory(models_root) as c:
+        c.app.state.registry._infer_pool.shutdown()
+        img = np.rint(blobs(1, seed=4)[0] * 255).astype(int).tolist()
+        r = c.post("/v1/models/blobs/score", json={"images": [img]})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "shutting_down"
+        assert r.headers["Retry-After"] == "1"
+        assert "Expected a request before the server began to stop" in r.json()["error"]["message"]
+
+
 def test_multipart_upload_with_form_and_query_options(client):
     img = blobs(2, seed=6)
     files = [("images", (f"{i}.png", base64.b64decode(png_b64(im)), "image/png"))

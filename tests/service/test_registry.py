@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher
+from service.batching import MicroBatcher, ShuttingDown
 from tests.service.conftest import blobs, save_version
 
 X1 = {"images": blobs(1).tolist()}
@@ -349,7 +349,7 @@ def test_micro_batcher_fails_requests_once_its_executor_is_shut_down():
     pool = ThreadPoolExecutor(1)
     batcher = MicroBatcher(_run_factory([], 0.0), pool)
     pool.shutdown()
-    with pytest.raises(RuntimeError, match="shutting down"):
+    with pytest.raises(ShuttingDown, match="shutting down"):
         asyncio.run(batcher.submit(np.zeros((1, 28, 28), np.float32)))
 
 
