@@ -149,3 +149,22 @@ def test_cli_export_and_its_errors(saved_artifact, tmp_path):
     bad = run_cli("export", saved_artifact, "--format", "tflite")
     assert bad.returncode == 2
     assert "tflite" in error_line(bad.stderr)
+
+
+def test_knn_parts_are_compared_relative_to_the_distances_conditioning():
+    """Rounding the codes moves a small distance between large codes by more of itself: the
+    comparison allows for that, and only for that."""
+    from types import SimpleNamespace
+
+    r = 20.0  # the memory codes' norm
+    det = SimpleNamespace(score="mse+knn",
+                          knn_=SimpleNamespace(memory=np.full((50, 4), r / 2, np.float32)))
+    near = np.log(0.04)  # sqrt(d) = 0.2: condition r / sqrt(d) = 100
+    want = np.array([[0.1, near], [0.1, np.log(r * r * 4)]])
+    off = 5e-5
+    got = want + np.array([[0, off], [0, 0]])
+    assert export.part_error(det, got, want) == pytest.approx(off / 100)
+    # At a distance as large as the codes the same difference counts in full, and the other
+    # parts are never scaled.
+    assert export.part_error(det, want + np.array([[0, 0], [0, off]]), want) == pytest.approx(off)
+    assert export.part_error(det, want + np.array([[off, 0], [0, 0]]), want) == pytest.approx(off)
