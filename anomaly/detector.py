@@ -118,7 +118,8 @@ class Detector(OutlierMixin, BaseEstimator):
 
         get_spec(self.model)
         for name, lo in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("knn_k", 1),
-                         ("knn_memory", 1), ("mc_samples", 0), ("seed", 0)):
+                         ("knn_memory", 1), ("mc_samples", 0), ("seed", 0),
+                         ("holdout_run", 1)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise expected(f"{name} as an integer >= {lo}", repr(v), cls=ConfigError)
@@ -235,7 +236,8 @@ class Detector(OutlierMixin, BaseEstimator):
         self.check_params()
         x = X if isinstance(X, DiskImages) else to_unit_float(X, what="training images")
         if x_val is None:
-            train_idx, val_idx = holdout(len(x), self.val_fraction, self.seed)
+            train_idx, val_idx = holdout(len(x), self.val_fraction, self.seed,
+                                         self.holdout_run)
             x, x_val = x[train_idx], x[val_idx]
         elif not isinstance(x_val, DiskImages):
             x_val = to_unit_float(x_val, shape=image_shape_of(x), what="validation images")
@@ -508,8 +510,9 @@ class Detector(OutlierMixin, BaseEstimator):
                                f"one with the earlier pooled classifier in {art.path}",
                                hint="Train it again with this version of anomaly.",
                                cls=ArtifactError)
-            # An artifact from before stroke_jitter was trained without it.
-            det = cls(**{"stroke_jitter": 0.0, **hyper})
+            # An artifact from before stroke_jitter (holdout_run) was trained without it (with
+            # a hold-out of single images).
+            det = cls(**{"stroke_jitter": 0.0, "holdout_run": 1, **hyper})
             det.image_shape_ = tuple(int(v) for v in spec["image_shape"])
             det.calibration_ = Calibration.from_dict(json.loads(art.read_text(
                 "calibration.json")))

@@ -18,6 +18,7 @@ from anomaly.artifact import (
     resolve,
     verify,
 )
+from anomaly.config import default_of
 from anomaly.detector import Detector
 from anomaly.errors import ArtifactError, NotFoundError
 from anomaly.utils import sha256_file
@@ -163,6 +164,20 @@ def test_an_mse_knn_tp_artifact_of_the_earlier_classifier_is_refused(artifact_co
                                             r"transformation classifier .*Received: one with the "
                                             r"earlier pooled classifier .*Train it again"):
         Detector.load(artifact_copy)
+
+
+def test_an_artifact_from_before_holdout_runs_loads_as_held_out_by_single_images(
+        artifact_copy):
+    """``get_params`` of an older artifact say how it was fitted, not today's default."""
+    spec_path = artifact_copy / "detector.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec["hyperparameters"]["holdout_run"] == default_of("holdout_run")
+    del spec["hyperparameters"]["holdout_run"]
+    spec_path.write_text(json.dumps(spec))
+    manifest = json.loads((artifact_copy / MANIFEST).read_text())
+    _edit_manifest(artifact_copy, files={**manifest["files"],
+                                         "detector.json": sha256_file(spec_path)})
+    assert Detector.load(artifact_copy).holdout_run == 1
 
 
 def test_manifest_without_a_required_file_is_refused(artifact_copy):

@@ -28,6 +28,7 @@ def test_unfitted_detector_refuses_to_score():
     ({"epochs": 2.0}, "epochs as an integer >= 1. Received: 2.0"),
     ({"batch_size": True}, "batch_size as an integer >= 1"),
     ({"patience": -1}, "patience as an integer >= 0"),
+    ({"holdout_run": 0}, "holdout_run as an integer >= 1. Received: 0"),
     ({"learning_rate": 1.5}, r"learning_rate in \(0, 1\)"),
     ({"beta": -1.0}, "beta >= 0"),
     ({"denoise": 2.0}, r"denoise \(noise std\) in \[0, 1\]"),
@@ -63,7 +64,8 @@ def test_get_params_round_trip(dense_detector):
 def test_default_hold_out_is_the_calibration_reference(dense_detector, normal_images):
     # fit() held out round(256 * val_fraction) normal images for early stopping and calibration
     # (51 at the default 0.2), by the one hold-out rule.
-    _, val_pos = holdout(256, default_of("val_fraction"), dense_detector.seed)
+    _, val_pos = holdout(256, default_of("val_fraction"), dense_detector.seed,
+                         default_of("holdout_run"))
     assert dense_detector.calibration_.reference_scores.shape == (len(val_pos),) == (51,)
     assert dense_detector.calibration_.default == "fpr@1%"
     val = normal_images[val_pos]
@@ -169,7 +171,8 @@ def test_fit_predict_and_fitted_attributes_follow_pyod(dense_detector, normal_im
     assert det.predict(x)[10:].tolist() == [1] * 10
     np.testing.assert_array_equal(det.score_samples(x), -det.decision_function(x))
     assert det.threshold_ == det.calibration_.get().threshold
-    n_val = len(holdout(256, default_of("val_fraction"), det.seed)[1])
+    n_val = len(holdout(256, default_of("val_fraction"), det.seed,
+                        default_of("holdout_run"))[1])
     assert det.decision_scores_.shape == det.labels_.shape == (256 - n_val,)
     np.testing.assert_array_equal(det.labels_,
                                   (det.decision_scores_ > det.threshold_).astype(int))

@@ -192,7 +192,7 @@ def test_training_scores_leave_their_own_code_out(normal_images):
     from anomaly.config import default_of
     from anomaly.data.splits import holdout
 
-    train_pos, _ = holdout(256, default_of("val_fraction"), 0)
+    train_pos, _ = holdout(256, default_of("val_fraction"), 0, default_of("holdout_run"))
     x = normal_images[train_pos]
     z = det.encode(x).astype(np.float64)
     d2 = ((z[:, None, :] - det.knn_.memory[None].astype(np.float64)) ** 2).sum(-1)

@@ -177,7 +177,7 @@ def prepare(cfg: RunConfig, *, skip_bad: bool = False) -> OneClassSplit:
         idx, _ = _subset(idx, None, cfg.test_limit, det.seed + 1)
         masks, has_mask = data.test_masks[idx], data.test_has_mask[idx]
     split = split_one_class(data.x_train, data.y_train, x_test, y_test, normal,
-                            val_fraction=det.val_fraction,
+                            val_fraction=det.val_fraction, holdout_run=det.holdout_run,
                             calibration_anomalies=cfg.calibration_anomalies,
                             train_limit=cfg.train_limit, seed=det.seed,
                             class_names=data.class_names, dataset=data.name,

@@ -71,11 +71,28 @@ def parse_classes(value, class_names: tuple[str, ...] | None = None,
     return tuple(sorted(out))
 
 
-def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+#: The fewest runs a hold-out is cut into: a smaller data set gets shorter runs, so its hold-out
+#: is not one stretch of the files.
+MIN_HOLDOUT_RUNS = 10
+
+
+def holdout(n: int, fraction: float, seed: int, run: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Split ``n`` images into training and hold-out positions (each sorted).
 
     The one hold-out rule: :func:`split_one_class` and ``Detector.fit`` without ``x_val`` both
     use it, so a detector fitted on the same normal images with the same seed is the same.
+
+    Args:
+        n: number of images, in their stored order.
+        fraction: the hold-out's share, in (0, 0.5].
+        seed: seed of the draw.
+        run: hold out runs of this many consecutive images (seeded runs, the last one cut to
+            size), shortened so the hold-out has at least :data:`MIN_HOLDOUT_RUNS` of them;
+            1 draws single images. Images stored next to each other often share a writer, a
+            scanner or a production batch (MNIST's training file keeps a writer's digits
+            within a few hundred places): a hold-out of single images then shares them with the
+            training images and scores lower than new data, which sets thresholds that flag
+            more new normals than they promise.
 
     Returns:
         ``(train_idx, holdout_idx)``; the hold-out has ``max(2, round(n * fraction))`` images
@@ -83,11 +100,19 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]
     """
     if not 0.0 < fraction <= 0.5:
         raise expected("val_fraction in (0, 0.5]", fraction, cls=ConfigError)
+    if isinstance(run, bool) or not isinstance(run, int | np.integer) or run < 1:
+        raise expected("holdout_run as an integer >= 1", repr(run), cls=ConfigError)
     n_val = max(2, round(n * fraction))
     if n - n_val < 2:
         raise expected("at least 4 normal training images", n, cls=ConfigError)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    run = max(1, min(int(run), n_val // MIN_HOLDOUT_RUNS))
+    starts = np.random.default_rng(seed).permutation(-(-n // run)) * run
+    # run == 1 is the plain permutation, so single-image hold-outs stay what they were.
+    order = (starts[:, None] + np.arange(run)).ravel()
+    val = order[order < n][:n_val]
+    keep = np.ones(n, bool)
+    keep[val] = False
+    return np.flatnonzero(keep), np.sort(val)
 
 
 @dataclass
@@ -166,7 +191,8 @@ def _as_unit(x: np.ndarray) -> np.ndarray:
 def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.ndarray | None,
                     y_test: np.ndarray | None, normal_classes: tuple[int, ...], *,
                     val_fraction: float = 0.1, calibration_anomalies: int = 0,
-                    train_limit: int | None = None, seed: int = 0, **about) -> OneClassSplit:
+                    train_limit: int | None = None, seed: int = 0, holdout_run: int = 1,
+                    **about) -> OneClassSplit:
     """Select the normal classes, hold out a validation part and label the test set.
 
     Args:
@@ -181,6 +207,7 @@ def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.
         train_limit: use at most this many of the normal training images (a seeded subset,
             taken after the normal class is picked, before the hold-out).
         seed: seed of the subset, the hold-out and the calibration anomalies.
+        holdout_run: hold out runs of this many consecutive normal images (:func:`holdout`).
         about: ``class_names``, ``dataset``, ``source`` (and ``test_masks``,
             ``test_has_mask``) for the split object.
     """
@@ -191,7 +218,7 @@ def split_one_class(x_train: np.ndarray, y_train: np.ndarray | None, x_test: np.
             raise expected("a positive train_limit", train_limit, cls=ConfigError)
         pick = np.random.default_rng(seed).permutation(len(normal_idx))[:train_limit]
         normal_idx = normal_idx[np.sort(pick)]
-    train_pos, val_pos = holdout(len(normal_idx), val_fraction, seed)
+    train_pos, val_pos = holdout(len(normal_idx), val_fraction, seed, holdout_run)
     x_cal = None
     if calibration_anomalies:
         if y_train is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly.data.splits import parse_classes, split_one_class
+from anomaly.data.splits import MIN_HOLDOUT_RUNS, holdout, parse_classes, split_one_class
 from anomaly.errors import ConfigError
 
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -148,3 +148,50 @@ def test_too_few_normal_images_or_no_anomalies():
         split_one_class(x, y, None, None, (0,))
     with pytest.raises(ConfigError, match="anomalies in the training split"):
         split_one_class(x, np.zeros(4, int), None, None, (0,), calibration_anomalies=2)
+
+
+def test_holdout_of_single_images_is_the_seeded_permutation():
+    # run=1 must keep the hold-outs (and so the detectors) of before runs existed.
+    train, val = holdout(1000, 0.2, 3)
+    perm = np.random.default_rng(3).permutation(1000)
+    np.testing.assert_array_equal(val, np.sort(perm[:200]))
+    np.testing.assert_array_equal(train, np.sort(perm[200:]))
+
+
+@pytest.mark.parametrize("n,fraction,run", [(5923, 0.2, 100), (1000, 0.2, 20), (997, 0.3, 7)])
+def test_holdout_runs_are_consecutive_images(n, fraction, run):
+    train, val = holdout(n, fraction, 0, run)
+    assert len(val) == max(2, round(n * fraction))
+    assert not set(train) & set(val) and len(train) + len(val) == n
+    # Every hold-out image lies in a run whose other images are held out too: at most one run
+    # (the one cut to size) is partly in training.
+    runs = {}
+    for i in val:
+        runs.setdefault(i // run, []).append(i)
+    partial = [k for k, ids in runs.items() if len(ids) < min(run, n - k * run)]
+    assert len(partial) <= 1
+
+
+def test_holdout_runs_shorten_so_a_small_set_is_not_held_out_in_one_stretch():
+    # 40 held-out images of 200: runs of 40 // MIN_HOLDOUT_RUNS = 4, not one stretch of 40.
+    _, val = holdout(200, 0.2, 0, 100)
+    _, counts = np.unique(val // 4, return_counts=True)
+    assert len(counts) == MIN_HOLDOUT_RUNS and (counts == 4).all()
+
+
+def test_holdout_runs_are_seeded_and_vary_with_the_seed():
+    np.testing.assert_array_equal(holdout(3000, 0.2, 1, 50)[1], holdout(3000, 0.2, 1, 50)[1])
+    assert set(holdout(3000, 0.2, 1, 50)[1]) != set(holdout(3000, 0.2, 2, 50)[1])
+
+
+@pytest.mark.parametrize("run", [0, -3, 2.5, True, "10"])
+def test_bad_holdout_run(run):
+    with pytest.raises(ConfigError, match=r"Expected holdout_run as an integer >= 1"):
+        holdout(100, 0.2, 0, run)
+
+
+def test_split_holds_out_runs_of_the_normal_images():
+    x = _marked(1000, 0)
+    s = split_one_class(x, None, None, None, (0,), val_fraction=0.2, holdout_run=5)
+    _, counts = np.unique(np.array(sorted(_ids(s.x_val))) // 5, return_counts=True)
+    assert len(counts) == 40 and (counts == 5).all()

@@ -227,7 +227,7 @@ def test_a_small_data_set_stays_in_memory_by_default(tmp_path):
     split = prepare(resolve(None, {"dataset": str(tmp_path / "d")}))
     assert isinstance(split.x_train, np.ndarray)
     images = load_folder(tmp_path / "d").images
-    train, val = holdout(len(images), default_of("val_fraction"), 0)
+    train, val = holdout(len(images), default_of("val_fraction"), 0, default_of("holdout_run"))
     assert np.array_equal(split.x_train, images[train])
     assert np.array_equal(split.x_val, images[val])
 
