@@ -32,6 +32,12 @@ from anomaly.utils import atomic_write_text
 GAPS = (50, 200, 1000)
 
 
+def squared_distances(a: np.ndarray, x: np.ndarray, sq: np.ndarray) -> np.ndarray:
+    """``(len(a), n)`` squared L2 distances of rows ``a`` to images ``x`` ``(n, D)``; ``sq``
+    holds the squared norms of ``x``'s rows (computed once per class by the callers)."""
+    return (a ** 2).sum(1)[:, None] + sq[None] - 2 * a @ x.T
+
+
 def neighbour_gaps(x: np.ndarray, places: np.ndarray, queries: int,
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Storage distance to the nearest neighbour and to a random image, per query.
@@ -45,8 +51,7 @@ def neighbour_gaps(x: np.ndarray, places: np.ndarray, queries: int,
         ``(nearest, random)``, each ``(queries,)`` absolute differences of places.
     """
     q = rng.choice(len(x), min(queries, len(x)), replace=False)
-    sq = (x ** 2).sum(1)
-    d = sq[q, None] + sq[None] - 2 * x[q] @ x.T
+    d = squared_distances(x[q], x, (x ** 2).sum(1))
     d[np.arange(len(q)), q] = np.inf  # not itself
     other = rng.integers(0, len(x) - 1, len(q))
     other += other >= q  # a random image other than itself
@@ -58,7 +63,7 @@ def knn_distance(x: np.ndarray, k: int = 5, block: int = 1000) -> np.ndarray:
     sq = (x ** 2).sum(1)
     out = np.empty(len(x))
     for i in range(0, len(x), block):
-        d = sq[i:i + block, None] + sq[None] - 2 * x[i:i + block] @ x.T
+        d = squared_distances(x[i:i + block], x, sq)
         d[np.arange(len(d)), np.arange(i, i + len(d))] = np.inf
         out[i:i + block] = np.partition(d, k, axis=1)[:, :k].mean(1)
     return out
