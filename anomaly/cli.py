@@ -177,7 +177,8 @@ def _parser_for(name: str):
     if name == "normal_classes" or str in types:
         return str
     if int in types:
-        return _int_at_least(0, "an integer >= 0")
+        lo = FIELDS[name].metadata["minimum"]
+        return _int_at_least(lo, f"an integer >= {lo}")
     if float in types:
         return _float
     return str

@@ -31,14 +31,16 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 def _opt(default, help: str, *, group: str = "", metavar: str | None = None,
          flag: str | None = None, kind: str | None = None,
-         choices: tuple[str, ...] | None = None):
+         choices: tuple[str, ...] | None = None, minimum: int | None = None):
     """A config field: its default plus what the CLI and the docs need to describe it.
 
     ``kind`` names a CLI parser: ``ints`` (``32,64``), ``fprs`` (``1%,5%``) or ``flag`` (a
     switch without a value). ``choices``: the only values :func:`coerce` accepts.
+    ``minimum``: the smallest value of an integer key, checked by :func:`coerce`, the CLI and
+    ``Detector.check_params`` alike.
     """
     meta = {"help": help, "group": group, "metavar": metavar, "flag": flag, "kind": kind,
-            "choices": choices}
+            "choices": choices, "minimum": minimum}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,7 +62,7 @@ class DetectorConfig:
     model: str = _opt("conv-vae", "architecture: dense-ae, conv-ae, vae, conv-vae or affine-vae",
                       group="model")
     latent_dim: int | None = _opt(None, "code size (affine-vae: content units); unset = the "
-                                  "model's default", group="model")
+                                  "model's default", group="model", minimum=1)
     hidden: list[int] | None = _opt(None, "dense widths or conv filters, e.g. 32,64; unset = the "
                                     "model's default", group="model", kind="ints")
     beta: float = _opt(1.0, "KL weight of the VAEs", group="model")
@@ -84,7 +86,7 @@ class DetectorConfig:
     aggregation: str = _opt("top10", "per-pixel error aggregation: mean, sum, max or top10 (mean "
                             "of the worst 10%% of pixels)", group="score")
     mc_samples: int = _opt(0, "Monte Carlo samples of the elbo score (0 = at the posterior "
-                           "mean)", group="score")
+                           "mean)", group="score", minimum=0)
     tp_transforms: str = _opt("auto", "transforms the mse+knn+tp score's classifier learns to "
                               "recognize on normal images (GEOM-style): auto (rot4 for square "
                               "images, flip4 otherwise), rot4, flip4 or d4 (rotations of the "
@@ -92,9 +94,9 @@ class DetectorConfig:
     tp_filters: list[int] = _opt([16, 32, 64], "filters of the mse+knn+tp classifier's "
                                  "convolutions, one a stage (doubling beyond them)",
                                  group="score", kind="ints")
-    knn_k: int = _opt(5, "neighbours averaged by the mse+knn score", group="score")
+    knn_k: int = _opt(5, "neighbours averaged by the mse+knn score", group="score", minimum=1)
     knn_memory: int = _opt(10000, "normal training codes kept for mse+knn", group="score",
-                           metavar="N")
+                           metavar="N", minimum=1)
     target_fprs: list[float] = _opt([0.01, 0.05], "false-positive rates of the fpr@P%% "
                                     "operating points, e.g. 1%%,5%%", group="calibration",
                                     flag="target-fpr", kind="fprs")
@@ -121,21 +123,21 @@ class DetectorConfig:
                             "neighbouring files often share a writer, camera or batch, and a "
                             "hold-out that shares them with the training images promises "
                             "false-positive rates that new data does not keep",
-                            group="calibration", metavar="N")
+                            group="calibration", metavar="N", minimum=1)
     # 20, not 25: `anomaly fit --normal-class 0` within a minute on a 2-core CPU even in its
     # slow hours (25 epochs took 63-65 s in one), for 0.0014 of MNIST's mean AUROC and none of
     # Fashion-MNIST's (seeds 0-2); 30 is the accurate preset (README "Benchmarks").
-    epochs: int = _opt(20, "maximum training epochs", group="training")
-    batch_size: int = _opt(128, "training batch size", group="training")
+    epochs: int = _opt(20, "maximum training epochs", group="training", minimum=1)
+    batch_size: int = _opt(128, "training batch size", group="training", minimum=1)
     learning_rate: float = _opt(1e-3, "Adam learning rate", group="training")
-    patience: int = _opt(5, "early-stopping patience in epochs", group="training")
+    patience: int = _opt(5, "early-stopping patience in epochs", group="training", minimum=0)
     precision: str = _opt(PRECISIONS[0], "training arithmetic: auto (bfloat16 on a CPU-only machine "
                           "whose CPU multiplies bfloat16 natively, Intel AMX; float32 "
                           "otherwise), float32 or bfloat16 (mixed: float32 weights and "
                           "losses); scoring and the artifact are float32 either way",
                           group="training", choices=PRECISIONS)
     seed: int = _opt(0, "seed of the split, the initialisation and the training order",
-                     group="training")
+                     group="training", minimum=0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -152,11 +154,12 @@ class RunConfig:
                                 group="data", flag="normal-class")
     test_data: str | None = _opt(None, "labelled test images for a user data set", group="data")
     calibration_anomalies: int = _opt(0, "labelled training anomalies that add the f1-max and "
-                                      "youden operating points", group="data", metavar="N")
+                                      "youden operating points", group="data", metavar="N",
+                                      minimum=0)
     train_limit: int | None = _opt(None, "use at most N normal training images", group="data",
-                                   metavar="N")
+                                   metavar="N", minimum=1)
     test_limit: int | None = _opt(None, "evaluate on at most N test images", group="data",
-                                  metavar="N")
+                                  metavar="N", minimum=1)
     image_size: str | None = _opt(None, "train at this size, HxW (e.g. 128x128): images of "
                                   "other sizes are resized (Lanczos), masks too; unset = the "
                                   "images' own size, which must then be one size", group="data",
@@ -256,6 +259,9 @@ def coerce(key: str, value):
         names = " or ".join(t.__name__ for t in allowed)
         raise expected(f"'{key}' as {names}", f"{_preview(value)} ({type(value).__name__})",
                        cls=ConfigError)
+    lo = FIELDS[key].metadata.get("minimum")
+    if lo is not None and isinstance(value, int) and not isinstance(value, bool) and value < lo:
+        raise expected(f"'{key}' as an integer >= {lo}", _preview(value), cls=ConfigError)
     choices = FIELDS[key].metadata.get("choices")
     if choices and value not in choices:
         raise expected(f"'{key}' in {choices}", _preview(value), cls=ConfigError)

@@ -37,7 +37,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, OutlierMixin
 
 from anomaly.calibration import Calibration, calibrate, fpr_name
-from anomaly.config import DETECTOR_FIELDS, PRECISIONS, DetectorConfig, default_of
+from anomaly.config import (
+    DETECTOR_FIELDS,
+    PRECISIONS,
+    DetectorConfig,
+    accepts_none,
+    default_of,
+)
 from anomaly.data.images import image_shape_of, to_unit_float, without_channels
 from anomaly.data.splits import holdout
 from anomaly.data.stream import DiskImages, blockwise
@@ -117,12 +123,15 @@ class Detector(OutlierMixin, BaseEstimator):
         from anomaly.scoring import AGGREGATIONS, SCORES
 
         get_spec(self.model)
-        for name, lo in (("epochs", 1), ("batch_size", 1), ("patience", 0), ("knn_k", 1),
-                         ("knn_memory", 1), ("mc_samples", 0), ("seed", 0),
-                         ("holdout_run", 1)):
+        for name, f in DETECTOR_FIELDS.items():
+            lo = f.metadata["minimum"]
             v = getattr(self, name)
+            if lo is None or (v is None and accepts_none(name)):
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise expected(f"{name} as an integer >= {lo}", repr(v), cls=ConfigError)
+                unset = " (or unset for the model's default)" if accepts_none(name) else ""
+                raise expected(f"{name} as an integer >= {lo}{unset}", repr(v),
+                               cls=ConfigError)
         for name, ok, want in (
                 ("learning_rate", lambda v: 0 < v < 1, "in (0, 1)"),
                 ("beta", lambda v: v >= 0, ">= 0"),
@@ -159,10 +168,6 @@ class Detector(OutlierMixin, BaseEstimator):
         if self.precision not in PRECISIONS:
             raise expected(f"a precision in {PRECISIONS}", repr(self.precision),
                            cls=ConfigError)
-        if self.latent_dim is not None and not (isinstance(self.latent_dim, int)
-                                                and self.latent_dim >= 1):
-            raise expected("latent_dim as an integer >= 1 (or unset for the model's default)",
-                           repr(self.latent_dim), cls=ConfigError)
         if self.hidden is not None and not (
                 len(self.hidden) and all(isinstance(h, int) and h >= 1 for h in self.hidden)):
             raise expected("hidden as a list of integers >= 1 (or unset for the default)",

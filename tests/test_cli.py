@@ -101,8 +101,11 @@ def test_unknown_model_fails_before_loading_data(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "fragments"), [
-    (["--epochs", "-1"], ["argument --epochs", "expected an integer >= 0. Received: '-1'"]),
-    (["--epochs", "many"], ["expected an integer >= 0. Received: 'many'"]),
+    # Each integer flag states its own minimum, the one check_params enforces.
+    (["--epochs", "0"], ["argument --epochs", "expected an integer >= 1. Received: '0'"]),
+    (["--epochs", "many"], ["expected an integer >= 1. Received: 'many'"]),
+    (["--patience", "-1"], ["argument --patience", "expected an integer >= 0. Received: '-1'"]),
+    (["--train-limit", "0"], ["argument --train-limit", "an integer >= 1. Received: '0'"]),
     (["--target-fpr", "lots"], ["expected FPRs like 0.01,0.05 or 1%,5%. Received: 'lots'"]),
     (["--beta", "nan"], ["expected a finite number. Received: 'nan'"]),
     (["--hidden", "32,x"], ["comma-separated integers like 32,64. Received: '32,x'"]),
@@ -117,6 +120,9 @@ def test_bad_config_file(capsys, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("epoch: 3\n")
     assert_error(capsys, ["fit", "--config", cfg], "Received: 'epoch'", "Did you mean 'epochs'?")
+    cfg.write_text("knn_k: 0\n")
+    assert_error(capsys, ["fit", "--config", cfg], "Expected 'knn_k' as an integer >= 1",
+                 "Received: 0")
     cfg.write_text("epochs: three\n")
     assert_error(capsys, ["fit", "--config", cfg], "Expected 'epochs' as int",
                  "Received: 'three' (str)")

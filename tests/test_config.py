@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from anomaly.cli import _resolve_config, build_parser
-from anomaly.config import DETECTOR_FIELDS, DetectorConfig, RunConfig, load_yaml, resolve
+from anomaly.config import (
+    DETECTOR_FIELDS,
+    FIELDS,
+    DetectorConfig,
+    RunConfig,
+    declared_types,
+    load_yaml,
+    resolve,
+)
 from anomaly.detector import Detector
 from anomaly.errors import ConfigError
 
@@ -147,6 +155,23 @@ def test_wrong_types_name_key_expected_and_received(tmp_path, text, key, receive
     msg = str(info.value)
     assert f"Expected '{key}' as" in msg
     assert f"Received: {received}" in msg
+
+
+@pytest.mark.parametrize(("text", "key", "lo"), [
+    ("epochs: 0\n", "epochs", 1), ("patience: -1\n", "patience", 0),
+    ("latent_dim: 0\n", "latent_dim", 1), ("train_limit: 0\n", "train_limit", 1),
+])
+def test_integers_below_their_minimum_are_refused(tmp_path, text, key, lo):
+    with pytest.raises(ConfigError, match=rf"Expected '{key}' as an integer >= {lo}\. "
+                       rf"Received: {text.split(': ')[1].strip()}$"):
+        resolve(_write(tmp_path, text))
+
+
+def test_every_integer_key_states_its_minimum():
+    # The CLI, coerce and check_params all read it: a key without one would be unchecked.
+    for name in FIELDS:
+        if int in declared_types(name):
+            assert isinstance(FIELDS[name].metadata["minimum"], int), name
 
 
 def test_null_for_a_required_key_is_an_error(tmp_path):

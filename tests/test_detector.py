@@ -27,6 +27,7 @@ def test_unfitted_detector_refuses_to_score():
     ({"epochs": 0}, "epochs as an integer >= 1. Received: 0"),
     ({"epochs": 2.0}, "epochs as an integer >= 1. Received: 2.0"),
     ({"batch_size": True}, "batch_size as an integer >= 1"),
+    ({"latent_dim": 0}, r"latent_dim as an integer >= 1 \(or unset for the model's default\)"),
     ({"patience": -1}, "patience as an integer >= 0"),
     ({"holdout_run": 0}, "holdout_run as an integer >= 1. Received: 0"),
     ({"learning_rate": 1.5}, r"learning_rate in \(0, 1\)"),
