@@ -33,6 +33,7 @@ PROVIDED_BY: dict[str, tuple[str, str, str]] = {
     "python_multipart": ("python-multipart", "python-multipart", "serve"),
     "prometheus_client": ("prometheus-client", "prometheus-client", "serve"),
     "orjson": ("orjson", "orjson", "serve"),
+    "simdjson": ("pysimdjson", "pysimdjson", "serve"),
     "ray": ("Ray", "ray", "ray"),
 }
 

@@ -82,6 +82,11 @@ def to_unit_float(arr, *, shape: tuple[int, int, int] | None = None,
         bad = int((~np.isfinite(a)).reshape(a.shape[0], -1).any(axis=1).argmax())
         raise expected(f"finite pixel values in {what}", f"NaN or Inf in image {bad}",
                        cls=DataError)
+    if a.dtype == np.uint8:
+        # In range by its type: the two reductions are skipped and the scaling is one pass,
+        # the same float32 arithmetic as below (each numpy pass in the service's CPU threads
+        # may wait for the GIL again; issue #12's profile of the v1 JSON batch path).
+        return _to_shape(np.divide(a, np.float32(255.0), dtype=np.float32), shape, what)
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if lo < 0:
         raise expected(f"pixel values >= 0 in {what}", f"minimum {lo:g}", cls=DataError)

@@ -313,6 +313,13 @@ def test_integer_batch_reader_takes_the_common_bodies(first, indent):
     b'{"images": [[1[, 2, 3], [4, 5, 6]]]}',  # a number before an opening bracket
     b'{"images": [[[1, 2, 3], [4, 5, ]6]]}',  # a number after a closing bracket
     b'{"images": [[[1, 2, 3], [4, 5, 1000]]]}',  # four digits
+    b'{"images": [[[1, 2], [3, 4, 5, 6]]]}',  # ragged, with the right count of numbers
+    b'{"images": [[1, 2, 3, 4, 5, 6]]}',  # flat images, with the right count
+    b'{"images": [[[1, 2, 3], [4, 5, -6]]]}',  # negative
+    b'{"images": [[[1, 2, 3], [4, 5, 1e2]]]}',  # an exponent: a float
+    b'{"images": [[[1, 2, 3], [4, 5, 99999999999999999999]]]}',  # beyond int64
+    b'{"images": [[[1, 2, 3], [4, 5, true]]]}',  # a boolean
+    b'{"images": [[[1, 2, 3], [4, 5, null]]]}',
     b'{"images": [[[1, 2, 3], [4, 5, 6]]], [1]}',  # more after the array
     b'{"images": [[[1, 2, 3], [4, 5, 6]], "x": 1}',  # not closed
     b'{"images": []}',
