@@ -332,3 +332,17 @@ def test_integer_batch_reader_leaves_too_many_images_to_the_parser():
     body = _batch_body(np.zeros((9, 2, 3), np.uint8), {}, True, False)
     assert inputs.integer_json_batch(body, TINY, max_images=8, max_depth=32) is None
     assert inputs.integer_json_batch(body, TINY, max_images=9, max_depth=32) is not None
+
+
+def test_integer_batch_reader_keeps_no_large_parser():
+    """A parser keeps the buffers of the largest document it read: only small spans share the
+    thread's parser, so one huge body does not pin its memory in every CPU-pool thread."""
+    small = inputs._json_parser(1 << 20)
+    assert inputs._json_parser(1 << 20) is small
+    big = inputs._json_parser(inputs._REUSE_PARSER_BYTES + 1)
+    assert big is not small and inputs._json_parser(inputs._REUSE_PARSER_BYTES + 1) is not big
+    x = np.random.default_rng(1).integers(0, 256, (2, 700, 700), dtype=np.uint8)
+    body = _batch_body(x, {}, True, False)
+    assert len(body) > inputs._REUSE_PARSER_BYTES  # read by a parser of its own
+    np.testing.assert_array_equal(
+        inputs.integer_json_batch(body, (700, 700, 1), max_images=8, max_depth=32)[0], x)
