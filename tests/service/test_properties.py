@@ -320,6 +320,7 @@ def test_integer_batch_reader_takes_the_common_bodies(first, indent):
     b'{"images": [[[1, 2, 3], [4, 5, 99999999999999999999]]]}',  # beyond int64
     b'{"images": [[[1, 2, 3], [4, 5, true]]]}',  # a boolean
     b'{"images": [[[1, 2, 3], [4, 5, null]]]}',
+    b'{"images": [[[1, 2, 3], [4, 5, 6]' + b' ' * 2000 + b']]}',  # longer than 8 images can be
     b'{"images": [[[1, 2, 3], [4, 5, 6]]], [1]}',  # more after the array
     b'{"images": [[[1, 2, 3], [4, 5, 6]], "x": 1}',  # not closed
     b'{"images": []}',
