@@ -65,11 +65,13 @@ def choose_precision(requested: str = "auto", *, flags: frozenset[str] | None = 
     """The arithmetic a fit trains in: ``float32`` or ``bfloat16`` (Keras' ``mixed_bfloat16``).
 
     ``auto`` picks ``bfloat16`` only where it was measured to pay: a machine without a GPU
-    whose CPU has AMX's bfloat16 tiles (``amx_bf16``), with oneDNN on (TensorFlow's default on
-    x86 Linux): the default conv-vae trained 1.5x faster per epoch there (1.08 s against 1.64 s,
-    ``bench/epoch_timing.py --compare precision``) at the same AUROC (README "Benchmarks").
-    Without native bfloat16 the CPU would emulate it, slower than float32; GPUs are left at
-    float32 (not measured here).
+    whose CPU has native bfloat16 matrix arithmetic, with oneDNN on (TensorFlow's default on
+    x86 Linux). With AMX's tiles (``amx_bf16``, Intel) the default conv-vae trained 1.5x faster
+    per epoch (1.08 s against 1.64 s, ``bench/epoch_timing.py --compare precision``) at the same
+    AUROC (README "Benchmarks"); with AVX-512's bfloat16 dot products (``avx512_bf16``, an AMD
+    EPYC) 1.33x (1.92 s against 2.56 s), MNIST 2 and 8 over seeds 0-2 0.9880 / 0.9541 against
+    0.9875 / 0.9538 (``bench/results/mnist-28-precision-amd-*``). Without either the CPU would
+    emulate it, slower than float32; GPUs are left at float32 (not measured here).
     """
     if requested not in PRECISIONS:
         raise expected(f"a precision in {PRECISIONS}", repr(requested), cls=ConfigError)
@@ -84,7 +86,8 @@ def choose_precision(requested: str = "auto", *, flags: frozenset[str] | None = 
         n_gpus = len(tf.config.list_physical_devices("GPU"))
     if n_gpus:
         return "float32"
-    return "bfloat16" if "amx_bf16" in (cpu_flags() if flags is None else flags) else "float32"
+    flags = cpu_flags() if flags is None else flags
+    return "bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "float32"
 
 
 @contextlib.contextmanager

@@ -302,7 +302,8 @@ def test_a_streamed_fit_reads_no_more_than_a_batch_or_a_block_at_once(normal_ima
 
 @pytest.mark.parametrize(("flags", "n_gpus", "env", "want"), [
     ({"avx512f", "amx_bf16", "amx_tile"}, 0, {}, "bfloat16"),
-    ({"avx512f", "avx512_bf16"}, 0, {}, "float32"),   # bfloat16 dot products, no AMX tiles
+    ({"avx512f", "avx512_bf16"}, 0, {}, "bfloat16"),  # bfloat16 dot products (AMD EPYC)
+    ({"avx512f", "avx512_vnni"}, 0, {}, "float32"),  # AVX-512 without bfloat16
     ({"avx2"}, 0, {}, "float32"),
     ({"amx_bf16"}, 1, {}, "float32"),                 # GPUs: not measured, left at float32
     ({"amx_bf16"}, 0, {"TF_ENABLE_ONEDNN_OPTS": "0"}, "float32"),  # no oneDNN, no AMX kernels
