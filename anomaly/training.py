@@ -70,7 +70,7 @@ def choose_precision(requested: str = "auto", *, flags: frozenset[str] | None = 
     per epoch (1.08 s against 1.64 s, ``bench/epoch_timing.py --compare precision``) at the same
     AUROC (README "Benchmarks"); with AVX-512's bfloat16 dot products (``avx512_bf16``, an AMD
     EPYC) 1.33x (1.92 s against 2.56 s), MNIST 2 and 8 over seeds 0-2 0.9880 / 0.9541 against
-    0.9875 / 0.9538 (``bench/results/mnist-28-precision-amd-*``). Without either the CPU would
+    0.9875 / 0.9538 (``bench/results/mnist-hard-precision-amd-*``). Without either the CPU would
     emulate it, slower than float32; GPUs are left at float32 (not measured here).
     """
     if requested not in PRECISIONS:
