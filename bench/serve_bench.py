@@ -179,21 +179,26 @@ def phase(port: int, raw: bytes, concurrency: int, max_requests: int, max_second
     return out
 
 
-def raw_throughput(artifact: Path, batch: int, seconds: float) -> tuple[float, str]:
+def raw_throughput(artifact: Path, batch: int, seconds: float) -> tuple[float, float, str]:
     """Images/s of ``detect`` on validated images in this process (no HTTP) with the runtime
     the server chose (``ANOMALY_RUNTIME``, as the server reads it): what the service runs per
-    model call. Returns ``(images_per_s, runtime)``."""
+    model call. Returns ``(images/s one image a call, images/s batch images a call, runtime)``,
+    each rate measured for ``seconds``."""
     from anomaly.runtime import load_runtime
 
     det = load_runtime(artifact)
-    x = synthetic_images(batch, seed=3)
-    for _ in range(5):
-        det.detect(x, validated=True)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        det.detect(x, validated=True)
-        n += batch
-    return n / (time.perf_counter() - start), det.runtime_
+
+    def rate(n_images: int) -> float:
+        x = synthetic_images(n_images, seed=3)
+        for _ in range(5):
+            det.detect(x, validated=True)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            det.detect(x, validated=True)
+            n += n_images
+        return n / (time.perf_counter() - start)
+
+    return rate(1), rate(batch), det.runtime_
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
@@ -263,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         # itself; the ratios divide by their mean, since raw alone moves 10-15% between runs of
         # a few seconds on these machines (bench/results/serve-bench-simdjson.md).
         raw_seconds = min(args.duration, 5)
-        raw_before = (raw_throughput(artifact, 1, raw_seconds)[0],
-                      raw_throughput(artifact, args.batch, raw_seconds)[0])
+        raw_before = raw_throughput(artifact, args.batch, raw_seconds)
         port = free_port()
         print(f"model {name} ({artifact}); server on {HOST}:{port}; "
               f"{os.cpu_count()} CPUs", flush=True)
@@ -294,12 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        raw_single_after, runtime = raw_throughput(artifact, 1, raw_seconds)
-        raw_after = (raw_single_after, raw_throughput(artifact, args.batch, raw_seconds)[0])
+        raw_after = raw_throughput(artifact, args.batch, raw_seconds)
         for k, key in enumerate(("raw_single_images_per_s", "raw_batch_images_per_s")):
             results[key + "_before_after"] = [raw_before[k], raw_after[k]]
             results[key] = (raw_before[k] + raw_after[k]) / 2
-        results["runtime"] = runtime
+        results["runtime"] = raw_after[2]
 
     lat = results["latency_c1_single"]
     rows = [
