@@ -78,6 +78,15 @@ def start_server(models: Path, port: int, **env_overrides: str) -> subprocess.Po
                             cwd=REPO, env=env)
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and exits), then SIGKILL after 30 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -293,11 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             results["throughput_batch_v2_binary"] = phase(port, v2, args.concurrency, *bounds,
                                                           args.batch)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
         raw_after = raw_throughput(artifact, args.batch, raw_seconds)
         for k, key in enumerate(("raw_single_images_per_s", "raw_batch_images_per_s")):
             results[key + "_before_after"] = [raw_before[k], raw_after[k]]

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -242,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[label] = run_open_loop(port, raw, factor * max_rate, seconds,
                                                pid=proc.pid)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            sb.stop_server(proc)
 
     soak, over, rec = results["soak"], results["overload"], results["recovery"]
     growth = results["rss_growth"] = rss_growth(soak["rss"])
